@@ -1,0 +1,194 @@
+// Log-probs (+ entropy, logsumexp) of target tokens from materialized logits, one row per block.
+//
+// Forward, per row n with z = logits[n] / T (fp32 math):
+//   lse = logsumexp(z); logp = z[y] - lse; entropy = lse - sum(softmax(z) * z)
+// Backward, given upstream g_logp, g_ent (either may be absent):
+//   dlogits = (g_logp * (onehot(y) - p) - g_ent * p * (z - sum(p z))) / T
+// Bytes: forward reads the logits once (N*V*sizeof(T)); backward reads and writes them once.
+// Ignored rows (y == ignore_index) give 0 outputs and 0 gradients and read nothing.
+#include "common.cuh"
+#include "logprobs_from_logits.h"
+
+#include <cfloat>
+
+namespace prefkern {
+namespace {
+
+constexpr int kThreads = 512;
+
+// Online softmax statistics of a set of values z: m = max z, s = sum exp(z - m),
+// t = sum exp(z - m) * z. The empty set (or all -inf) is {-inf, 0, 0}.
+struct SoftmaxStats {
+  float m, s, t;
+};
+
+__device__ __forceinline__ void stats_add(SoftmaxStats& a, float z) {
+  if (z == -INFINITY) return;  // exp(-inf) = 0 and 0 * -inf must not poison t
+  if (z > a.m) {
+    const float scale = expf(a.m - z);  // a.m may be -inf: scale 0
+    a.s = a.s * scale + 1.0f;
+    a.t = a.t * scale + z;
+    a.m = z;
+  } else {
+    const float e = expf(z - a.m);
+    a.s += e;
+    a.t += e * z;
+  }
+}
+
+__device__ __forceinline__ SoftmaxStats stats_merge(SoftmaxStats a, SoftmaxStats b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {-INFINITY, 0.0f, 0.0f};
+  const float sa = expf(a.m - m), sb = expf(b.m - m);
+  return {m, a.s * sa + b.s * sb, a.t * sa + b.t * sb};
+}
+
+__device__ SoftmaxStats block_reduce(SoftmaxStats v) {
+  __shared__ SoftmaxStats warp_partials[kThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    SoftmaxStats other{__shfl_xor_sync(0xffffffff, v.m, offset),
+                       __shfl_xor_sync(0xffffffff, v.s, offset),
+                       __shfl_xor_sync(0xffffffff, v.t, offset)};
+    v = stats_merge(v, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_partials[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_partials[lane] : SoftmaxStats{-INFINITY, 0.0f, 0.0f};
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      SoftmaxStats other{__shfl_xor_sync(0xffffffff, v.m, offset),
+                         __shfl_xor_sync(0xffffffff, v.s, offset),
+                         __shfl_xor_sync(0xffffffff, v.t, offset)};
+      v = stats_merge(v, other);
+    }
+    if (lane == 0) warp_partials[0] = v;
+  }
+  __syncthreads();
+  return warp_partials[0];
+}
+
+// VEC elements per 16-byte load when rows are aligned; 1 otherwise.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(
+    const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ targets,
+    float* __restrict__ logp, float* __restrict__ entropy, float* __restrict__ lse_out,
+    int64_t vocab, float inv_temp, int64_t ignore_index) {
+  const int64_t row = blockIdx.x;
+  const int64_t y = targets[row];
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) {
+      logp[row] = 0.0f;
+      if (entropy) entropy[row] = 0.0f;
+      if (lse_out) lse_out[row] = 0.0f;
+    }
+    return;
+  }
+  const T* x = logits + row * row_stride;
+  SoftmaxStats st{-INFINITY, 0.0f, 0.0f};
+  const int64_t n_vec = vocab / VEC;
+  for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
+    struct alignas(16) Pack { T v[VEC]; };
+    const Pack pack = reinterpret_cast<const Pack*>(x)[i];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) stats_add(st, to_float(pack.v[k]) * inv_temp);
+  }
+  for (int64_t i = n_vec * VEC + threadIdx.x; i < vocab; i += kThreads) {
+    stats_add(st, to_float(x[i]) * inv_temp);
+  }
+  st = block_reduce(st);
+  if (threadIdx.x == 0) {
+    const float lse = st.m + logf(st.s);
+    logp[row] = to_float(x[y]) * inv_temp - lse;
+    if (entropy) entropy[row] = lse - st.t / st.s;
+    if (lse_out) lse_out[row] = lse;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(
+    const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ targets,
+    const float* __restrict__ lse_in, const float* __restrict__ entropy,
+    const float* __restrict__ g_logp, const float* __restrict__ g_ent, T* __restrict__ grad,
+    int64_t grad_row_stride, int64_t vocab, float inv_temp, int64_t ignore_index) {
+  const int64_t row = blockIdx.x;
+  const int64_t y = targets[row];
+  T* out = grad + row * grad_row_stride;
+  const bool ignored = y == ignore_index;
+  const float gl = (ignored || !g_logp) ? 0.0f : g_logp[row];
+  const float ge = (ignored || !g_ent) ? 0.0f : g_ent[row];
+  const float lse = ignored ? 0.0f : lse_in[row];
+  const float mean_z = (ignored || !g_ent) ? 0.0f : lse - entropy[row];  // sum p z
+  const T* x = logits + row * row_stride;
+  auto dz = [&](float z, int64_t col) -> float {
+    if (ignored) return 0.0f;
+    const float p = expf(z - lse);
+    float d = (col == y ? gl : 0.0f) - gl * p;
+    if (p > 0.0f) d -= ge * p * (z - mean_z);
+    return d * inv_temp;
+  };
+  const int64_t n_vec = vocab / VEC;
+  struct alignas(16) Pack { T v[VEC]; };
+  for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
+    Pack in;
+    if (!ignored) in = reinterpret_cast<const Pack*>(x)[i];
+    Pack res;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      res.v[k] = from_float<T>(ignored ? 0.0f : dz(to_float(in.v[k]) * inv_temp, i * VEC + k));
+    }
+    reinterpret_cast<Pack*>(out)[i] = res;
+  }
+  for (int64_t i = n_vec * VEC + threadIdx.x; i < vocab; i += kThreads) {
+    out[i] = from_float<T>(ignored ? 0.0f : dz(to_float(x[i]) * inv_temp, i));
+  }
+}
+
+// 16-byte vector loads need 16-byte aligned row starts.
+template <typename T>
+bool can_vectorize(uintptr_t base, int64_t row_stride) {
+  return base % 16 == 0 && (row_stride * sizeof(T)) % 16 == 0;
+}
+
+}  // namespace
+
+void logprobs_from_logits_fwd(uintptr_t logits, int64_t row_stride, uintptr_t targets,
+                              uintptr_t logp, uintptr_t entropy, uintptr_t lse, int64_t n_rows,
+                              int64_t vocab, float inv_temp, int64_t ignore_index, int dtype,
+                              uintptr_t stream) {
+  if (n_rows == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    auto cs = reinterpret_cast<cudaStream_t>(stream);
+    auto kernel = can_vectorize<T>(logits, row_stride) ? fwd_kernel<T, kVec> : fwd_kernel<T, 1>;
+    kernel<<<n_rows, kThreads, 0, cs>>>(
+        reinterpret_cast<const T*>(logits), row_stride, reinterpret_cast<const int64_t*>(targets),
+        reinterpret_cast<float*>(logp), reinterpret_cast<float*>(entropy),
+        reinterpret_cast<float*>(lse), vocab, inv_temp, ignore_index);
+  });
+  check_launch("logprobs_from_logits_fwd");
+}
+
+void logprobs_from_logits_bwd(uintptr_t logits, int64_t row_stride, uintptr_t targets,
+                              uintptr_t lse, uintptr_t entropy, uintptr_t g_logp, uintptr_t g_ent,
+                              uintptr_t grad, int64_t grad_row_stride, int64_t n_rows,
+                              int64_t vocab, float inv_temp, int64_t ignore_index, int dtype,
+                              uintptr_t stream) {
+  if (n_rows == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    auto cs = reinterpret_cast<cudaStream_t>(stream);
+    const bool vec = can_vectorize<T>(logits, row_stride) && can_vectorize<T>(grad, grad_row_stride);
+    auto kernel = vec ? bwd_kernel<T, kVec> : bwd_kernel<T, 1>;
+    kernel<<<n_rows, kThreads, 0, cs>>>(
+        reinterpret_cast<const T*>(logits), row_stride, reinterpret_cast<const int64_t*>(targets),
+        reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(entropy),
+        reinterpret_cast<const float*>(g_logp), reinterpret_cast<const float*>(g_ent),
+        reinterpret_cast<T*>(grad), grad_row_stride, vocab, inv_temp, ignore_index);
+  });
+  check_launch("logprobs_from_logits_bwd");
+}
+
+}  // namespace prefkern

@@ -1,0 +1,142 @@
+"""Per-row log-softmax statistics of materialized logits: one pass forward, one pass backward.
+
+Forward, per row (z = logits[n] / T in fp32):
+    lse = z.logsumexp(-1); logp = z[y] - lse; entropy = lse - (z.softmax(-1) * z).sum(-1)
+Backward, for upstream g_logp and/or g_ent:
+    dlogits = (g_logp * (onehot(y) - p) - g_ent * p * (z - (p * z).sum(-1))) / T
+
+Bytes: forward reads N*V*elt once and writes 12 B/row; backward reads and writes N*V*elt once.
+FLOPs are negligible; one exp per logit in each pass (the running max is per block, not per
+lane, so the rescale is a scalar exp). Ignored rows mask every load: they cost no bandwidth.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, stride_row, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    V, inv_temp, ignore_index,
+    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    v_read = tl.where(valid, V, 0)  # ignored rows read nothing
+    row_ptr = logits_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK_V)
+
+    m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)  # running max (scalar)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sum exp(z - m)
+    # per-lane sum exp(z - m) * (z - m): relative to m, so entropy = log s - u / s has no
+    # cancellation when |z| is large (lse - sum(p z) would)
+    u = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(row_ptr + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        centered = z - m_safe
+        e = tl.exp(centered)
+        if WITH_ENTROPY:
+            shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+            u = alpha * (u + s * shift) + tl.where(e > 0.0, e * centered, 0.0)
+        s = s * alpha + e
+        m = m_new
+
+    s_row = tl.sum(s, axis=0)
+    log_s = tl.log(s_row)
+    lse = m + log_s
+    # ignored rows read column 0 (a scalar mask is not portable to the interpreter)
+    z_y = tl.load(row_ptr + tl.where(valid, y, 0)).to(tl.float32) * inv_temp
+    tl.store(logp_ptr + row, tl.where(valid, z_y - lse, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(valid, log_s - tl.sum(u, axis=0) / s_row, 0.0))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr,
+    grad_ptr, stride_grad_row, V, inv_temp, ignore_index,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    lse = tl.load(lse_ptr + row)
+    g_logp = 0.0
+    if HAS_G_LOGP:
+        g_logp = tl.load(g_logp_ptr + row)
+    g_ent = 0.0
+    entropy = 0.0
+    if HAS_G_ENT:
+        g_ent = tl.load(g_ent_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+    v_read = tl.where(valid, V, 0)
+    row_ptr = logits_ptr + row * stride_row
+    out_ptr = grad_ptr + row * stride_grad_row
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        in_row = cols < V
+        z = tl.load(row_ptr + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * inv_temp
+        log_p = z - lse
+        p = tl.exp(log_p)
+        dz = tl.where(cols == y, g_logp, 0.0) - g_logp * p
+        if HAS_G_ENT:  # z - sum(p z) = log p + entropy
+            dz -= g_ent * tl.where(p > 0.0, p * (log_p + entropy), 0.0)
+        dz = tl.where(valid, dz * inv_temp, 0.0)
+        tl.store(out_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be 2-D (N, V) with unit stride along V")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits dtype {logits.dtype} not supported by the Triton kernel")
+    if targets.shape != logits.shape[:1] or targets.device != logits.device:
+        raise ValueError("targets must be (N,) on the logits' device")
+
+
+def _block_v(V: int) -> int:
+    return min(triton.next_power_of_2(V), 4096)
+
+
+def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool):
+    """logits (N, V), targets (N,) -> (logp, entropy or None, lse), each (N,) fp32."""
+    _check(logits, targets)
+    n, v = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    if n > 0:
+        _logprobs_fwd_kernel[(n,)](
+            logits, logits.stride(0), targets, logp, entropy if with_entropy else logp, lse,
+            v, inv_temp, ignore_index,
+            WITH_ENTROPY=with_entropy, BLOCK_V=_block_v(v), num_warps=8,
+        )
+    return logp, entropy, lse
+
+
+def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp: float, ignore_index: int):
+    """-> dlogits (N, V) in the logits dtype. g_logp / g_ent (N,) fp32 or None; entropy is needed
+    only with g_ent."""
+    _check(logits, targets)
+    n, v = logits.shape
+    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if n > 0:
+        _logprobs_bwd_kernel[(n,)](
+            logits, logits.stride(0), targets, lse,
+            entropy if g_ent is not None else lse,
+            g_logp if g_logp is not None else lse, g_ent if g_ent is not None else lse,
+            grad, grad.stride(0), v, inv_temp, ignore_index,
+            HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
+            BLOCK_V=_block_v(v), num_warps=8,
+        )
+    return grad

@@ -1,0 +1,21 @@
+"""prefkern: fused kernels for the loss side of LLM alignment training.
+
+Never imports transformers/trl/verl; Triton and the CUDA extension load lazily on first use.
+"""
+
+from prefkern import reference
+from prefkern.dispatch import BACKENDS, BackendUnavailable, available_backends
+from prefkern.ops.logprobs_from_logits import logprobs_from_logits
+from prefkern.outputs import LinearLogprobsOutput, LogprobsEntropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "LinearLogprobsOutput",
+    "LogprobsEntropy",
+    "available_backends",
+    "logprobs_from_logits",
+    "reference",
+]

@@ -1,0 +1,53 @@
+"""Typed wrappers around prefkern._C: the extension takes raw pointers, sizes and a stream, so it
+never links against the torch C++ ABI. Callers have validated shapes and dtypes already."""
+
+from __future__ import annotations
+
+import torch
+
+# Must match csrc/common.cuh::DType.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ext():
+    from prefkern import _C
+
+    return _C
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _dtype_code(t: torch.Tensor) -> int:
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"the CUDA backend supports {list(DTYPE_CODES)}, got {t.dtype}")
+    return DTYPE_CODES[t.dtype]
+
+
+def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool):
+    """logits (N, V) unit stride on V, targets (N,) -> (logp, entropy or None, lse) fp32."""
+    n, v = logits.shape
+    targets = targets.to(torch.int64).contiguous()
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    _ext().logprobs_from_logits_fwd(
+        _ptr(logits), logits.stride(0), _ptr(targets), _ptr(logp), _ptr(entropy), _ptr(lse),
+        n, v, float(inv_temp), int(ignore_index), _dtype_code(logits), _stream(logits.device))
+    return logp, entropy, lse
+
+
+def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp: float, ignore_index: int):
+    n, v = logits.shape
+    targets = targets.to(torch.int64).contiguous()
+    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    _ext().logprobs_from_logits_bwd(
+        _ptr(logits), logits.stride(0), _ptr(targets), _ptr(lse), _ptr(entropy), _ptr(g_logp),
+        _ptr(g_ent), _ptr(grad), grad.stride(0), n, v, float(inv_temp), int(ignore_index),
+        _dtype_code(logits), _stream(logits.device))
+    return grad

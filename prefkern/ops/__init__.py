@@ -1,0 +1,1 @@
+"""One module per op family: autograd Function + documented functional entry point."""

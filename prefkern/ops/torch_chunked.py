@@ -1,0 +1,115 @@
+"""Torch backend: chunked log-softmax statistics that never hold an fp32 (N, V) tensor.
+
+This is the CPU path for users without a GPU and the baseline for the Triton interpreter tests.
+Math (z the fp32 logits after softcap and temperature):
+  lse = z.logsumexp(-1); logp = z[y] - lse; entropy = lse - (p * z).sum(-1)
+  dz  = g_logp * (onehot(y) - p) - g_ent * p * (z - (p * z).sum(-1)) + g_lse * p
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefkern.reference.logprobs import compute_dtype
+
+# fp32 elements of one logits chunk (16 Mi elements = 64 MiB).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_per_chunk(width: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(width, 1))
+
+
+class RunningStats:
+    """Online logsumexp state per token across vocab chunks: m = max z, s = sum exp(z - m),
+    u = sum exp(z - m) * (z - m), zy = z[y]. Keeping u relative to m makes
+    entropy = log(s) - u / s free of the cancellation in lse - sum(p z) when |z| is large."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
+        self.m = torch.full((n,), -float("inf"), dtype=dtype, device=device)
+        self.s = torch.zeros(n, dtype=dtype, device=device)
+        self.u = torch.zeros(n, dtype=dtype, device=device)
+        self.zy = torch.zeros(n, dtype=dtype, device=device)
+
+    def update(self, rows: slice, z: torch.Tensor, col0: int, y: torch.Tensor) -> None:
+        """Fold the chunk z (rows, cols col0..col0+C) into the state of ``rows``."""
+        m_old = self.m[rows]
+        m_new = torch.maximum(m_old, z.amax(dim=-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        shift = torch.where(torch.isinf(m_old), torch.zeros_like(m_old), m_old - m_safe)
+        scale = torch.exp(m_old - m_safe)
+        centered = z - m_safe[:, None]
+        e = torch.exp(centered)
+        eu = torch.where(e > 0, e * centered, torch.zeros_like(e))  # 0 * -inf must stay 0
+        self.u[rows] = scale * (self.u[rows] + self.s[rows] * shift) + eu.sum(-1)
+        self.s[rows] = self.s[rows] * scale + e.sum(-1)
+        self.m[rows] = m_new
+        local = y - col0
+        hit = (local >= 0) & (local < z.shape[1])
+        picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+        self.zy[rows] = torch.where(hit, picked, self.zy[rows])
+
+    def finish(self, valid: torch.Tensor):
+        """-> (logp, entropy, lse), zero for ignored tokens."""
+        log_s = torch.log(self.s)
+        lse = self.m + log_s
+        entropy = log_s - self.u / self.s
+        zero = torch.zeros_like(lse)
+        return (torch.where(valid, self.zy - lse, zero), torch.where(valid, entropy, zero),
+                torch.where(valid, lse, zero))
+
+
+def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
+    """dL/dz for one chunk: z (n, C) fp32; local_y (n,) target column in this chunk (may be out of
+    range); lse, entropy and upstream grads (n,) or None. Uses z - sum(p z) = log p + entropy."""
+    log_p = z - lse[:, None]
+    p = torch.exp(log_p)
+    dz = torch.zeros_like(z)
+    if g_logp is not None:
+        dz -= g_logp[:, None] * p
+        hit = (local_y >= 0) & (local_y < z.shape[1])
+        rows = torch.nonzero(hit).squeeze(1)
+        dz[rows, local_y[rows]] += g_logp[rows]
+    if g_ent is not None:
+        centered = torch.where(p > 0, log_p + entropy[:, None], torch.zeros_like(z))
+        dz -= g_ent[:, None] * p * centered
+    if g_lse is not None:
+        dz += g_lse[:, None] * p
+    return dz
+
+
+# ---------------------------------------------------------------------------------------------
+# From materialized logits
+# ---------------------------------------------------------------------------------------------
+
+def logits_forward(logits, targets, inv_temp: float, ignore_index: int):
+    """logits (N, V), targets (N,) -> (logp, entropy, lse) in the compute dtype."""
+    n, v = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    valid = targets != ignore_index
+    stats = RunningStats(n, cdt, logits.device)
+    step = _rows_per_chunk(v)
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(n, r0 + step))
+        z = logits[rows].to(cdt) * inv_temp
+        stats.update(rows, z, 0, targets[rows])
+    return stats.finish(valid)
+
+
+def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, ignore_index):
+    """-> dlogits (N, V) in the logits dtype."""
+    n, v = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    valid = targets != ignore_index
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    step = _rows_per_chunk(v)
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(n, r0 + step))
+        z = logits[rows].to(cdt) * inv_temp
+        ent = entropy[rows] if g_ent is not None else None
+        gl = None if g_logp is None else torch.where(valid[rows], g_logp[rows], 0)
+        ge = None if g_ent is None else torch.where(valid[rows], g_ent[rows], 0)
+        dz = grad_logits(z, targets[rows].long(), lse[rows], ent, gl, ge, None)
+        dz = torch.where(valid[rows, None], dz, 0)  # ignored rows: p is meaningless there
+        grad[rows] = (dz * inv_temp).to(logits.dtype)
+    return grad

@@ -1,0 +1,9 @@
+"""The mathematical spec of every public op, in plain torch.
+
+One ``<op>_ref`` per public op, same signature and outputs as the op, materializing everything
+(fp32 math for half inputs, fp64 for fp64 inputs). Tests compare against it, docs cite it.
+"""
+
+from prefkern.reference.logprobs import linear_logprobs_ref, logprobs_from_logits_ref
+
+__all__ = ["linear_logprobs_ref", "logprobs_from_logits_ref"]

@@ -1,0 +1,55 @@
+"""Reference log-probs, entropy and logsumexp: what a trainer writes with materialized logits."""
+
+from __future__ import annotations
+
+import torch
+
+from prefkern.outputs import LinearLogprobsOutput, LogprobsEntropy
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half/float inputs, fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _per_token(z: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """z (..., V) in the compute dtype -> (logp, entropy, lse), zero where ignored."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    lse = torch.logsumexp(z, dim=-1)
+    log_p = z - lse.unsqueeze(-1)
+    logp = log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    # -inf logits have p = 0: zero their log p so that 0 * log 0 = 0 (values and gradients)
+    finite_log_p = torch.where(torch.isfinite(log_p), log_p, torch.zeros_like(log_p))
+    entropy = -(log_p.exp() * finite_log_p).sum(-1)
+    zero = torch.zeros_like(lse)
+    return (torch.where(valid, logp, zero), torch.where(valid, entropy, zero),
+            torch.where(valid, lse, zero))
+
+
+def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-100,
+                             return_entropy=False):
+    """``z = logits.float() / T; logp = z.log_softmax(-1).gather(-1, y[..., None])[..., 0]``,
+    entropy ``-(p * log p).sum(-1)``; ignored tokens give 0."""
+    z = logits.to(compute_dtype(logits.dtype)) / temperature
+    logp, entropy, _ = _per_token(z, targets, ignore_index)
+    return LogprobsEntropy(logp, entropy) if return_entropy else logp
+
+
+def linear_logprobs_ref(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
+                        softcap=None, return_entropy=False, return_lse=False):
+    """``logits = hidden @ weight.T + bias`` in the input dtype (as a model's LM head does), then
+    ``z = softcap * tanh(logits.float() / softcap) / T`` and the per-token outputs of
+    :func:`logprobs_from_logits_ref`, plus ``lse = z.logsumexp(-1)``."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    z = logits.to(compute_dtype(logits.dtype))
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    logp, entropy, lse = _per_token(z, targets, ignore_index)
+    if not (return_entropy or return_lse):
+        return logp
+    return LinearLogprobsOutput(logp, entropy if return_entropy else None,
+                                lse if return_lse else None)
