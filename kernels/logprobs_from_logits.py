@@ -7,12 +7,14 @@ Backward, for upstream g_logp and/or g_ent:
 
 Bytes: forward reads N*V*elt once and writes 12 B/row; backward reads and writes N*V*elt once.
 FLOPs are negligible; one exp per logit in each pass (the running max is per block, not per
-lane, so the rescale is a scalar exp). Ignored rows mask every load: they cost no bandwidth.
+lane, so the rescale is a scalar exp). Statistics helpers: softmax_stats.py. Ignored rows mask every load: they cost no bandwidth.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from .softmax_stats import grad_z, row_stats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -26,38 +28,17 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
-    v_read = tl.where(valid, V, 0)  # ignored rows read nothing
     row_ptr = logits_ptr + row * stride_row
-    offs = tl.arange(0, BLOCK_V)
-
-    m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)  # running max (scalar)
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sum exp(z - m)
-    # per-lane sum exp(z - m) * (z - m): relative to m, so entropy = log s - u / s has no
-    # cancellation when |z| is large (lse - sum(p z) would)
-    u = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        z = tl.load(row_ptr + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        centered = z - m_safe
-        e = tl.exp(centered)
-        if WITH_ENTROPY:
-            shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
-            u = alpha * (u + s * shift) + tl.where(e > 0.0, e * centered, 0.0)
-        s = s * alpha + e
-        m = m_new
-
-    s_row = tl.sum(s, axis=0)
-    log_s = tl.log(s_row)
+    # ignored rows read nothing (a zero-length row)
+    m, s, u = row_stats(row_ptr, tl.where(valid, V, 0), inv_temp, 1.0, SOFTCAP=False, BLOCK=BLOCK_V)
+    log_s = tl.log(s)
     lse = m + log_s
     # ignored rows read column 0 (a scalar mask is not portable to the interpreter)
     z_y = tl.load(row_ptr + tl.where(valid, y, 0)).to(tl.float32) * inv_temp
     tl.store(logp_ptr + row, tl.where(valid, z_y - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(valid, log_s - tl.sum(u, axis=0) / s_row, 0.0))
+        tl.store(entropy_ptr + row, tl.where(valid, log_s - u / s, 0.0))
 
 
 @triton.jit
@@ -84,15 +65,11 @@ def _logprobs_bwd_kernel(
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        in_row = cols < V
         z = tl.load(row_ptr + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * inv_temp
-        log_p = z - lse
-        p = tl.exp(log_p)
-        dz = tl.where(cols == y, g_logp, 0.0) - g_logp * p
-        if HAS_G_ENT:  # z - sum(p z) = log p + entropy
-            dz -= g_ent * tl.where(p > 0.0, p * (log_p + entropy), 0.0)
-        dz = tl.where(valid, dz * inv_temp, 0.0)
-        tl.store(out_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=in_row)
+        dz = grad_z(z, z, cols == y, lse, entropy, g_logp, g_ent, 0.0, inv_temp,
+                    HAS_G_LOGP=HAS_G_LOGP, HAS_G_ENT=HAS_G_ENT, HAS_G_LSE=False, SOFTCAP=False)
+        dz = tl.where(valid, dz, 0.0)
+        tl.store(out_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:

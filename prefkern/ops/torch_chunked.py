@@ -113,3 +113,78 @@ def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, igno
         dz = torch.where(valid[rows, None], dz, 0)  # ignored rows: p is meaningless there
         grad[rows] = (dz * inv_temp).to(logits.dtype)
     return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear: z = softcap(hidden @ weight.T + bias) / T, never more than one chunk of z
+# ---------------------------------------------------------------------------------------------
+
+VOCAB_CHUNK = 4096
+
+
+def capped_logits(h, w, b, inv_temp: float, softcap: float | None):
+    """-> (z, tanh or None) for one chunk: z = softcap * tanh((h @ w.T + b) / softcap) / T."""
+    raw = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    if softcap is None:
+        return raw * inv_temp, None
+    t = torch.tanh(raw / softcap)
+    return t * (softcap * inv_temp), t
+
+
+def _chunks(hidden, weight, bias):
+    """Yields (cols, w32, b32, [(rows, h32_rows), ...]) over vocab chunks x token chunks."""
+    cdt = compute_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    h32 = hidden.to(cdt)
+    step_v = min(VOCAB_CHUNK, weight.shape[0])
+    step_n = _rows_per_chunk(step_v)
+    for v0 in range(0, weight.shape[0], step_v):
+        cols = slice(v0, min(weight.shape[0], v0 + step_v))
+        w32 = weight[cols].to(cdt)
+        b32 = None if bias is None else bias[cols].to(cdt)
+        row_slices = (slice(r0, min(n, r0 + step_n)) for r0 in range(0, n, step_n))
+        yield cols, w32, b32, [(rows, h32[rows]) for rows in row_slices]
+
+
+def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index):
+    """hidden (N, H), weight (V, H), bias (V,) or None -> (logp, entropy, lse) (N,)."""
+    valid = targets != ignore_index
+    stats = RunningStats(hidden.shape[0], compute_dtype(hidden.dtype), hidden.device)
+    for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
+        for rows, h32 in row_chunks:
+            z, _ = capped_logits(h32, w32, b32, inv_temp, softcap)
+            stats.update(rows, z, cols.start, targets[rows])
+    return stats.finish(valid)
+
+
+def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
+                    inv_temp, softcap, ignore_index, need_dh=True, need_dw=True, need_db=True):
+    """-> (dhidden, dweight, dbias) in the input dtypes (None where not needed); fp32 (fp64 for
+    fp64 inputs) accumulation: dh over vocab chunks, dW and db over token chunks."""
+    cdt = compute_dtype(hidden.dtype)
+    valid = targets != ignore_index
+    gl, ge, gs = (None if g is None else torch.where(valid, g.to(cdt), 0)
+                  for g in (g_logp, g_ent, g_lse))
+    dh = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty_like(bias) if (need_db and bias is not None) else None
+    for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
+        dw_chunk = torch.zeros_like(w32) if need_dw else None
+        db_chunk = torch.zeros(w32.shape[0], dtype=cdt, device=w32.device)
+        for rows, h32 in row_chunks:
+            z, t = capped_logits(h32, w32, b32, inv_temp, softcap)
+            local_y = targets[rows].long() - cols.start
+            dz = grad_logits(z, local_y, lse[rows], entropy[rows] if ge is not None else None,
+                             *(None if g is None else g[rows] for g in (gl, ge, gs)))
+            dz = dz * inv_temp if t is None else dz * (inv_temp * (1 - t * t))
+            dz = torch.where(valid[rows, None], dz, 0)  # p is meaningless on ignored rows
+            if need_dh:
+                dh[rows] += dz @ w32
+            if need_dw:
+                dw_chunk += dz.T @ h32
+            db_chunk += dz.sum(0)
+        if need_dw:
+            dw[cols] = dw_chunk.to(weight.dtype)
+        if db is not None:
+            db[cols] = db_chunk.to(bias.dtype)
+    return (None if dh is None else dh.to(hidden.dtype)), dw, db

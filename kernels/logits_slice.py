@@ -1,0 +1,118 @@
+"""Row kernels over one vocab slice of materialized logits (the fast linear log-prob mode: cuBLAS
+computes the slice raw = hidden @ weight[c0:c1].T + bias[c0:c1], these kernels do the rest).
+
+slice_stats: fold the slice's capped logits z = softcap(raw) / T into running per-row
+    statistics (m, s, u) and pick z[y] when the target falls in the slice.
+slice_grad:  overwrite the slice with d loss / d raw, given lse, entropy and upstream grads:
+    dz = g_logp (onehot - p) - g_ent p (log p + entropy) + g_lse p, times 1/T and 1 - tanh^2.
+Bytes per slice: stats reads N*C*elt; grad reads and writes N*C*elt.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmax_stats import capped_logits, grad_z, merge_stats, row_stats
+
+
+@triton.jit
+def _slice_stats_kernel(
+    raw_ptr, stride_row, targets_ptr, m_ptr, s_ptr, u_ptr, zy_ptr,
+    C, col0, inv_temp, softcap, ignore_index,
+    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    row_ptr = raw_ptr + row * stride_row
+    m_b, s_b, u_b = row_stats(row_ptr, tl.where(valid, C, 0), inv_temp, softcap,
+                              SOFTCAP=SOFTCAP, BLOCK=BLOCK)
+    m, s, u = merge_stats(tl.load(m_ptr + row), tl.load(s_ptr + row), tl.load(u_ptr + row),
+                          m_b, s_b, u_b)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(u_ptr + row, u)
+    local = y - col0
+    hit = valid & (local >= 0) & (local < C)
+    raw_y = tl.load(row_ptr + tl.where(hit, local, 0)).to(tl.float32)
+    z_y, _ = capped_logits(raw_y, inv_temp, softcap, SOFTCAP)
+    tl.store(zy_ptr + row, tl.where(hit, z_y, tl.load(zy_ptr + row)))
+
+
+@triton.jit
+def _slice_grad_kernel(
+    raw_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, g_lse_ptr,
+    C, col0, inv_temp, softcap, ignore_index,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    lse = tl.load(lse_ptr + row)
+    g_logp = 0.0
+    if HAS_G_LOGP:
+        g_logp = tl.load(g_logp_ptr + row)
+    g_ent = 0.0
+    entropy = 0.0
+    if HAS_G_ENT:
+        g_ent = tl.load(g_ent_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+    g_lse = 0.0
+    if HAS_G_LSE:
+        g_lse = tl.load(g_lse_ptr + row)
+    row_ptr = raw_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, C, BLOCK):
+        cols = start + offs
+        raw = tl.load(row_ptr + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
+        z, t = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        dz = grad_z(z, t, cols + col0 == y, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+                    HAS_G_LOGP=HAS_G_LOGP, HAS_G_ENT=HAS_G_ENT, HAS_G_LSE=HAS_G_LSE,
+                    SOFTCAP=SOFTCAP)
+        dz = tl.where(valid, dz, 0.0)
+        tl.store(row_ptr + cols, dz.to(raw_ptr.dtype.element_ty), mask=cols < C)
+
+
+def _block(c: int) -> int:
+    return min(triton.next_power_of_2(max(c, 16)), 4096)
+
+
+def _softcap_args(softcap):
+    return (1.0 if softcap is None else float(softcap)), softcap is not None
+
+
+def slice_stats_(raw, targets, col0: int, stats, inv_temp: float, softcap, ignore_index: int):
+    """Fold raw (N, C) logits of columns col0.. into stats = (m, s, u, zy), each (N,) fp32,
+    in place."""
+    n, c = raw.shape
+    if raw.stride(1) != 1 or targets.shape != (n,):
+        raise ValueError("raw must be (N, C) with unit column stride and targets (N,)")
+    cap, has_cap = _softcap_args(softcap)
+    if n:
+        _slice_stats_kernel[(n,)](raw, raw.stride(0), targets, *stats, c, col0, inv_temp, cap,
+                                  ignore_index, SOFTCAP=has_cap, BLOCK=_block(c), num_warps=8)
+
+
+def slice_grad_(raw, targets, col0: int, lse, entropy, g_logp, g_ent, g_lse, inv_temp: float,
+                softcap, ignore_index: int):
+    """Overwrite raw (N, C) with d loss / d raw for columns col0..col0+C."""
+    n, c = raw.shape
+    if raw.stride(1) != 1 or targets.shape != (n,):
+        raise ValueError("raw must be (N, C) with unit column stride and targets (N,)")
+    cap, has_cap = _softcap_args(softcap)
+    dummy = lse
+    if n:
+        _slice_grad_kernel[(n,)](
+            raw, raw.stride(0), targets, lse, entropy if entropy is not None else dummy,
+            *(dummy if g is None else g for g in (g_logp, g_ent, g_lse)),
+            c, col0, inv_temp, cap, ignore_index,
+            HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
+            HAS_G_LSE=g_lse is not None, SOFTCAP=has_cap, BLOCK=_block(c), num_warps=8)
+
+
+def new_stats(n: int, device) -> tuple[torch.Tensor, ...]:
+    """Empty running statistics (m, s, u, zy)."""
+    m = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    zeros = [torch.zeros(n, dtype=torch.float32, device=device) for _ in range(3)]
+    return (m, *zeros)

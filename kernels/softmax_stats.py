@@ -1,0 +1,108 @@
+"""@triton.jit helpers shared by the log-prob kernels: capped logits, online softmax statistics,
+and the logits gradient. Statistics of a set of logits z are (m, s, u) with m = max z,
+s = sum exp(z - m), u = sum exp(z - m) * (z - m), so that lse = m + log s and
+entropy = log s - u / s (u relative to m: no cancellation when |z| is large)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp overflow gives inf -> 1)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def capped_logits(raw, inv_temp, softcap, SOFTCAP: tl.constexpr):
+    """raw fp32 -> (z, t): z = softcap * tanh(raw / softcap) * inv_temp, t = tanh(raw / softcap)
+    (t = 0 without softcap)."""
+    if SOFTCAP:
+        t = tanh(raw / softcap)
+        z = t * (softcap * inv_temp)
+    else:
+        t = tl.zeros_like(raw)
+        z = raw * inv_temp
+    return z, t
+
+
+@triton.jit
+def fold_block(m, s, u, z):
+    """Fold z (BLOCK,) into per-lane accumulators s, u (BLOCK,) that share the scalar max m."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+    centered = z - m_safe
+    e = tl.exp(centered)
+    u = alpha * (u + s * shift) + tl.where(e > 0.0, e * centered, 0.0)
+    s = s * alpha + e
+    return m_new, s, u
+
+
+@triton.jit
+def fold_rows(m, s, u, z):
+    """Fold a tile z (ROWS, COLS) into per-row statistics m, s, u (ROWS,)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+    centered = z - m_safe[:, None]
+    e = tl.exp(centered)
+    u = alpha * (u + s * shift) + tl.sum(tl.where(e > 0.0, e * centered, 0.0), axis=1)
+    s = s * alpha + tl.sum(e, axis=1)
+    return m_new, s, u
+
+
+@triton.jit
+def merge_stats(m_a, s_a, u_a, m_b, s_b, u_b):
+    """Statistics of the union of two sets (scalars or matching shapes)."""
+    m = tl.maximum(m_a, m_b)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w_a = tl.exp(m_a - m_safe)
+    w_b = tl.exp(m_b - m_safe)
+    shift_a = tl.where(m_a == float("-inf"), 0.0, m_a - m_safe)
+    shift_b = tl.where(m_b == float("-inf"), 0.0, m_b - m_safe)
+    s = s_a * w_a + s_b * w_b
+    u = w_a * (u_a + s_a * shift_a) + w_b * (u_b + s_b * shift_b)
+    return m, s, u
+
+
+@triton.jit
+def row_stats(row_ptr, n_read, inv_temp, softcap, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """(m, s, u) of the capped logits row_ptr[0:n_read] (n_read = 0 gives (-inf, 0, 0))."""
+    offs = tl.arange(0, BLOCK)
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    u = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_read, BLOCK):
+        cols = start + offs
+        raw = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
+        z, _ = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        z = tl.where(cols < n_read, z, float("-inf"))
+        m, s, u = fold_block(m, s, u, z)
+    s_row = tl.sum(s, axis=0)
+    # lanes were all rescaled to the final m inside fold_block, so sums combine directly
+    return m, s_row, tl.sum(u, axis=0)
+
+
+@triton.jit
+def grad_z(z, t, is_target, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+           HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
+           SOFTCAP: tl.constexpr):
+    """d loss / d raw logit, for z and t from capped_logits; per-row terms already broadcast:
+    dz = g_logp (onehot - p) - g_ent p (log p + entropy) + g_lse p, times inv_temp and the
+    softcap derivative 1 - t^2."""
+    log_p = z - lse
+    p = tl.exp(log_p)
+    dz = tl.zeros_like(z)
+    if HAS_G_LOGP:
+        dz += tl.where(is_target, g_logp, 0.0) - g_logp * p
+    if HAS_G_ENT:
+        dz -= g_ent * tl.where(p > 0.0, p * (log_p + entropy), 0.0)
+    if HAS_G_LSE:
+        dz += g_lse * p
+    dz = dz * inv_temp
+    if SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    return dz

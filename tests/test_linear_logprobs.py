@@ -1,0 +1,212 @@
+"""linear_logprobs against its reference: outputs and the gradients of hidden, weight and bias,
+every backend and mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import make_targets
+from compare import assert_rule, leaf
+
+import prefkern
+from prefkern.reference import linear_logprobs_ref
+
+# (backend, mode); Triton runs in the interpreter on CPU
+VARIANTS = [("torch", "auto"), ("triton", "fast"), ("triton", "min_memory")]
+IDS = ["torch", "triton-fast", "triton-minmem"]
+
+
+def make_problem(n, h, v, dtype, device="cpu", kind="normal", with_bias=False):
+    hidden = torch.randn(n, h, device=device)
+    weight = torch.randn(v, h, device=device) * (3.0 / h**0.5)
+    if kind == "extreme":
+        weight = weight * 300.0
+    elif kind == "negative":
+        hidden[:, 0] = 1.0
+        weight[:, 0] = -200.0
+    bias = torch.randn(v, device=device) if with_bias else None
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _run(fn, hidden, weight, bias, targets, grads, **kw):
+    out = fn(hidden, weight, targets, bias, return_entropy=True, return_lse=True, **kw)
+    loss = sum((o * g).sum() for o, g in zip(out, grads) if g is not None)
+    loss.backward()
+    return (*out, hidden.grad, weight.grad, None if bias is None else bias.grad)
+
+
+NAMES = ["logprobs", "entropy", "lse", "dhidden", "dweight", "dbias"]
+
+
+def check_case(backend, mode, n, h, v, dtype, *, device="cpu", kind="normal", ignore_frac=0.25,
+               temperature=1.0, softcap=None, with_bias=False, grads=("logp", "ent", "lse"),
+               deterministic=False):
+    hidden, weight, bias = make_problem(n, h, v, dtype, device, kind, with_bias)
+    targets = make_targets((n,), v, ignore_frac, device)
+    all_grads = {k: torch.randn(n, device=device) for k in ("logp", "ent", "lse")}
+    g = [all_grads[k] if k in grads else None for k in ("logp", "ent", "lse")]
+    kw = dict(temperature=temperature, softcap=softcap)
+
+    def leaves(dtype_=None):
+        return [None if t is None else leaf(t, dtype_) for t in (hidden, weight, bias)]
+
+    ours = _run(lambda *a, **k: prefkern.linear_logprobs(
+        *a, backend=backend, mode=mode, deterministic=deterministic, **k),
+        *leaves(), targets, g, **kw)
+    ref = _run(linear_logprobs_ref, *leaves(torch.float64), targets,
+               [None if x is None else x.double() for x in g], **kw)
+    base = _run(linear_logprobs_ref, *leaves(), targets, g, **kw)
+    for name, o, r, b in zip(NAMES, ours, ref, base):
+        if r is None:
+            assert o is None, name
+            continue
+        assert o.dtype == (torch.float32 if name in NAMES[:3] else dtype), name
+        assert_rule(o, r, b, name)
+    ignored = targets == -100
+    assert (ours[0][ignored] == 0).all() and (ours[3][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,v", [(37, 129, 1000), (64, 64, 512)])
+def test_shapes(backend, mode, dtype, n, h, v):
+    check_case(backend, mode, n, h, v, dtype)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_fp16_bias_softcap_temperature(backend, mode):
+    check_case(backend, mode, 23, 48, 300, torch.float16, with_bias=True, softcap=7.5,
+               temperature=0.7)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("kind", ["extreme", "negative"])
+def test_extreme_logits(backend, mode, kind):
+    check_case(backend, mode, 19, 32, 257, torch.float32, kind=kind, ignore_frac=0.0)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("grads", [("logp",), ("ent",), ("lse",), ("logp", "ent")])
+def test_each_upstream_gradient(backend, mode, grads):
+    check_case(backend, mode, 21, 40, 200, torch.float32, grads=grads, with_bias=True)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_all_ignored(backend, mode):
+    check_case(backend, mode, 9, 32, 100, torch.bfloat16, ignore_frac=1.0, with_bias=True)
+
+
+def test_min_memory_deterministic():
+    check_case("triton", "min_memory", 40, 64, 300, torch.float32, deterministic=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,mode", [("torch", "auto"), ("triton", "fast")],
+                         ids=["torch", "triton-fast"])
+def test_large_vocab(backend, mode):
+    check_case(backend, mode, 4, 16, 70_000, torch.bfloat16)
+
+
+def test_multi_slice_fast_mode(monkeypatch):
+    from prefkern.ops import linear_sliced
+
+    monkeypatch.setattr(linear_sliced, "SLICE_BYTES", 37 * 100 * 4)  # ~100-column slices
+    check_case("triton", "fast", 37, 129, 1000, torch.float32, with_bias=True, softcap=5.0)
+
+
+def test_gradcheck_torch_float64():
+    hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 12, -100, 5, 7])
+
+    def fn(h, w, b):
+        out = prefkern.linear_logprobs(h, w, targets, b, temperature=0.8, softcap=3.0,
+                                       return_entropy=True, return_lse=True, backend="torch")
+        return out.logprobs, out.entropy, out.lse
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_frozen_weight_and_no_grad():
+    hidden, weight, _ = make_problem(8, 16, 50, torch.float32)
+    targets = make_targets((8,), 50, 0.0)
+    h = leaf(hidden)
+    prefkern.linear_logprobs(h, weight, targets, backend="torch").sum().backward()
+    assert h.grad is not None and weight.grad is None
+    with torch.no_grad():
+        out = prefkern.linear_logprobs(leaf(hidden), leaf(weight), targets, backend="torch")
+    assert out.grad_fn is None
+
+
+def test_leading_dims_and_output_fields():
+    hidden, weight, _ = make_problem(12, 16, 50, torch.float32)
+    targets = make_targets((12,), 50, 0.0)
+    out = prefkern.linear_logprobs(hidden.view(3, 4, 16), weight, targets.view(3, 4),
+                                   return_lse=True, backend="torch")
+    assert out.entropy is None and out.lse.shape == (3, 4) and out.logprobs.shape == (3, 4)
+    ref = linear_logprobs_ref(hidden.double(), weight.double(), targets, return_lse=True)
+    torch.testing.assert_close(out.lse.view(-1).double(), ref.lse, rtol=1e-5, atol=1e-5)
+
+
+def test_module_calls_the_function():
+    hidden, weight, _ = make_problem(6, 16, 40, torch.float32)
+    targets = make_targets((6,), 40, 0.0)
+    module = prefkern.nn.LinearLogprobs(temperature=0.9, return_entropy=True, backend="torch")
+    out = module(hidden, weight, targets)
+    expected = prefkern.linear_logprobs(hidden, weight, targets, temperature=0.9,
+                                        return_entropy=True, backend="torch")
+    torch.testing.assert_close(out.logprobs, expected.logprobs)
+    torch.testing.assert_close(out.entropy, expected.entropy)
+
+
+class TestBadInput:
+    def _args(self):
+        return torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
+
+    def test_hidden_size_mismatch(self):
+        h, _, t = self._args()
+        with pytest.raises(ValueError, match="weight must be"):
+            prefkern.linear_logprobs(h, torch.randn(10, 9), t)
+
+    def test_dtype_mismatch(self):
+        h, w, t = self._args()
+        with pytest.raises(TypeError, match="must match hidden dtype"):
+            prefkern.linear_logprobs(h, w.bfloat16(), t)
+
+    def test_bias_shape(self):
+        h, w, t = self._args()
+        with pytest.raises(ValueError, match="bias must be"):
+            prefkern.linear_logprobs(h, w, t, torch.zeros(9))
+
+    def test_targets_range(self):
+        h, w, _ = self._args()
+        with pytest.raises(ValueError, match="targets must be in"):
+            prefkern.linear_logprobs(h, w, torch.tensor([0, 10, 1, 2]))
+
+    def test_bad_mode(self):
+        h, w, t = self._args()
+        with pytest.raises(ValueError, match="mode must be"):
+            prefkern.linear_logprobs(h, w, t, mode="turbo")
+
+    def test_cuda_backend_not_implemented(self):
+        h, w, t = self._args()
+        with pytest.raises(prefkern.BackendUnavailable, match="no 'cuda' backend"):
+            prefkern.linear_logprobs(h, w, t, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,h,v", [(37, 129, 1000), (512, 1024, 32_000), (256, 512, 128_256)])
+def test_gpu(backend, mode, dtype, n, h, v):
+    check_case(backend, mode, n, h, v, dtype, device="cuda", with_bias=True, temperature=0.7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_gpu_softcap_extreme(backend, mode):
+    check_case(backend, mode, 128, 256, 4099, torch.bfloat16, device="cuda", softcap=30.0)
+    check_case(backend, mode, 128, 256, 4099, torch.bfloat16, device="cuda", kind="extreme")
