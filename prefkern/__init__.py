@@ -3,8 +3,9 @@
 Never imports transformers/trl/verl; Triton and the CUDA extension load lazily on first use.
 """
 
-from prefkern import reference
+from prefkern import nn, reference
 from prefkern.dispatch import BACKENDS, BackendUnavailable, available_backends
+from prefkern.ops.linear_logprobs import linear_logprobs
 from prefkern.ops.logprobs_from_logits import logprobs_from_logits
 from prefkern.outputs import LinearLogprobsOutput, LogprobsEntropy
 
@@ -16,6 +17,8 @@ __all__ = [
     "LinearLogprobsOutput",
     "LogprobsEntropy",
     "available_backends",
+    "linear_logprobs",
     "logprobs_from_logits",
+    "nn",
     "reference",
 ]
