@@ -31,7 +31,7 @@ def make_problem(n, h, v, dtype, device="cpu", kind="normal", with_bias=False):
 
 def _run(fn, hidden, weight, bias, targets, grads, **kw):
     out = fn(hidden, weight, targets, bias, return_entropy=True, return_lse=True, **kw)
-    loss = sum((o * g).sum() for o, g in zip(out, grads) if g is not None)
+    loss = sum((o * g).sum() for o, g in zip(out, grads, strict=True) if g is not None)
     loss.backward()
     return (*out, hidden.grad, weight.grad, None if bias is None else bias.grad)
 
@@ -57,7 +57,7 @@ def check_case(backend, mode, n, h, v, dtype, *, device="cpu", kind="normal", ig
     ref = _run(linear_logprobs_ref, *leaves(torch.float64), targets,
                [None if x is None else x.double() for x in g], **kw)
     base = _run(linear_logprobs_ref, *leaves(), targets, g, **kw)
-    for name, o, r, b in zip(NAMES, ours, ref, base):
+    for name, o, r, b in zip(NAMES, ours, ref, base, strict=True):
         if r is None:
             assert o is None, name
             continue
@@ -114,6 +114,12 @@ def test_multi_slice_fast_mode(monkeypatch):
     monkeypatch.setattr(linear_sliced, "SLICE_BYTES", 37 * 100 * 4)  # ~100-column slices
     check_case("triton", "fast", 37, 129, 1000, torch.float32, with_bias=True, softcap=5.0)
 
+
+def test_min_memory_waves(monkeypatch):
+    from prefkern._kernels import linear_logprobs_fused
+
+    monkeypatch.setattr(linear_logprobs_fused, "SCRATCH_BYTES", 20 * 129 * 4)  # ~16-row waves
+    check_case("triton", "min_memory", 37, 129, 300, torch.bfloat16, with_bias=True, softcap=5.0)
 
 def test_gradcheck_torch_float64():
     hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
@@ -210,3 +216,4 @@ def test_gpu(backend, mode, dtype, n, h, v):
 def test_gpu_softcap_extreme(backend, mode):
     check_case(backend, mode, 128, 256, 4099, torch.bfloat16, device="cuda", softcap=30.0)
     check_case(backend, mode, 128, 256, 4099, torch.bfloat16, device="cuda", kind="extreme")
+

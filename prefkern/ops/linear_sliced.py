@@ -38,7 +38,7 @@ def _raw_logits(hidden, weight, bias, c0, c1):
     return hidden @ w.T if bias is None else torch.addmm(bias[c0:c1], hidden, w.T)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_fp32_out_mm(device_type: str) -> bool:
     """torch.addmm(..., out_dtype=float32) for half inputs exists on CUDA in recent torch."""
     if device_type != "cuda":

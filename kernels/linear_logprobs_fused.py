@@ -1,0 +1,332 @@
+"""Minimal-memory linear log-probs: logit tiles z = softcap(h @ W.T + b) / T are computed by
+tl.dot and consumed on chip; no (N, V) or (N, C) logits buffer ever exists.
+
+forward   grid (row blocks, vocab splits): each program folds its vocab range into per-row
+          statistics (m, s, u, z[y]); the launcher merges the splits (4 x splits x N floats).
+          FLOPs 2NHV.
+backward  two passes, each recomputing its tiles (FLOPs 4NHV each, 8NHV total):
+          dh pass, per wave of rows:   scratch[rows] += dz @ W[cols]   (programs split the vocab)
+          dW pass, per wave of columns: scratch[cols] += dz.T @ h[rows] (programs split tokens)
+          fp32 scratch of at most SCRATCH_BYTES per wave, cast to the input dtype at the end.
+          Splits add with fp32 atomics; deterministic=True uses one split (no atomics).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmax_stats import capped_logits, fold_rows, grad_z
+
+SCRATCH_BYTES = 64 << 20
+
+
+@triton.jit
+def _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, H, stride_h, stride_w,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+              BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 tile of h[rows] @ W[cols].T + b[cols]."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_H)
+    row_ok = rows[:, None] < n_rows
+    col_ok = cols[:, None] < n_cols
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + offs_k
+        a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok & (ks[None, :] < H), other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok & (ks[None, :] < H), other=0.0)
+        if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong; never taken on a GPU
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, H, stride_h, stride_w, cols_per_split,
+    inv_temp, softcap, ignore_index,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    y = tl.load(y_ptr + rows, mask=rows < N, other=ignore_index).to(tl.int64)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    c_lo = split * cols_per_split
+    c_hi = tl.minimum(V, c_lo + cols_per_split)
+    for c0 in range(c_lo, c_hi, BLOCK_V):
+        cols = (c0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        raw = _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, c_hi, H, stride_h, stride_w,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, PRECISION)
+        z, _ = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        z = tl.where(cols[None, :] < c_hi, z, float("-inf"))
+        m, s, u = fold_rows(m, s, u, z)
+        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    # part (4, n_splits, N): m, s, u, z_y
+    out = part_ptr + split * N + rows
+    ok = rows < N
+    tl.store(out, m, mask=ok)
+    tl.store(out + n_splits * N, s, mask=ok)
+    tl.store(out + 2 * n_splits * N, u, mask=ok)
+    tl.store(out + 3 * n_splits * N, z_y, mask=ok)
+
+
+@triton.jit
+def _load_row_terms(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_ok, ignore_index,
+                    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    valid = (y != ignore_index) & row_ok
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    zeros = tl.zeros([BLOCK_N], dtype=tl.float32)
+    ent = zeros
+    gl = zeros
+    ge = zeros
+    gs = zeros
+    if HAS_G_LOGP:
+        gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_G_ENT:
+        ge = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_G_LSE:
+        gs = tl.load(gs_ptr + rows, mask=row_ok, other=0.0)
+    return y, valid, lse, ent, gl, ge, gs
+
+
+@triton.jit
+def _add_tile(ptrs, value, mask, ATOMIC: tl.constexpr):
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask)
+    else:  # this program owns these entries: a plain read-modify-write is deterministic
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _fused_dh_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, acc_ptr,
+    row0, row1, V, H, stride_h, stride_w, cols_per_split, inv_temp, softcap, ignore_index,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+    HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """acc[rows - row0] += dz[rows, split's columns] @ W[split's columns]."""
+    rows = (row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < row1
+    y, valid, lse, ent, gl, ge, gs = _load_row_terms(
+        y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_ok, ignore_index,
+        HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, BLOCK_N)
+    c_lo = tl.program_id(1) * cols_per_split
+    c_hi = tl.minimum(V, c_lo + cols_per_split)
+    offs_k = tl.arange(0, BLOCK_H)
+    for c0 in range(c_lo, c_hi, BLOCK_V):
+        cols = (c0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = cols < c_hi
+        raw = _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, row1, c_hi, H, stride_h, stride_w,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, PRECISION)
+        z, t = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        dz = grad_z(z, t, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
+                    ge[:, None], gs[:, None], inv_temp, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, SOFTCAP)
+        dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0).to(w_ptr.dtype.element_ty)
+        if DOT_FP32:
+            dz = dz.to(tl.float32)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + offs_k
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                        mask=col_ok[:, None] & (ks[None, :] < H), other=0.0)
+            if DOT_FP32:
+                w = w.to(tl.float32)
+            part = tl.dot(dz, w, input_precision=PRECISION)
+            _add_tile(acc_ptr + (rows - row0)[:, None] * H + ks[None, :], part,
+                      row_ok[:, None] & (ks[None, :] < H), ATOMIC)
+
+
+@triton.jit
+def _fused_dw_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, acc_ptr, db_ptr,
+    col0, col1, N, H, stride_h, stride_w, rows_per_split, inv_temp, softcap, ignore_index,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+    HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """acc[cols - col0] += dz[split's rows, cols].T @ h[split's rows]; db[cols] += column sums."""
+    cols = (col0 + tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_ok = cols < col1
+    r_lo = tl.program_id(1) * rows_per_split
+    r_hi = tl.minimum(N, r_lo + rows_per_split)
+    offs_k = tl.arange(0, BLOCK_H)
+    db = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_N):
+        rows = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < r_hi
+        y, valid, lse, ent, gl, ge, gs = _load_row_terms(
+            y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_ok, ignore_index,
+            HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, BLOCK_N)
+        raw = _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, r_hi, col1, H, stride_h, stride_w,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, PRECISION)
+        z, t = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        dz = grad_z(z, t, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
+                    ge[:, None], gs[:, None], inv_temp, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, SOFTCAP)
+        dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
+        if NEED_DB:
+            db += tl.sum(dz, axis=0)
+        dz = dz.to(h_ptr.dtype.element_ty)
+        if DOT_FP32:
+            dz = dz.to(tl.float32)
+        dz_t = tl.trans(dz)
+        for k0 in range(0, H if NEED_DW else 0, BLOCK_H):
+            ks = k0 + offs_k
+            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                        mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
+            if DOT_FP32:
+                h = h.to(tl.float32)
+            part = tl.dot(dz_t, h, input_precision=PRECISION)
+            _add_tile(acc_ptr + (cols - col0)[:, None] * H + ks[None, :], part,
+                      col_ok[:, None] & (ks[None, :] < H), ATOMIC)
+    if NEED_DB:
+        _add_tile(db_ptr + cols, db, col_ok, ATOMIC)
+
+
+# ------------------------------------------------------------------------------- launchers
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _config(dtype: torch.dtype) -> dict:
+    interp = _interpreting()
+    blocks = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=32) if interp else \
+        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
+    # fp32 inputs: exact fp32 products (no TF32); half inputs ignore this
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    launch = {} if interp else dict(num_warps=8, num_stages=3)
+    return dict(**blocks, DOT_FP32=interp, PRECISION=precision, **launch)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: enough splits to exercise the merge and the atomics
+
+
+def _split(length: int, block: int, other_programs: int, device) -> tuple[int, int]:
+    """(number of splits, length per split, a multiple of block) to reach the target grid."""
+    blocks = triton.cdiv(length, block)
+    splits = max(1, min(blocks, triton.cdiv(_target_programs(device), max(other_programs, 1))))
+    per_split = triton.cdiv(blocks, splits) * block
+    return triton.cdiv(length, per_split), per_split
+
+
+def _check(hidden, weight, bias, targets):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError("hidden must be (N, H) and weight (V, H)")
+    if not (hidden.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("hidden and weight must be contiguous")
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float16, torch.bfloat16,
+                                                            torch.float32):
+        raise TypeError("hidden and weight must share a bf16/fp16/fp32 dtype")
+    if targets.shape != hidden.shape[:1] or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError("targets must be (N,) and bias (V,)")
+
+
+def _common(hidden, weight, bias, inv_temp, softcap, ignore_index):
+    return dict(inv_temp=inv_temp, softcap=1.0 if softcap is None else float(softcap),
+                ignore_index=ignore_index, HAS_BIAS=bias is not None,
+                SOFTCAP=softcap is not None, **_config(hidden.dtype))
+
+
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, softcap,
+                        ignore_index: int):
+    """-> (logp, entropy, lse), each (N,) fp32, 0 where targets == ignore_index."""
+    _check(hidden, weight, bias, targets)
+    (n, h), v = hidden.shape, weight.shape[0]
+    cfg = _common(hidden, weight, bias, inv_temp, softcap, ignore_index)
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    n_splits, per_split = _split(v, cfg["BLOCK_V"], row_blocks, hidden.device)
+    part = torch.empty((4, n_splits, n), dtype=torch.float32, device=hidden.device)
+    if n:
+        _fused_fwd_kernel[(row_blocks, n_splits)](
+            hidden, weight, bias if bias is not None else weight, targets, part, n, v, h,
+            hidden.stride(0), weight.stride(0), per_split, **cfg)
+    m, s, u, z_y = part.unbind(0)
+    # merge the vocab splits: same algebra as softmax_stats.merge_stats, over dim 0
+    m_all = m.amax(0)
+    m_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
+    w = torch.exp(m - m_safe)
+    shift = torch.where(torch.isinf(m), torch.zeros_like(m), m - m_safe)
+    s_all = (s * w).sum(0)
+    u_all = (w * (u + s * shift)).sum(0)
+    log_s = torch.log(s_all)
+    lse = m_all + log_s
+    valid = targets != ignore_index
+    zero = torch.zeros_like(lse)
+    return (torch.where(valid, z_y.sum(0) - lse, zero),
+            torch.where(valid, log_s - u_all / s_all, zero), torch.where(valid, lse, zero))
+
+
+def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
+                        inv_temp: float, softcap, ignore_index: int, need_dh=True, need_dw=True,
+                        need_db=True, deterministic=False):
+    """-> (dhidden, dweight, dbias) in the input dtype (None where not needed)."""
+    _check(hidden, weight, bias, targets)
+    (n, h), v = hidden.shape, weight.shape[0]
+    cfg = _common(hidden, weight, bias, inv_temp, softcap, ignore_index)
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    rows_terms = (targets, lse, entropy if entropy is not None else lse,
+                  *(lse if g is None else g for g in (g_logp, g_ent, g_lse)))
+    flags = dict(HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
+                 HAS_G_LSE=g_lse is not None)
+    bias_arg = bias if bias is not None else weight
+    wave = max(1, SCRATCH_BYTES // (4 * h))
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    need_db = need_db and bias is not None
+    db32 = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_db else None
+
+    if need_dh and n:
+        rows_per_wave = max(bn, wave // bn * bn)
+        scratch = torch.empty((min(n, rows_per_wave), h), dtype=torch.float32,
+                              device=hidden.device)
+        for row0 in range(0, n, rows_per_wave):
+            row1 = min(n, row0 + rows_per_wave)
+            row_blocks = triton.cdiv(row1 - row0, bn)
+            n_splits, per_split = (1, triton.cdiv(v, bv) * bv) if deterministic else \
+                _split(v, bv, row_blocks, hidden.device)
+            acc = scratch[: row1 - row0].zero_()
+            _fused_dh_kernel[(row_blocks, n_splits)](
+                hidden, weight, bias_arg, *rows_terms, acc, row0, row1, v, h, hidden.stride(0),
+                weight.stride(0), per_split, ATOMIC=n_splits > 1, **flags, **cfg)
+            dh[row0:row1] = acc
+    elif need_dh:
+        dh.zero_()
+
+    if (need_dw or need_db) and n:
+        cols_per_wave = max(bv, wave // bv * bv)
+        scratch = torch.empty((min(v, cols_per_wave), h), dtype=torch.float32,
+                              device=hidden.device)
+        for col0 in range(0, v, cols_per_wave):
+            col1 = min(v, col0 + cols_per_wave)
+            col_blocks = triton.cdiv(col1 - col0, bv)
+            n_splits, per_split = (1, triton.cdiv(n, bn) * bn) if deterministic else \
+                _split(n, bn, col_blocks, hidden.device)
+            acc = scratch[: col1 - col0].zero_()
+            _fused_dw_kernel[(col_blocks, n_splits)](
+                hidden, weight, bias_arg, *rows_terms, acc,
+                db32 if need_db else acc, col0, col1, n, h, hidden.stride(0), weight.stride(0),
+                per_split, NEED_DW=need_dw, NEED_DB=need_db, ATOMIC=n_splits > 1, **flags, **cfg)
+            if need_dw:
+                dw[col0:col1] = acc
+    elif need_dw:
+        dw.zero_()
+    db = None if db32 is None else db32.to(bias.dtype)
+    return dh, dw, db
