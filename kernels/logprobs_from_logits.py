@@ -85,7 +85,7 @@ def _block_v(V: int) -> int:
     return min(triton.next_power_of_2(V), 4096)
 
 
-def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool):
+def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool = True):
     """logits (N, V), targets (N,) -> (logp, entropy or None, lse), each (N,) fp32."""
     _check(logits, targets)
     n, v = logits.shape

@@ -29,7 +29,7 @@ def _dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 
 
-def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool):
+def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool = True):
     """logits (N, V) unit stride on V, targets (N,) -> (logp, entropy or None, lse) fp32."""
     n, v = logits.shape
     targets = targets.to(torch.int64).contiguous()

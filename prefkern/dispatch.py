@@ -32,14 +32,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_IMPORT_STATUS: dict[str, str | None] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile: evaluated, never traced into
 def _import_status(module: str) -> str | None:
-    """None if ``module`` imports, else the reason it does not."""
-    try:
-        importlib.import_module(module)
-    except Exception as err:  # ImportError, or a broken build raising something else
-        return f"{type(err).__name__}: {err}"
-    return None
+    """None if ``module`` imports, else the reason it does not (cached)."""
+    if module not in _IMPORT_STATUS:
+        try:
+            importlib.import_module(module)
+            _IMPORT_STATUS[module] = None
+        except Exception as err:  # ImportError, or a broken build raising something else
+            _IMPORT_STATUS[module] = f"{type(err).__name__}: {err}"
+    return _IMPORT_STATUS[module]
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:

@@ -16,77 +16,97 @@ Both are exact (no skipped softmax entries). The torch backend is chunked the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import SimpleNamespace
+import functools
 
 import torch
+from torch import Tensor
 
 from prefkern import _checks
 from prefkern.dispatch import resolve_backend
 from prefkern.ops import torch_chunked
 from prefkern.outputs import LinearLogprobsOutput
+from prefkern.reference.logprobs import compute_dtype
 
 AUTO_ORDER = ("triton",)
 MODES = ("auto", "fast", "min_memory")
 
 
-def _torch_impl(opts):
-    return SimpleNamespace(fwd=torch_chunked.linear_forward, bwd=torch_chunked.linear_backward)
-
-
-def _triton_impl(opts):
-    if opts.mode == "min_memory":
+def _impl(backend: str, mode: str, deterministic: bool):
+    """-> (fwd, bwd) callables of one backend/mode (same signatures as torch_chunked's)."""
+    if backend == "torch":
+        return torch_chunked.linear_forward, torch_chunked.linear_backward
+    if mode == "min_memory":
         from prefkern._kernels import linear_logprobs_fused as fused
 
-        def bwd(*args, **kw):
-            return fused.linear_logprobs_bwd(*args, deterministic=opts.deterministic, **kw)
-
-        return SimpleNamespace(fwd=fused.linear_logprobs_fwd, bwd=bwd)
+        return fused.linear_logprobs_fwd, functools.partial(fused.linear_logprobs_bwd,
+                                                            deterministic=deterministic)
     from prefkern.ops import linear_sliced
 
-    return SimpleNamespace(fwd=linear_sliced.forward, bwd=linear_sliced.backward)
+    return linear_sliced.forward, linear_sliced.backward
 
 
-_IMPLS = {"torch": _torch_impl, "triton": _triton_impl}
+# The passes are torch.library custom ops so that torch.compile(fullgraph=True) sees opaque,
+# fake-able calls (no graph breaks on the kernel launches or the chunk loops).
+@torch.library.custom_op("prefkern::linear_logprobs_fwd", mutates_args=())
+def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str,
+            mode: str, deterministic: bool, inv_temp: float, softcap: float | None,
+            ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (logp, entropy, lse), each (N,). ``deterministic`` only matters to the backward."""
+    fwd, _ = _impl(backend, mode, False)
+    return fwd(hidden, weight, bias, targets, inv_temp, softcap, ignore_index)
 
 
-@dataclass(frozen=True)
-class _Options:
-    backend: str
-    mode: str
-    inv_temp: float
-    softcap: float | None
-    ignore_index: int
-    with_entropy: bool
-    deterministic: bool
+@_fwd_op.register_fake
+def _(hidden, weight, bias, targets, backend, mode, deterministic, inv_temp, softcap,
+      ignore_index):
+    dtype = compute_dtype(hidden.dtype)
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=dtype) for _ in range(3))
 
 
-class _LinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: _Options):
-        impl = _IMPLS[opts.backend](opts)
-        logp, entropy, lse = impl.fwd(hidden, weight, bias, targets, opts.inv_temp, opts.softcap,
-                                      opts.ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.opts = opts
-        ctx.set_materialize_grads(False)
-        return (logp, lse, entropy) if opts.with_entropy else (logp, lse)
+@torch.library.custom_op("prefkern::linear_logprobs_bwd", mutates_args=())
+def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
+            entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, g_lse: Tensor | None,
+            backend: str, mode: str, deterministic: bool, inv_temp: float,
+            softcap: float | None, ignore_index: int, need_dh: bool, need_dw: bool,
+            need_db: bool) -> list[Tensor]:
+    """-> [dhidden if need_dh, dweight if need_dw, dbias if need_db]."""
+    _, bwd = _impl(backend, mode, deterministic)
+    grads = bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+                softcap, ignore_index, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+    return [g for g, needed in zip(grads, (need_dh, need_dw, need_db), strict=True) if needed]
 
-    @staticmethod
-    def backward(ctx, g_logp, g_lse, g_ent=None):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        opts: _Options = ctx.opts
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        if (g_logp is None and g_lse is None and g_ent is None) or not (need_dh or need_dw
-                                                                        or need_db):
-            return None, None, None, None, None
-        g_logp, g_lse, g_ent = (None if g is None else g.to(lse.dtype).contiguous()
-                                for g in (g_logp, g_lse, g_ent))
-        impl = _IMPLS[opts.backend](opts)
-        dh, dw, db = impl.bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
-                              opts.inv_temp, opts.softcap, opts.ignore_index,
-                              need_dh=need_dh, need_dw=need_dw, need_db=need_db)
-        return dh, dw, db, None, None
+
+@_bwd_op.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, backend, mode,
+      deterministic, inv_temp, softcap, ignore_index, need_dh, need_dw, need_db):
+    return [torch.empty_like(t) for t, needed in zip((hidden, weight, bias),
+                                                     (need_dh, need_dw, need_db), strict=True)
+            if needed]
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, *options = inputs
+    ctx.options = options  # backend, mode, deterministic, inv_temp, softcap, ignore_index
+    ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[1])
+
+
+def _backward(ctx, g_logp, g_ent, g_lse):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    backend, mode, deterministic, inv_temp, softcap, ignore_index = ctx.options
+    need = list(ctx.needs_input_grad[:3])
+    need[2] = need[2] and bias is not None
+    no_grads = (None,) * 7  # targets and the options
+    if not any(need) or all(g is None for g in (g_logp, g_ent, g_lse)):
+        return (None, None, None, *no_grads)
+    g_logp, g_ent, g_lse = (None if g is None else g.to(lse.dtype).contiguous()
+                            for g in (g_logp, g_ent, g_lse))
+    grads = iter(_bwd_op(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
+                         backend, mode, deterministic, inv_temp, softcap, ignore_index, *need))
+    dh, dw, db = (next(grads) if needed else None for needed in need)
+    return (dh, dw, db, *no_grads)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(hidden, weight, targets, bias, temperature, softcap, mode):
@@ -148,17 +168,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     fp64 = hidden.dtype == torch.float64
     name = resolve_backend("linear_logprobs", backend, device,
                            ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
-    opts = _Options(name, "fast" if mode == "auto" else mode, 1.0 / float(temperature),
-                    None if softcap is None else float(softcap), int(ignore_index),
-                    bool(return_entropy), bool(deterministic))
 
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
-    out = _LinearLogprobs.apply(hidden2d, weight.contiguous(), bias, targets.reshape(-1), opts)
-    logp = out[0].view(lead)
+    logp, entropy, lse = _fwd_op(
+        hidden2d, weight.contiguous(), bias, targets.reshape(-1), name,
+        "fast" if mode == "auto" else mode, bool(deterministic), 1.0 / float(temperature),
+        None if softcap is None else float(softcap), int(ignore_index))
     if not (return_entropy or return_lse):
-        return logp
-    return LinearLogprobsOutput(logp, out[2].view(lead) if return_entropy else None,
-                                out[1].view(lead) if return_lse else None)
+        return logp.view(lead)
+    return LinearLogprobsOutput(logp.view(lead), entropy.view(lead) if return_entropy else None,
+                                lse.view(lead) if return_lse else None)

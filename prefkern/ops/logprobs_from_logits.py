@@ -7,75 +7,77 @@ fp32 copy of them, and a backward that reads and writes them once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import SimpleNamespace
-
 import torch
+from torch import Tensor
 
 from prefkern import _checks
 from prefkern.dispatch import resolve_backend
 from prefkern.ops import torch_chunked
 from prefkern.outputs import LogprobsEntropy
+from prefkern.reference.logprobs import compute_dtype
 
 # CUDA-device preference, fastest first. Not yet measured on a GPU: both are single-pass
 # bandwidth-bound kernels; update from benchmarks/results/<gpu>/ once measured.
 AUTO_ORDER = ("triton", "cuda")
 
 
-def _triton_impl():
-    from prefkern._kernels import logprobs_from_logits as k
+def _impl(backend: str):
+    """-> (fwd, bwd) of one backend; fwd gives (logp, entropy, lse), bwd the logits' gradient."""
+    if backend == "triton":
+        from prefkern._kernels import logprobs_from_logits as kernels
 
-    return SimpleNamespace(fwd=k.logprobs_fwd, bwd=k.logprobs_bwd)
+        return kernels.logprobs_fwd, kernels.logprobs_bwd
+    if backend == "cuda":
+        from prefkern import _cuda
 
-
-def _cuda_impl():
-    from prefkern import _cuda
-
-    return SimpleNamespace(fwd=_cuda.logprobs_fwd, bwd=_cuda.logprobs_bwd)
-
-
-def _torch_impl():
-    def fwd(logits, targets, inv_temp, ignore_index, with_entropy):
-        logp, entropy, lse = torch_chunked.logits_forward(logits, targets, inv_temp, ignore_index)
-        return logp, (entropy if with_entropy else None), lse
-
-    return SimpleNamespace(fwd=fwd, bwd=torch_chunked.logits_backward)
+        return _cuda.logprobs_fwd, _cuda.logprobs_bwd
+    return torch_chunked.logits_forward, torch_chunked.logits_backward
 
 
-_IMPLS = {"triton": _triton_impl, "cuda": _cuda_impl, "torch": _torch_impl}
+# torch.library custom ops: opaque to torch.compile(fullgraph=True), with fake shapes.
+@torch.library.custom_op("prefkern::logprobs_from_logits_fwd", mutates_args=())
+def _fwd_op(logits: Tensor, targets: Tensor, backend: str, inv_temp: float,
+            ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (logp, entropy, lse), each (N,)."""
+    fwd, _ = _impl(backend)
+    return fwd(logits, targets, inv_temp, ignore_index)
 
 
-@dataclass(frozen=True)
-class _Options:
-    backend: str
-    inv_temp: float
-    ignore_index: int
-    with_entropy: bool
+@_fwd_op.register_fake
+def _(logits, targets, backend, inv_temp, ignore_index):
+    dtype = compute_dtype(logits.dtype)
+    return tuple(logits.new_empty(logits.shape[0], dtype=dtype) for _ in range(3))
 
 
-class _LogprobsFromLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, opts: _Options):
-        impl = _IMPLS[opts.backend]()
-        logp, entropy, lse = impl.fwd(logits, targets, opts.inv_temp, opts.ignore_index,
-                                      opts.with_entropy)
-        ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.opts = opts
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if opts.with_entropy else logp
+@torch.library.custom_op("prefkern::logprobs_from_logits_bwd", mutates_args=())
+def _bwd_op(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor | None,
+            g_ent: Tensor | None, backend: str, inv_temp: float, ignore_index: int) -> Tensor:
+    _, bwd = _impl(backend)
+    return bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, ignore_index)
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent=None):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        opts: _Options = ctx.opts
-        if g_logp is None and g_ent is None:
-            return None, None, None
-        g_logp = None if g_logp is None else g_logp.to(lse.dtype).contiguous()
-        g_ent = None if g_ent is None else g_ent.to(lse.dtype).contiguous()
-        impl = _IMPLS[opts.backend]()
-        grad = impl.bwd(logits, targets, lse, entropy, g_logp, g_ent, opts.inv_temp,
-                        opts.ignore_index)
-        return grad, None, None
+
+@_bwd_op.register_fake
+def _(logits, targets, lse, entropy, g_logp, g_ent, backend, inv_temp, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, *options = inputs
+    ctx.options = options  # backend, inv_temp, ignore_index
+    ctx.save_for_backward(logits, targets, output[2], output[1])
+
+
+def _backward(ctx, g_logp, g_ent, g_lse):
+    # lse is internal (never returned to the user): its gradient is always None/zero
+    logits, targets, lse, entropy = ctx.saved_tensors
+    if g_logp is None and g_ent is None:
+        return None, None, None, None, None
+    g_logp, g_ent = (None if g is None else g.to(lse.dtype).contiguous() for g in (g_logp, g_ent))
+    grad = _bwd_op(logits, targets, lse, entropy, g_logp, g_ent, *ctx.options)
+    return grad, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
@@ -113,8 +115,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
     logits2d = logits.reshape(-1, vocab)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    opts = _Options(name, 1.0 / float(temperature), int(ignore_index), bool(return_entropy))
-    out = _LogprobsFromLogits.apply(logits2d, targets.reshape(-1), opts)
+    logp, entropy, _ = _fwd_op(logits2d, targets.reshape(-1), name, 1.0 / float(temperature),
+                               int(ignore_index))
     if return_entropy:
-        return LogprobsEntropy(out[0].view(lead), out[1].view(lead))
-    return out.view(lead)
+        return LogprobsEntropy(logp.view(lead), entropy.view(lead))
+    return logp.view(lead)
