@@ -17,30 +17,45 @@ namespace {
 constexpr int kThreads = 512;
 
 // Online softmax statistics of a set of values z: m = max z, s = sum exp(z - m),
-// t = sum exp(z - m) * z. The empty set (or all -inf) is {-inf, 0, 0}.
+// u = sum exp(z - m) * (z - m). The empty set (or all -inf) is {-inf, 0, 0}. Keeping u relative
+// to m makes entropy = log s - u / s free of the cancellation in lse - sum(p z) for large |z|.
 struct SoftmaxStats {
-  float m, s, t;
+  float m, s, u;
 };
 
 __device__ __forceinline__ void stats_add(SoftmaxStats& a, float z) {
-  if (z == -INFINITY) return;  // exp(-inf) = 0 and 0 * -inf must not poison t
+  if (z == -INFINITY) return;  // exp(-inf) = 0 and 0 * -inf must not poison u
   if (z > a.m) {
-    const float scale = expf(a.m - z);  // a.m may be -inf: scale 0
+    if (a.m == -INFINITY) {
+      a = {z, 1.0f, 0.0f};
+      return;
+    }
+    const float scale = expf(a.m - z);
+    a.u = scale * (a.u + a.s * (a.m - z));
     a.s = a.s * scale + 1.0f;
-    a.t = a.t * scale + z;
     a.m = z;
   } else {
     const float e = expf(z - a.m);
     a.s += e;
-    a.t += e * z;
+    a.u += e * (z - a.m);
   }
 }
 
 __device__ __forceinline__ SoftmaxStats stats_merge(SoftmaxStats a, SoftmaxStats b) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return {-INFINITY, 0.0f, 0.0f};
-  const float sa = expf(a.m - m), sb = expf(b.m - m);
-  return {m, a.s * sa + b.s * sb, a.t * sa + b.t * sb};
+  float s = 0.0f, u = 0.0f;
+  if (a.m != -INFINITY) {
+    const float w = expf(a.m - m);
+    s += a.s * w;
+    u += w * (a.u + a.s * (a.m - m));
+  }
+  if (b.m != -INFINITY) {
+    const float w = expf(b.m - m);
+    s += b.s * w;
+    u += w * (b.u + b.s * (b.m - m));
+  }
+  return {m, s, u};
 }
 
 __device__ SoftmaxStats block_reduce(SoftmaxStats v) {
@@ -48,7 +63,7 @@ __device__ SoftmaxStats block_reduce(SoftmaxStats v) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     SoftmaxStats other{__shfl_xor_sync(0xffffffff, v.m, offset),
                        __shfl_xor_sync(0xffffffff, v.s, offset),
-                       __shfl_xor_sync(0xffffffff, v.t, offset)};
+                       __shfl_xor_sync(0xffffffff, v.u, offset)};
     v = stats_merge(v, other);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -59,7 +74,7 @@ __device__ SoftmaxStats block_reduce(SoftmaxStats v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
       SoftmaxStats other{__shfl_xor_sync(0xffffffff, v.m, offset),
                          __shfl_xor_sync(0xffffffff, v.s, offset),
-                         __shfl_xor_sync(0xffffffff, v.t, offset)};
+                         __shfl_xor_sync(0xffffffff, v.u, offset)};
       v = stats_merge(v, other);
     }
     if (lane == 0) warp_partials[0] = v;
@@ -98,9 +113,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(
   }
   st = block_reduce(st);
   if (threadIdx.x == 0) {
-    const float lse = st.m + logf(st.s);
+    const float log_s = logf(st.s);
+    const float lse = st.m + log_s;
     logp[row] = to_float(x[y]) * inv_temp - lse;
-    if (entropy) entropy[row] = lse - st.t / st.s;
+    if (entropy) entropy[row] = log_s - st.u / st.s;
     if (lse_out) lse_out[row] = lse;
   }
 }
@@ -118,13 +134,14 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(
   const float gl = (ignored || !g_logp) ? 0.0f : g_logp[row];
   const float ge = (ignored || !g_ent) ? 0.0f : g_ent[row];
   const float lse = ignored ? 0.0f : lse_in[row];
-  const float mean_z = (ignored || !g_ent) ? 0.0f : lse - entropy[row];  // sum p z
+  const float ent = (ignored || !g_ent) ? 0.0f : entropy[row];
   const T* x = logits + row * row_stride;
   auto dz = [&](float z, int64_t col) -> float {
     if (ignored) return 0.0f;
-    const float p = expf(z - lse);
+    const float log_p = z - lse;
+    const float p = expf(log_p);
     float d = (col == y ? gl : 0.0f) - gl * p;
-    if (p > 0.0f) d -= ge * p * (z - mean_z);
+    if (p > 0.0f) d -= ge * p * (log_p + ent);  // z - sum(p z) = log p + entropy
     return d * inv_temp;
   };
   const int64_t n_vec = vocab / VEC;
