@@ -21,14 +21,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, stride_row, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, stride_outer, stride_inner, inner, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
     V, inv_temp, ignore_index,
     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     # ignored rows read nothing (a zero-length row)
     m, s, u = row_stats(row_ptr, tl.where(valid, V, 0), inv_temp, 1.0, SOFTCAP=False, BLOCK=BLOCK_V)
     log_s = tl.log(s)
@@ -43,7 +43,8 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr,
+    logits_ptr, stride_outer, stride_inner, inner, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr,
+    g_ent_ptr,
     grad_ptr, stride_grad_row, V, inv_temp, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -60,7 +61,7 @@ def _logprobs_bwd_kernel(
         g_ent = tl.load(g_ent_ptr + row)
         entropy = tl.load(entropy_ptr + row)
     v_read = tl.where(valid, V, 0)
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     out_ptr = grad_ptr + row * stride_grad_row
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
@@ -72,13 +73,20 @@ def _logprobs_bwd_kernel(
         tl.store(out_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
-def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError("logits must be 2-D (N, V) with unit stride along V")
+def _rows_layout(logits: torch.Tensor, targets: torch.Tensor):
+    """(N, V) or (B, T, V) logits with unit stride along V (e.g. ``logits[:, :-1]`` needs no
+    copy) -> (N, V, stride_outer, stride_inner, inner): row r lives at
+    (r // inner) * stride_outer + (r % inner) * stride_inner."""
+    if logits.dim() not in (2, 3) or logits.stride(-1) != 1:
+        raise ValueError("logits must be (N, V) or (B, T, V) with unit stride along V")
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits dtype {logits.dtype} not supported by the Triton kernel")
-    if targets.shape != logits.shape[:1] or targets.device != logits.device:
+    n = logits.shape[:-1].numel()
+    if targets.shape != (n,) or targets.device != logits.device:
         raise ValueError("targets must be (N,) on the logits' device")
+    if logits.dim() == 2:
+        return n, logits.shape[1], 0, logits.stride(0), max(n, 1)
+    return n, logits.shape[2], logits.stride(0), logits.stride(1), max(logits.shape[1], 1)
 
 
 def _block_v(V: int) -> int:
@@ -86,33 +94,32 @@ def _block_v(V: int) -> int:
 
 
 def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool = True):
-    """logits (N, V), targets (N,) -> (logp, entropy or None, lse), each (N,) fp32."""
-    _check(logits, targets)
-    n, v = logits.shape
+    """logits (N, V) or (B, T, V), targets (N = B*T,) -> (logp, entropy or None, lse), each
+    (N,) fp32."""
+    n, v, stride_outer, stride_inner, inner = _rows_layout(logits, targets)
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
     if n > 0:
         _logprobs_fwd_kernel[(n,)](
-            logits, logits.stride(0), targets, logp, entropy if with_entropy else logp, lse,
-            v, inv_temp, ignore_index,
+            logits, stride_outer, stride_inner, inner, targets, logp,
+            entropy if with_entropy else logp, lse, v, inv_temp, ignore_index,
             WITH_ENTROPY=with_entropy, BLOCK_V=_block_v(v), num_warps=8,
         )
     return logp, entropy, lse
 
 
 def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp: float, ignore_index: int):
-    """-> dlogits (N, V) in the logits dtype. g_logp / g_ent (N,) fp32 or None; entropy is needed
-    only with g_ent."""
-    _check(logits, targets)
-    n, v = logits.shape
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    """-> dlogits, contiguous, shaped and typed like logits. g_logp / g_ent (N,) fp32 or None;
+    entropy is needed only with g_ent."""
+    n, v, stride_outer, stride_inner, inner = _rows_layout(logits, targets)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n > 0:
         _logprobs_bwd_kernel[(n,)](
-            logits, logits.stride(0), targets, lse,
+            logits, stride_outer, stride_inner, inner, targets, lse,
             entropy if g_ent is not None else lse,
             g_logp if g_logp is not None else lse, g_ent if g_ent is not None else lse,
-            grad, grad.stride(0), v, inv_temp, ignore_index,
+            grad, v, v, inv_temp, ignore_index,
             HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
             BLOCK_V=_block_v(v), num_warps=8,
         )

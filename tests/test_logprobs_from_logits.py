@@ -116,13 +116,26 @@ def test_no_grad_saves_nothing_and_returns_plain_tensors():
     assert out.grad_fn is None and out.dtype == torch.float32
 
 
-def test_non_contiguous_logits():
-    base = make_logits((4, 8), 64)
-    sliced = base[:, :-1]  # what a trainer does to drop the last position
-    targets = make_targets((4, 7), 64, 0.0)
-    out = prefkern.logprobs_from_logits(sliced, targets, backend="torch")
-    assert_rule(out, logprobs_from_logits_ref(sliced.double(), targets),
-                logprobs_from_logits_ref(sliced, targets))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sliced_logits_without_copy(backend):
+    full = make_logits((4, 8), 64).bfloat16()
+    x = leaf(full)
+    sliced = x[:, :-1]  # what a trainer does to drop the last position
+    targets = make_targets((4, 7), 64, 0.25)
+    g = torch.randn(4, 7)
+    out = prefkern.logprobs_from_logits(sliced, targets, return_entropy=True, backend=backend)
+    (out.logprobs * g + out.entropy).sum().backward()
+    grad = x.grad
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        x = leaf(full, dtype)
+        r = logprobs_from_logits_ref(x[:, :-1], targets, return_entropy=True)
+        (r.logprobs * g.to(dtype) + r.entropy).sum().backward()
+        refs.append((r, x.grad))
+    (ref, ref_grad), (base, base_grad) = refs
+    assert_rule(out.logprobs, ref.logprobs, base.logprobs, "logprobs")
+    assert_rule(out.entropy, ref.entropy, base.entropy, "entropy")
+    assert_rule(grad, ref_grad, base_grad, "dlogits")
 
 
 class TestBadInput:

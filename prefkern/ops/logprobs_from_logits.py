@@ -22,16 +22,32 @@ AUTO_ORDER = ("triton", "cuda")
 
 
 def _impl(backend: str):
-    """-> (fwd, bwd) of one backend; fwd gives (logp, entropy, lse), bwd the logits' gradient."""
+    """-> (fwd, bwd) of one backend; fwd gives (logp, entropy, lse), bwd the logits' gradient
+    shaped like the logits. Only the Triton kernels read (B, T, V) rows in place."""
     if backend == "triton":
         from prefkern._kernels import logprobs_from_logits as kernels
 
         return kernels.logprobs_fwd, kernels.logprobs_bwd
     if backend == "cuda":
-        from prefkern import _cuda
+        from prefkern import _cuda as module
 
-        return _cuda.logprobs_fwd, _cuda.logprobs_bwd
-    return torch_chunked.logits_forward, torch_chunked.logits_backward
+        fwd2d, bwd2d = module.logprobs_fwd, module.logprobs_bwd
+    else:
+        fwd2d, bwd2d = torch_chunked.logits_forward, torch_chunked.logits_backward
+
+    def fwd(logits, targets, inv_temp, ignore_index):
+        return fwd2d(_as_rows(logits), targets, inv_temp, ignore_index)
+
+    def bwd(logits, targets, *args):
+        return bwd2d(_as_rows(logits), targets, *args).view(logits.shape)
+
+    return fwd, bwd
+
+
+def _as_rows(logits: Tensor) -> Tensor:
+    """(..., V) -> (N, V) with unit stride along V (a copy only when no view exists)."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 # torch.library custom ops: opaque to torch.compile(fullgraph=True), with fake shapes.
@@ -46,7 +62,7 @@ def _fwd_op(logits: Tensor, targets: Tensor, backend: str, inv_temp: float,
 @_fwd_op.register_fake
 def _(logits, targets, backend, inv_temp, ignore_index):
     dtype = compute_dtype(logits.dtype)
-    return tuple(logits.new_empty(logits.shape[0], dtype=dtype) for _ in range(3))
+    return tuple(logits.new_empty(logits.shape[:-1].numel(), dtype=dtype) for _ in range(3))
 
 
 @torch.library.custom_op("prefkern::logprobs_from_logits_bwd", mutates_args=())
@@ -112,10 +128,11 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
                            AUTO_ORDER if logits.dtype != torch.float64 else ())
 
     lead = logits.shape[:-1]
-    logits2d = logits.reshape(-1, vocab)
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
-    logp, entropy, _ = _fwd_op(logits2d, targets.reshape(-1), name, 1.0 / float(temperature),
+    if name == "triton" and logits.dim() == 3 and logits.stride(-1) == 1:
+        rows = logits  # (B, T) rows indexed in place: logits[:, :-1] needs no copy
+    else:
+        rows = _as_rows(logits)
+    logp, entropy, _ = _fwd_op(rows, targets.reshape(-1), name, 1.0 / float(temperature),
                                int(ignore_index))
     if return_entropy:
         return LogprobsEntropy(logp.view(lead), entropy.view(lead))
