@@ -5,8 +5,11 @@ Never imports transformers/trl/verl; Triton and the CUDA extension load lazily o
 
 from prefkern import nn, reference
 from prefkern.dispatch import BACKENDS, BackendUnavailable, available_backends
+from prefkern.ops.gae import gae
+from prefkern.ops.group_advantages import group_advantages
 from prefkern.ops.linear_logprobs import linear_logprobs
 from prefkern.ops.logprobs_from_logits import logprobs_from_logits
+from prefkern.ops.reward_shaping import RunningMoments, kl_penalized_rewards, normalize_rewards
 from prefkern.outputs import LinearLogprobsOutput, LogprobsEntropy
 
 __version__ = "0.1.0"
@@ -16,9 +19,14 @@ __all__ = [
     "BackendUnavailable",
     "LinearLogprobsOutput",
     "LogprobsEntropy",
+    "RunningMoments",
     "available_backends",
+    "gae",
+    "group_advantages",
+    "kl_penalized_rewards",
     "linear_logprobs",
     "logprobs_from_logits",
+    "normalize_rewards",
     "nn",
     "reference",
 ]

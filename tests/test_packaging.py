@@ -61,4 +61,4 @@ def test_cuda_extension_compiles(tmp_path):
     res = _python(f"import sys; sys.path.insert(0, {str(out)!r}); import _C; "
                   "print(sorted(n for n in dir(_C) if not n.startswith('_')))", tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "logprobs_from_logits_fwd" in res.stdout
+    assert "logprobs_from_logits_fwd" in res.stdout and "gae_scan" in res.stdout

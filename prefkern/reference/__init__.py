@@ -4,6 +4,14 @@ One ``<op>_ref`` per public op, same signature and outputs as the op, materializ
 (fp32 math for half inputs, fp64 for fp64 inputs). Tests compare against it, docs cite it.
 """
 
+from prefkern.reference.advantages import (
+    gae_ref,
+    group_advantages_ref,
+    kl_penalized_rewards_ref,
+    masked_whiten_ref,
+    normalize_rewards_ref,
+)
 from prefkern.reference.logprobs import linear_logprobs_ref, logprobs_from_logits_ref
 
-__all__ = ["linear_logprobs_ref", "logprobs_from_logits_ref"]
+__all__ = ["gae_ref", "group_advantages_ref", "kl_penalized_rewards_ref", "linear_logprobs_ref",
+           "logprobs_from_logits_ref", "masked_whiten_ref", "normalize_rewards_ref"]
