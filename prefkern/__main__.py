@@ -1,0 +1,5 @@
+import sys
+
+from prefkern.cli import main
+
+sys.exit(main())
