@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (the device tool): build the CUDA extension, run the GPU tests, run
+# the main job on the real shapes, copy the results to $OUT. Peers come from ./.whl (made on the
+# CPU machine by ../shared/device/peer_wheels.sh and carried along). Usage, from the repo root:
+#   bash benchmarks/device_run.sh [extra args for `python -m prefkern bench`]
+set -uo pipefail
+OUT="${OUT:-/tmp/prefkern_out}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
+# no network there: build with what is installed (setuptools, pybind11 or cmake may be missing)
+PREFKERN_BUILD_CUDA=1 PREFKERN_CUDA_ARCHS=90 python3 -m pip install -q --no-build-isolation \
+  --no-deps -e . 2>&1 | tail -20 | tee "$OUT/build.log"
+python3 -m prefkern info | tee "$OUT/info.txt"
+python3 -m pytest -q -m gpu -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
+python3 -m prefkern bench --out "$OUT/results" "$@" 2>&1 | tail -120 | tee "$OUT/bench.log"
