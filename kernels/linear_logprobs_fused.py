@@ -222,6 +222,8 @@ def _target_programs(device: torch.device) -> int:
 def _split(length: int, block: int, other_programs: int, device) -> tuple[int, int]:
     """(number of splits, length per split, a multiple of block) to reach the target grid."""
     blocks = triton.cdiv(length, block)
+    if blocks == 0:
+        return 1, block
     splits = max(1, min(blocks, triton.cdiv(_target_programs(device), max(other_programs, 1))))
     per_split = triton.cdiv(blocks, splits) * block
     return triton.cdiv(length, per_split), per_split
@@ -274,6 +276,23 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, softcap,
             torch.where(valid, log_s - u_all / s_all, zero), torch.where(valid, lse, zero))
 
 
+def _waves(length: int, block: int, other: int, other_block: int, h: int, deterministic: bool,
+           device):
+    """Waves over ``length`` rows of a gradient with an fp32 (rows, h) scratch of at most
+    SCRATCH_BYTES: yields (start, stop, grid, other_per_split, zeroed scratch). The grid is
+    (blocks of this wave, splits of ``other``); one split when deterministic (no atomics)."""
+    per_wave = max(block, SCRATCH_BYTES // (4 * h) // block * block)
+    scratch = torch.empty((min(length, per_wave), h), dtype=torch.float32, device=device)
+    for start in range(0, length, per_wave):
+        stop = min(length, start + per_wave)
+        blocks = triton.cdiv(stop - start, block)
+        if deterministic:
+            n_splits, per_split = 1, triton.cdiv(other, other_block) * other_block
+        else:
+            n_splits, per_split = _split(other, other_block, blocks, device)
+        yield start, stop, (blocks, n_splits), per_split, scratch[: stop - start].zero_()
+
+
 def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
                         inv_temp: float, softcap, ignore_index: int, need_dh=True, need_dw=True,
                         need_db=True, deterministic=False):
@@ -287,46 +306,27 @@ def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_e
     flags = dict(HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
                  HAS_G_LSE=g_lse is not None)
     bias_arg = bias if bias is not None else weight
-    wave = max(1, SCRATCH_BYTES // (4 * h))
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     need_db = need_db and bias is not None
     db32 = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_db else None
+    common = dict(**flags, **cfg)
 
-    if need_dh and n:
-        rows_per_wave = max(bn, wave // bn * bn)
-        scratch = torch.empty((min(n, rows_per_wave), h), dtype=torch.float32,
-                              device=hidden.device)
-        for row0 in range(0, n, rows_per_wave):
-            row1 = min(n, row0 + rows_per_wave)
-            row_blocks = triton.cdiv(row1 - row0, bn)
-            n_splits, per_split = (1, triton.cdiv(v, bv) * bv) if deterministic else \
-                _split(v, bv, row_blocks, hidden.device)
-            acc = scratch[: row1 - row0].zero_()
-            _fused_dh_kernel[(row_blocks, n_splits)](
+    if need_dh:  # waves of rows; programs split the vocab
+        for row0, row1, grid, per_split, acc in _waves(n, bn, v, bv, h, deterministic,
+                                                       hidden.device):
+            _fused_dh_kernel[grid](
                 hidden, weight, bias_arg, *rows_terms, acc, row0, row1, v, h, hidden.stride(0),
-                weight.stride(0), per_split, ATOMIC=n_splits > 1, **flags, **cfg)
+                weight.stride(0), per_split, ATOMIC=grid[1] > 1, **common)
             dh[row0:row1] = acc
-    elif need_dh:
-        dh.zero_()
-
-    if (need_dw or need_db) and n:
-        cols_per_wave = max(bv, wave // bv * bv)
-        scratch = torch.empty((min(v, cols_per_wave), h), dtype=torch.float32,
-                              device=hidden.device)
-        for col0 in range(0, v, cols_per_wave):
-            col1 = min(v, col0 + cols_per_wave)
-            col_blocks = triton.cdiv(col1 - col0, bv)
-            n_splits, per_split = (1, triton.cdiv(n, bn) * bn) if deterministic else \
-                _split(n, bn, col_blocks, hidden.device)
-            acc = scratch[: col1 - col0].zero_()
-            _fused_dw_kernel[(col_blocks, n_splits)](
-                hidden, weight, bias_arg, *rows_terms, acc,
-                db32 if need_db else acc, col0, col1, n, h, hidden.stride(0), weight.stride(0),
-                per_split, NEED_DW=need_dw, NEED_DB=need_db, ATOMIC=n_splits > 1, **flags, **cfg)
+    if need_dw or need_db:  # waves of vocab rows; programs split the tokens
+        for col0, col1, grid, per_split, acc in _waves(v, bv, n, bn, h, deterministic,
+                                                       hidden.device):
+            _fused_dw_kernel[grid](
+                hidden, weight, bias_arg, *rows_terms, acc, db32 if need_db else acc, col0,
+                col1, n, h, hidden.stride(0), weight.stride(0), per_split, NEED_DW=need_dw,
+                NEED_DB=need_db, ATOMIC=grid[1] > 1, **common)
             if need_dw:
                 dw[col0:col1] = acc
-    elif need_dw:
-        dw.zero_()
     db = None if db32 is None else db32.to(bias.dtype)
     return dh, dw, db

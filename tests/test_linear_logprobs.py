@@ -217,3 +217,15 @@ def test_gpu_softcap_extreme(backend, mode):
     check_case(backend, mode, 128, 256, 4099, torch.bfloat16, device="cuda", softcap=30.0)
     check_case(backend, mode, 128, 256, 4099, torch.bfloat16, device="cuda", kind="extreme")
 
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_empty_batch(backend, mode):
+    hidden = torch.zeros(0, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    out = prefkern.linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), bias,
+                                   return_entropy=True, backend=backend, mode=mode)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    assert out.logprobs.shape == (0,)
+    assert (weight.grad == 0).all() and (bias.grad == 0).all() and hidden.grad.shape == (0, 16)
