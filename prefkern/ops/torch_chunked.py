@@ -59,23 +59,44 @@ class RunningStats:
                 torch.where(valid, lse, zero))
 
 
+# exp(-1e4) == 0 in fp32 and fp64: clamping log p there changes no probability, and keeps
+# p * log p and p * (log p + H) free of 0 * inf
+_LOG_P_FLOOR = -1e4
+
+
 def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
-    """dL/dz for one chunk: z (n, C) fp32; local_y (n,) target column in this chunk (may be out of
-    range); lse, entropy and upstream grads (n,) or None. Uses z - sum(p z) = log p + entropy."""
-    log_p = z - lse[:, None]
-    p = torch.exp(log_p)
-    dz = torch.zeros_like(z)
+    """dL/dz for one chunk (consumes z): z (n, C); local_y (n,) target column in this chunk (may
+    be out of range); lse, entropy and upstream grads (n,) or None:
+    dz = g_logp onehot - p (g_logp + g_ent (log p + entropy) - g_lse)."""
+    log_p = z.sub_(lse[:, None]).clamp_(min=_LOG_P_FLOOR)
+    p = log_p.exp()
+    per_row = torch.zeros_like(lse)
     if g_logp is not None:
-        dz -= g_logp[:, None] * p
+        per_row = per_row + g_logp
+    if g_lse is not None:
+        per_row = per_row - g_lse
+    if g_ent is not None:
+        weight = log_p.add_(entropy[:, None]).mul_(g_ent[:, None]).add_(per_row[:, None])
+    else:
+        weight = per_row[:, None]
+    dz = p.mul_(weight).neg_()
+    if g_logp is not None:
         hit = (local_y >= 0) & (local_y < z.shape[1])
         rows = torch.nonzero(hit).squeeze(1)
         dz[rows, local_y[rows]] += g_logp[rows]
-    if g_ent is not None:
-        centered = torch.where(p > 0, log_p + entropy[:, None], torch.zeros_like(z))
-        dz -= g_ent[:, None] * p * centered
-    if g_lse is not None:
-        dz += g_lse[:, None] * p
     return dz
+
+
+def full_row_stats(z, y, valid):
+    """(logp, entropy, lse) of rows that hold the whole vocab (consumes z)."""
+    lse = torch.logsumexp(z, dim=-1)
+    log_p = z.sub_(lse[:, None])
+    logp = log_p.gather(1, torch.where(valid, y, 0).long()[:, None]).squeeze(1)
+    log_p.clamp_(min=_LOG_P_FLOOR)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    zero = torch.zeros_like(lse)
+    return (torch.where(valid, logp, zero), torch.where(valid, entropy, zero),
+            torch.where(valid, lse, zero))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,13 +108,14 @@ def logits_forward(logits, targets, inv_temp: float, ignore_index: int):
     n, v = logits.shape
     cdt = compute_dtype(logits.dtype)
     valid = targets != ignore_index
-    stats = RunningStats(n, cdt, logits.device)
+    outs = [torch.empty(n, dtype=cdt, device=logits.device) for _ in range(3)]
     step = _rows_per_chunk(v)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
-        z = logits[rows].to(cdt) * inv_temp
-        stats.update(rows, z, 0, targets[rows])
-    return stats.finish(valid)
+        z = logits[rows].to(cdt, copy=True).mul_(inv_temp)
+        for out, part in zip(outs, full_row_stats(z, targets[rows], valid[rows]), strict=True):
+            out[rows] = part
+    return tuple(outs)
 
 
 def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, ignore_index):
@@ -105,13 +127,13 @@ def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, igno
     step = _rows_per_chunk(v)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
-        z = logits[rows].to(cdt) * inv_temp
+        z = logits[rows].to(cdt, copy=True).mul_(inv_temp)
         ent = entropy[rows] if g_ent is not None else None
         gl = None if g_logp is None else torch.where(valid[rows], g_logp[rows], 0)
         ge = None if g_ent is None else torch.where(valid[rows], g_ent[rows], 0)
         dz = grad_logits(z, targets[rows].long(), lse[rows], ent, gl, ge, None)
-        dz = torch.where(valid[rows, None], dz, 0)  # ignored rows: p is meaningless there
-        grad[rows] = (dz * inv_temp).to(logits.dtype)
+        dz = dz.mul_(inv_temp).masked_fill_(~valid[rows, None], 0)  # ignored: p is meaningless
+        grad[rows] = dz
     return grad
 
 
