@@ -12,12 +12,15 @@ import torch
 
 from prefkern.reference.logprobs import compute_dtype
 
-# fp32 elements of one logits chunk (16 Mi elements = 64 MiB).
-CHUNK_ELEMENTS = 1 << 24
+# fp32 elements of one logits chunk, per device type. On CPU, chunks above glibc's mmap
+# threshold are page-faulted afresh on every allocation, which costs more than the math: small
+# chunks stay in the allocator's reused heap. On GPUs, large chunks amortize launches.
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
-def _rows_per_chunk(width: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(width, 1))
+def _rows_per_chunk(width: int, device: torch.device) -> int:
+    budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
+    return max(1, budget // max(width, 1))
 
 
 class RunningStats:
@@ -88,12 +91,13 @@ def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
 
 
 def full_row_stats(z, y, valid):
-    """(logp, entropy, lse) of rows that hold the whole vocab (consumes z)."""
-    lse = torch.logsumexp(z, dim=-1)
-    log_p = z.sub_(lse[:, None])
+    """(logp, entropy, lse) of rows that hold the whole vocab."""
+    log_p = torch.log_softmax(z, dim=-1)  # one fused pass; lse read back at the argmax, where
+    top = log_p.argmax(-1, keepdim=True)  # log p ~ 0 makes z - log p exact
+    lse = (z.gather(1, top) - log_p.gather(1, top)).squeeze(1)
     logp = log_p.gather(1, torch.where(valid, y, 0).long()[:, None]).squeeze(1)
     log_p.clamp_(min=_LOG_P_FLOOR)
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    entropy = -(log_p.exp().mul_(log_p)).sum(-1)
     zero = torch.zeros_like(lse)
     return (torch.where(valid, logp, zero), torch.where(valid, entropy, zero),
             torch.where(valid, lse, zero))
@@ -109,10 +113,12 @@ def logits_forward(logits, targets, inv_temp: float, ignore_index: int):
     cdt = compute_dtype(logits.dtype)
     valid = targets != ignore_index
     outs = [torch.empty(n, dtype=cdt, device=logits.device) for _ in range(3)]
-    step = _rows_per_chunk(v)
+    step = _rows_per_chunk(v, logits.device)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
-        z = logits[rows].to(cdt, copy=True).mul_(inv_temp)
+        z = logits[rows].to(cdt)  # full_row_stats reads z only: no copy for fp32 at T = 1
+        if inv_temp != 1.0:
+            z = z * inv_temp
         for out, part in zip(outs, full_row_stats(z, targets[rows], valid[rows]), strict=True):
             out[rows] = part
     return tuple(outs)
@@ -124,7 +130,7 @@ def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, igno
     cdt = compute_dtype(logits.dtype)
     valid = targets != ignore_index
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    step = _rows_per_chunk(v)
+    step = _rows_per_chunk(v, logits.device)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
         z = logits[rows].to(cdt, copy=True).mul_(inv_temp)
@@ -159,7 +165,7 @@ def _chunks(hidden, weight, bias):
     n = hidden.shape[0]
     h32 = hidden.to(cdt)
     step_v = min(VOCAB_CHUNK, weight.shape[0])
-    step_n = _rows_per_chunk(step_v)
+    step_n = _rows_per_chunk(step_v, hidden.device)
     for v0 in range(0, weight.shape[0], step_v):
         cols = slice(v0, min(weight.shape[0], v0 + step_v))
         w32 = weight[cols].to(cdt)
