@@ -1,4 +1,10 @@
-"""Command line: ``python -m prefkern bench`` (the main job) and ``python -m prefkern info``."""
+"""Command line: ``python -m prefkern bench`` (the main job) and ``python -m prefkern info``.
+
+    python -m prefkern bench [--suite NAME ...] [--shapes default|small|tiny] [--out DIR]
+                             [--quick] [--no-check] [--device cuda|cpu] [--threads N]
+                             [--list]
+    python -m prefkern info [--device cuda|cpu]
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+
+SHAPE_PRESETS = ("default", "small", "tiny")
 
 
 def _device(name: str | None) -> torch.device:
@@ -22,28 +30,42 @@ def bench(args) -> int:
     from prefkern.bench.core import run_suites
     from prefkern.bench.suites import all_suites
 
-    device = _device(args.device)
     suites = all_suites()
-    names = args.suite or list(suites)
+    if args.list:
+        for name, suite in suites.items():
+            print(f"{name:<24}{suite.description}")
+        return 0
+    names = list(dict.fromkeys(args.suite)) if args.suite else list(suites)
     unknown = [n for n in names if n not in suites]
     if unknown:
-        print(f"unknown suite(s) {unknown}; known: {sorted(suites)}", file=sys.stderr)
+        print(f"unknown suite(s) {unknown}; known: {list(suites)}", file=sys.stderr)
         return 2
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     meta = results.metadata(device)
-    print(f"prefkern bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})")
+    print(f"prefkern bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
+          f"commit {(meta['git_commit'] or 'unknown')[:12]})")
     if device.type != "cuda" and args.shapes == "default":
-        print("no GPU: small shapes, torch backend and eager peers only (GPU peers skipped)")
+        print("no GPU: small shapes, the torch backend and CPU-capable peers only")
+    if meta.get("load_avg_1m") is not None and meta["load_avg_1m"] > 0.5:
+        print(f"note: load average {meta['load_avg_1m']:.1f} on {meta['cpu_threads']} threads: "
+              "other processes share the CPU, times are noisy")
     start = time.perf_counter()
-    rows, infos = run_suites([suites[n] for n in names], device, args.shapes, args.quick)
+    rows, infos = run_suites([suites[n] for n in names], device, args.shapes, args.quick,
+                             check=not args.no_check)
+    elapsed = time.perf_counter() - start
     print()
     print(results.table(rows))
-    for info in infos:
-        print("inputs:", info)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    stem = f"bench_{'_'.join(names) if args.suite else 'all'}_{args.shapes}_{stamp}"
+    print("\nms/base: median time over the baseline's (first row of each group); % copy: GB/s "
+          "over a device copy of the same bytes; peak GiB: memory above the inputs (CUDA only)")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d_%H%M")
+    stem = f"{stamp}_{'+'.join(names) if args.suite else 'all'}_{args.shapes}"
     out_dir = Path(args.out) if args.out else results.default_out_dir(device)
     paths = results.write(rows, infos, meta, out_dir, stem)
-    print(f"\nwrote {', '.join(str(p) for p in paths)} in {time.perf_counter() - start:.0f} s")
+    print(f"\nran in {elapsed:.1f} s; wrote:")
+    for path in paths:
+        print(f"  {path}")
     return 0
 
 
@@ -64,17 +86,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="prefkern")
     sub = parser.add_subparsers(dest="command", required=True)
     p_bench = sub.add_parser("bench", help="microbenchmarks + memory profile vs the peers")
-    p_bench.add_argument("--suite", action="append",
-                         help="suite to run (repeatable; default: all)")
-    p_bench.add_argument("--shapes", default="default", choices=["default", "small", "tiny"],
-                         help="shape preset (default: real shapes on a GPU, small on CPU)")
-    p_bench.add_argument("--out", help="results folder (default: benchmarks/results/<gpu>/ in "
-                         "a checkout on a GPU, else ./prefkern_bench_results/<device>/)")
+    p_bench.add_argument("--suite", action="append", metavar="NAME",
+                         help="suite to run (repeatable; default: all; --list shows them)")
+    p_bench.add_argument("--shapes", default="default", choices=SHAPE_PRESETS,
+                         help="shape preset (default: real shapes on a GPU, small ones on CPU)")
+    p_bench.add_argument("--out", metavar="DIR",
+                         help="results folder (default: benchmarks/results/<gpu>/ in a "
+                         "checkout on a GPU, else ./prefkern_bench_results/<device>/)")
     p_bench.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p_bench.add_argument("--threads", type=int, metavar="N",
+                         help="torch CPU threads (default: torch's choice; 1 is steadier on a "
+                         "shared machine)")
     p_bench.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p_bench.add_argument("--no-check", action="store_true",
+                         help="skip comparing each provider's outputs and gradients with the "
+                         "baseline's before timing")
+    p_bench.add_argument("--list", action="store_true", help="list the suites and exit")
     p_bench.set_defaults(func=bench)
     p_info = sub.add_parser("info", help="versions, device and available backends")
-    p_info.add_argument("--device")
+    p_info.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p_info.set_defaults(func=info)
     args = parser.parse_args(argv)
     return args.func(args)

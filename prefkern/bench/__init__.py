@@ -1,15 +1,25 @@
 """Benchmark harness shared by ``python -m prefkern bench`` and the scripts in benchmarks/.
 
 Protocol (DESIGN.md): peers side by side in one run on the same device and inputs, realistic
-(peaked) logits, median ms with p20/p80, peak extra memory, throughput, ratios to a baseline.
-On CUDA, times come from triton.testing.do_bench; on CPU from time.perf_counter.
+(peaked) logits, median ms with p20/p80, peak extra memory, GB/s or TFLOP/s, ratios to a
+baseline provider. Before timing, every provider's first call is compared with the baseline's
+(outputs and gradients); one that disagrees is marked MISMATCH, one that fails gets an error row.
+Times: ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU (timing.py).
 
-Adding a suite: create ``prefkern/bench/suites/<name>.py`` defining a :class:`Suite` and
-decorating it with ``@register``; import it in ``suites/__init__.py``. A suite yields, per shape,
-the :class:`Case` objects to time (provider name, a zero-argument callable, the bytes or FLOPs
-one call moves or does, tensors whose .grad to reset between calls).
+Modules: core.py (Case, Problem, Suite, the runner), timing.py, inputs.py (peaked problems),
+results.py (metadata, JSON/CSV/PNG, the table), suites/<name>.py (one suite each).
+
+Adding a suite: create ``prefkern/bench/suites/<name>.py`` with a function
+``problems(device, shapes)`` that yields :class:`Problem` objects (one per shape and mode:
+its :class:`Case` list -- provider name, zero-argument callable doing one step and returning
+what to compare, bytes or FLOPs per call, tensors whose ``.grad`` the step produces -- the
+baseline provider's name, peers skipped with the reason, facts about the input), and end the
+file with ``register(Suite("<name>", problems, "one-line description"))``. Every module in
+suites/ is imported by ``all_suites()``; no other file changes. ``shapes`` is a preset name
+("default", "small", "tiny"); on CPU "default" should mean shapes that run in seconds.
+A provider named ``copy...`` is the bandwidth reference of its problem (the "% copy" column).
 """
 
-from prefkern.bench.core import Case, Suite, run_suites
+from prefkern.bench.core import Case, Problem, Suite, run_problem, run_suites
 
-__all__ = ["Case", "Suite", "run_suites"]
+__all__ = ["Case", "Problem", "Suite", "run_problem", "run_suites"]

@@ -1,4 +1,11 @@
-"""Suites, cases and the runner: check each provider against the baseline, then time it."""
+"""Suites, cases and the runner: check each provider against the baseline, then time it.
+
+A result row (one provider, one mode, one shape) has: op, provider, mode, shape, dtype, status
+("ok", "MISMATCH", "unchecked", "error: ...", "skipped: ..."), ms_p50/ms_p20/ms_p80,
+peak_extra_GiB, GBps or TFLOPs (work / median time), ratio_to_baseline (median / the baseline's
+median), pct_of_copy (GB/s rows, when the problem has a ``copy*`` provider: GB/s / copy GB/s),
+max_rel_err (worst relative deviation from the baseline over outputs and gradients).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,19 @@ import torch
 
 from prefkern.bench.timing import peak_extra_gib, time_ms
 
+UNITS = {"GB/s": ("GBps", 1e-9), "TFLOP/s": ("TFLOPs", 1e-12)}
+CHECK_SAMPLE = 1 << 20  # elements compared per tensor: a strided sample keeps (N, V) checks cheap
+
 
 @dataclass
 class Case:
-    """One provider on one input. ``work`` is bytes (unit "GB/s") or FLOPs ("TFLOP/s") per call.
-    ``fn`` returns something comparable with the baseline's result (a scalar or a tensor), or
-    None for providers that compute something else (matmul floors, copies)."""
+    """One provider on one input.
+
+    ``fn`` does one step and returns what is compared with the baseline's result (a tensor, or a
+    tuple whose tensors are compared), or None for providers that compute something else
+    (matmul floors, copies). ``work`` is the bytes (unit "GB/s") or FLOPs ("TFLOP/s") of one
+    call. ``grad_to_none``: the tensors whose ``.grad`` the step produces; reset between timed
+    calls, and compared with the baseline's after the first call."""
 
     provider: str
     fn: Callable[[], object]
@@ -26,7 +40,8 @@ class Case:
 
 @dataclass
 class Problem:
-    """One shape of a suite: its cases, the baseline provider and facts to report."""
+    """One shape and mode of a suite: its cases, the baseline provider (the check reference
+    and the ratio denominator), providers skipped with the reason, facts about the input."""
 
     shape: str
     mode: str
@@ -39,76 +54,115 @@ class Problem:
 
 @dataclass
 class Suite:
-    """``problems(device, shapes)`` yields Problems; shapes is a preset name ("default",
-    "small", "tiny") that the suite interprets for the device."""
+    """``problems(device, shapes)`` yields Problems; ``shapes`` is a preset name ("default",
+    "small", "tiny") that the suite interprets for the device (CPU: "default" means small)."""
 
     name: str
     problems: Callable[[torch.device, str], Iterable[Problem]]
     description: str = ""
 
 
-def _comparable(x) -> torch.Tensor | None:
-    if x is None:
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // CHECK_SAMPLE)].double()
+
+
+def _signature(case: Case, value) -> dict[str, torch.Tensor] | None:
+    """What one call produced, for the check: outputs, then the gradients it left behind."""
+    if value is None:
         return None
-    if isinstance(x, tuple):
-        x = x[0]
-    return x.detach().double().reshape(-1) if isinstance(x, torch.Tensor) else None
+    outs = value if isinstance(value, tuple) else (value,)
+    sig = {f"out{i}": _sample(o) for i, o in enumerate(outs) if isinstance(o, torch.Tensor)}
+    for i, t in enumerate(case.grad_to_none):
+        if t.grad is not None:
+            sig[f"grad{i}"] = _sample(t.grad)
+    return sig
 
 
-def _agrees(value, reference, rtol: float) -> bool:
-    if value.shape != reference.shape:
-        return False
-    scale = reference.abs().max().clamp_min(1e-6)
-    return bool(((value - reference).abs().max() / scale) <= rtol)
+def max_rel_err(sig: dict, ref: dict) -> float:
+    """max over the reference's tensors of max|x - ref| / max|ref| (inf if one is missing or
+    shaped differently)."""
+    worst = 0.0
+    for key, r in ref.items():
+        x = sig.get(key)
+        if x is None or x.shape != r.shape:
+            return float("inf")
+        err = ((x - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
+        worst = max(worst, err if err == err else float("inf"))  # NaN counts as a mismatch
+    return worst
 
 
-def run_problem(suite: str, problem: Problem, device: torch.device, quick: bool,
-                rtol: float = 2e-2) -> list[dict]:
-    rows = []
-    reference = None
-    base = next((c for c in problem.cases if c.provider == problem.baseline), None)
-    if base is not None:
-        reference = _comparable(base.fn())
-    for case in problem.cases:
+def run_problem(suite: str, problem: Problem, device: torch.device, quick: bool = False,
+                check: bool = True, rtol: float = 2e-2) -> list[dict]:
+    """Run the baseline first, then every other case: one checked call (which also warms up),
+    then timing and peak memory. A failing provider gives an error row, never an exception."""
+    rows, reference = [], None
+    cases = sorted(problem.cases, key=lambda c: c.provider != problem.baseline)
+    for case in cases:
         row = dict(op=suite, provider=case.provider, mode=problem.mode, shape=problem.shape,
-                   dtype=problem.dtype, unit=case.unit, approx=case.approx)
+                   dtype=problem.dtype, approx=case.approx)
         try:
-            value = _comparable(case.fn())
+            for t in case.grad_to_none:
+                t.grad = None
             status = "ok"
-            if value is not None and reference is not None and not _agrees(value, reference,
-                                                                            rtol):
-                status = "MISMATCH"
-            p50, p20, p80 = time_ms(case.fn, device, case.grad_to_none, quick)
+            if check:
+                sig = _signature(case, case.fn())
+                if case.provider == problem.baseline:
+                    reference = sig
+                elif sig is not None and reference is None:
+                    status = "unchecked"
+                elif sig is not None:
+                    row["max_rel_err"] = max_rel_err(sig, reference)
+                    if not row["max_rel_err"] <= rtol:
+                        status = "MISMATCH"
+                del sig
+            p50, p20, p80 = time_ms(case.fn, device, case.grad_to_none, quick, warm=check)
             peak = peak_extra_gib(case.fn, device, case.grad_to_none)
         except Exception as err:  # a peer failing must not sink the run
             rows.append({**row, "status": f"error: {type(err).__name__}: {err}"[:200]})
             continue
-        scale = 1e-9 if case.unit == "GB/s" else 1e-12
-        row.update(status=status, ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_extra_GiB=peak,
-                   throughput=case.work * scale / (p50 * 1e-3))
+        finally:
+            for t in case.grad_to_none:
+                t.grad = None
+        metric, scale = UNITS[case.unit]
+        row.update(status=status, ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_extra_GiB=peak)
+        row[metric] = case.work * scale / (p50 * 1e-3)
         rows.append(row)
-    base_ms = next((r.get("ms_p50") for r in rows if r["provider"] == problem.baseline), None)
-    for r in rows:
-        if base_ms and r.get("ms_p50"):
-            r["ratio_to_" + problem.baseline] = r["ms_p50"] / base_ms
+    _relative_columns(rows, problem.baseline)
     for name, why in problem.skipped.items():
         rows.append(dict(op=suite, provider=name, mode=problem.mode, shape=problem.shape,
                          dtype=problem.dtype, status=f"skipped: {why}"))
     return rows
 
 
+def _relative_columns(rows: list[dict], baseline: str) -> None:
+    base_ms = next((r.get("ms_p50") for r in rows if r["provider"] == baseline), None)
+    copy_bw = next((r.get("GBps") for r in rows if r["provider"].startswith("copy")), None)
+    for r in rows:
+        if base_ms and r.get("ms_p50"):
+            r["baseline"] = baseline
+            r["ratio_to_baseline"] = r["ms_p50"] / base_ms
+        if copy_bw and r.get("GBps"):
+            r["pct_of_copy"] = 100.0 * r["GBps"] / copy_bw
+
+
 def run_suites(suites: list[Suite], device: torch.device, shapes: str = "default",
-               quick: bool = False, log=print) -> tuple[list[dict], list[dict]]:
-    """-> (result rows, problem infos)."""
+               quick: bool = False, check: bool = True,
+               log=print) -> tuple[list[dict], list[dict]]:
+    """-> (result rows, input descriptions: one per distinct input, e.g. logit statistics)."""
     rows, infos = [], []
     for suite in suites:
         for problem in suite.problems(device, shapes):
-            log(f"[{suite.name}] {problem.mode} {problem.shape} {problem.dtype} "
-                f"({len(problem.cases)} providers)")
             info = dict(op=suite.name, **problem.info)
-            if problem.info and info not in infos:  # one line per input, not per mode
+            if problem.info and info not in infos:  # once per input, not per mode
                 infos.append(info)
-            rows.extend(run_problem(suite.name, problem, device, quick))
+                facts = {k: v for k, v in problem.info.items() if k != "input"}
+                log(f"[{suite.name}] input {problem.info.get('input', '')}: " + ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in facts.items()))
+            log(f"[{suite.name}] {problem.mode} {problem.shape} {problem.dtype}: "
+                f"{', '.join(c.provider for c in problem.cases)}")
+            rows.extend(run_problem(suite.name, problem, device, quick, check))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows, infos

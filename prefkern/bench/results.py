@@ -1,10 +1,13 @@
-"""Results: metadata, JSON / CSV / PNG writers and the printed table."""
+"""Results: run metadata, where they go, JSON / CSV / PNG writers and the printed table."""
 
 from __future__ import annotations
 
 import csv
 import datetime
 import json
+import math
+import os
+import platform
 import re
 import subprocess
 from pathlib import Path
@@ -12,32 +15,35 @@ from pathlib import Path
 import torch
 
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "status", "ms_p50", "ms_p20", "ms_p80",
-           "peak_extra_GiB", "throughput", "unit", "approx"]
+           "peak_extra_GiB", "GBps", "TFLOPs", "baseline", "ratio_to_baseline", "pct_of_copy",
+           "max_rel_err", "approx"]
+META_COLUMNS = ["device", "torch", "triton", "git_commit", "date"]
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
 def device_slug(device: torch.device) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "h100"; other names lower-cased and dashed."""
     name = device_name(device).lower()
-    for known in ("h200", "h100", "a100", "l40s", "b200"):
-        if known in name:
+    for known in ("gh200", "h200", "h100", "h800", "a100", "a10g", "l40s", "l4", "b200"):
+        if re.search(rf"\b{known}\b", name):
             return known
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:40] or "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:40] or device.type
 
 
-def _git_commit() -> str | None:
+def _git_commit(where: Path) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
+                             timeout=5, cwd=where)
     except (OSError, subprocess.SubprocessError):
         return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def metadata(device: torch.device) -> dict:
@@ -47,12 +53,19 @@ def metadata(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "git_commit": _git_commit(),
+    meta = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "git_commit": _git_commit(Path(__file__).parent),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cpu":
+        # CPU times depend on what else runs: record the contention next to them
+        meta["cpu_threads"] = torch.get_num_threads()
+        meta["load_avg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return meta
 
 
 def default_out_dir(device: torch.device) -> Path:
+    """benchmarks/results/<gpu>/ of the checkout this package runs from (GPU runs), else
+    ./prefkern_bench_results/<device>/."""
     repo_results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     if device.type == "cuda" and repo_results.is_dir():
         return repo_results / device_slug(device)
@@ -60,66 +73,97 @@ def default_out_dir(device: torch.device) -> Path:
 
 
 def write(rows: list[dict], infos: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
+    """<stem>.json ({meta, inputs, rows}), <stem>.csv (long format, metadata on every row) and
+    <stem>.png (when matplotlib is installed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps({"meta": meta, "inputs": infos, "rows": rows}, indent=1))
+    finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
+               for k, v in r.items()} for r in rows]  # strict JSON has no inf / NaN
+    json_path.write_text(json.dumps({"meta": meta, "inputs": infos, "rows": finite}, indent=1,
+                                    allow_nan=False))
     csv_path = out_dir / f"{stem}.csv"
     extra = sorted({k for r in rows for k in r} - set(COLUMNS))
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra + ["device", "git_commit"])
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra + META_COLUMNS)
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "device": meta["device"], "git_commit": meta["git_commit"]})
+            writer.writerow({**r, **{k: meta.get(k) for k in META_COLUMNS}})
     paths = [json_path, csv_path]
-    png = _plot(rows, out_dir / f"{stem}.png")
+    png = _plot(rows, out_dir / f"{stem}.png", meta)
     if png:
         paths.append(png)
     return paths
 
 
-def _plot(rows: list[dict], path: Path) -> Path | None:
+def _plot(rows: list[dict], path: Path, meta: dict) -> Path | None:
+    """One horizontal bar chart of median ms per (op, mode, shape), p20-p80 as error bars."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no PNG plot)")
+        print("(matplotlib not installed: no PNG plot; pip install matplotlib)")
         return None
     timed = [r for r in rows if r.get("ms_p50")]
-    groups = sorted({(r["op"], r["mode"], r["shape"]) for r in timed})
+    groups = list(dict.fromkeys((r["op"], r["mode"], r["shape"], r["dtype"]) for r in timed))
     if not groups:
         return None
-    heights = [1.2 + 0.3 * sum((r["op"], r["mode"], r["shape"]) == g for r in timed)
-               for g in groups]
+    key = lambda r: (r["op"], r["mode"], r["shape"], r["dtype"])
+    heights = [1.0 + 0.28 * sum(key(r) == g for r in timed) for g in groups]
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    for ax, (op, mode, shape) in zip(axes[:, 0], groups, strict=True):
-        sel = [r for r in timed if (r["op"], r["mode"], r["shape"]) == (op, mode, shape)]
-        ax.barh([r["provider"] for r in sel], [r["ms_p50"] for r in sel], color="tab:blue")
+    for ax, group in zip(axes[:, 0], groups, strict=True):
+        sel = [r for r in timed if key(r) == group]
+        ms = [r["ms_p50"] for r in sel]
+        err = [[r["ms_p50"] - r["ms_p20"] for r in sel], [r["ms_p80"] - r["ms_p50"] for r in sel]]
+        colors = ["tab:red" if r["status"] == "MISMATCH" else
+                  "tab:gray" if r["provider"].startswith(("copy", "floor")) else
+                  "tab:green" if r["provider"].startswith("prefkern") else "tab:blue"
+                  for r in sel]
+        ax.barh([r["provider"] for r in sel], ms, xerr=err, color=colors)
         ax.invert_yaxis()
-        ax.set_xlabel("ms (median)")
-        ax.set_title(f"{op} {mode} {shape}", fontsize=9)
-    fig.tight_layout()
+        ax.set_xlabel("ms (median, p20-p80)")
+        ax.set_title(" ".join(group), fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"{meta['device']} - torch {meta['torch']} - {meta['date'][:10]}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / sum(heights)))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _num(value, digits: int = 3) -> str:
+    """3 significant digits without exponent noise: 1234 -> 1234, 0.01234 -> 0.0123."""
+    if value is None:
+        return "-"
+    if value == 0 or abs(value) >= 10 ** (digits - 1):
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}" if abs(value) >= 1e-4 else f"{value:.1e}"
 
 
 def table(rows: list[dict]) -> str:
+    """Plain-text table: one line per row, columns sized to their content."""
+    header = ["op", "mode", "shape", "dtype", "provider", "ms p50", "p20-p80", "GB/s", "TFLOP/s",
+              "% copy", "peak GiB", "ms/base", "status"]
     lines = []
-    header = (f"{'op':<22}{'mode':<9}{'shape':<28}{'provider':<28}{'ms':>9}{'thruput':>10}"
-              f"{'unit':>9}{'peak GiB':>10}{'x base':>8}  status")
-    lines.append(header)
-    lines.append("-" * len(header))
     for r in rows:
-        ratio = next((v for k, v in r.items() if k.startswith("ratio_to_")), None)
-        lines.append(f"{r['op']:<22}{r['mode']:<9}{r['shape'][:27]:<28}{r['provider'][:27]:<28}"
-                     f"{_fmt(r.get('ms_p50'), '.3f'):>9}{_fmt(r.get('throughput'), '.1f'):>10}"
-                     f"{r.get('unit', ''):>9}{_fmt(r.get('peak_extra_GiB'), '.3f'):>10}"
-                     f"{_fmt(ratio, '.2f'):>8}  {r.get('status', '')}")
-    return "\n".join(lines)
+        spread = (f"{_num(r['ms_p20'])}-{_num(r['ms_p80'])}" if r.get("ms_p20") is not None
+                  else "-")
+        peak = r.get("peak_extra_GiB")
+        lines.append([r["op"], r["mode"], r["shape"], r.get("dtype", ""), r["provider"],
+                      _num(r.get("ms_p50")), spread, _num(r.get("GBps")), _num(r.get("TFLOPs")),
+                      _num(r.get("pct_of_copy"), 2),
+                      "n/a" if "ms_p50" in r and peak is None else _num(peak),
+                      _num(r.get("ratio_to_baseline")), str(r.get("status", ""))])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+    numeric = set(range(5, 12))
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    out = [fmt(header), "-" * len(fmt(header))]
+    out += [fmt(line) for line in lines]
+    return "\n".join(out)

@@ -1,8 +1,25 @@
-"""Suite: per-token log-probs from materialized logits (N, V).
+"""Suite: per-token log-probs of the target tokens from materialized logits (N, V).
 
-Bytes counted: fwd reads the logits once (+ 12 B/row out); fwd+bwd reads them twice and writes
-the gradient once. The copy row moves the same bytes as a read + write of the logits, so
-throughput / copy throughput is the fraction of achievable bandwidth.
+Providers, all on the same peaked logits (:func:`prefkern.bench.inputs.peaked_problem` with
+H=256: the logit distribution does not depend on H, see there) and the same targets:
+  torch_eager          ``torch.log_softmax(logits.float(), -1).gather(-1, t[:, None])`` (what
+                       trainers write; the baseline)
+  torch_compile        the same under ``torch.compile`` (CUDA only; compiled in the first,
+                       untimed call)
+  prefkern_<backend>   ``prefkern.logprobs_from_logits(..., backend=b)`` for every backend
+                       usable on the device (CPU: torch only, Triton would be its interpreter)
+  flashattn_triton_ce  ``-flash_attn.ops.triton.cross_entropy.cross_entropy_loss(x, t)[0]``
+  liger_ce_none        ``-liger_cross_entropy(x, t, reduction="none")`` (losses in the logits'
+                       dtype; its forward writes the gradient into its own copy of the logits,
+                       so after the first, checked call it is timed on overwritten values)
+  copy                 ``dst.copy_(logits)``: the device's bandwidth on the same bytes
+Modes: "fwd" under torch.no_grad; "fwd+bwd" with a random upstream gradient on the log-probs.
+
+Bytes counted for GB/s (e = bytes per logit; small per-token terms included):
+  fwd      N*V*e (logits read once) + 8N (int64 targets) + 4N (fp32 log-probs written)
+  fwd+bwd  3*N*V*e (logits read by the forward and the backward, gradient written once)
+           + 20N (targets read twice, log-probs written, upstream gradient read)
+  copy     2*N*V*e (read + write)
 """
 
 from __future__ import annotations
@@ -14,15 +31,32 @@ from prefkern.bench.core import Case, Problem, Suite
 from prefkern.bench.inputs import logit_stats, peaked_problem
 from prefkern.bench.suites import register
 
+# (N, V) per preset; CUDA runs bf16, CPU runs bf16 and fp32
 SHAPES = {
     "default": [(8192, 128256), (4096, 32000)],
     "small": [(512, 32000)],
     "tiny": [(64, 1000)],
 }
+H_FOR_LOGITS = 256
 
 
-def _peers(logits, targets):
-    """Peer log-prob functions (fwd); each returns -loss = logp. Missing peers are skipped."""
+def bytes_moved(n: int, v: int, elt: int, mode: str) -> int:
+    return 3 * n * v * elt + 20 * n if mode == "fwd+bwd" else n * v * elt + 12 * n
+
+
+def _eager(targets):
+    def logp(x):
+        return torch.log_softmax(x.float(), -1).gather(-1, targets[:, None])[:, 0]
+
+    return logp
+
+
+def _prefkern(targets, backend):
+    return lambda x: prefkern.logprobs_from_logits(x, targets, backend=backend)
+
+
+def _peers(targets) -> tuple[dict, dict]:
+    """Peer log-prob functions x -> logp (= -per-token loss); missing ones with the reason."""
     peers, skipped = {}, {}
     try:
         from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
@@ -33,28 +67,55 @@ def _peers(logits, targets):
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
 
-        def liger(x):
-            out = liger_cross_entropy(x, targets, reduction="none")
-            return -(out[0] if isinstance(out, tuple) else out)
-
-        peers["liger_ce_none"] = liger
+        peers["liger_ce_none"] = lambda x: -liger_cross_entropy(x, targets, reduction="none")
     except ImportError as err:
         skipped["liger_ce_none"] = f"not installed ({err.name})"
     return peers, skipped
 
 
-def _own_funcs(targets, backends):
-    """Eager torch (what trainers write) and prefkern's backends: logits -> logp."""
-    def eager(x):
-        return torch.log_softmax(x.float(), -1).gather(-1, targets[:, None])[:, 0]
+def providers(targets, device: torch.device) -> tuple[dict, dict]:
+    """-> ({name: logits -> logp}, {name: why skipped})."""
+    eager = _eager(targets)
+    funcs, skipped = {"torch_eager": eager}, {}
+    if device.type == "cuda":
+        funcs["torch_compile"] = torch.compile(eager, dynamic=False)
+    else:
+        skipped["torch_compile"] = "CUDA only"
+    usable = [b for b, why in prefkern.available_backends(device).items() if why is None]
+    if device.type != "cuda":
+        usable = [b for b in usable if b == "torch"]  # the Triton interpreter is a test vehicle
+    funcs.update({f"prefkern_{b}": _prefkern(targets, b) for b in usable})
+    if device.type == "cuda":
+        peers, why = _peers(targets)
+        funcs.update(peers)
+        skipped.update(why)
+    else:
+        skipped["peers"] = "flash-attn and Liger-Kernel run on CUDA only"
+    return funcs, skipped
 
-    def backend_fn(backend):
-        return lambda x: prefkern.logprobs_from_logits(x, targets, backend=backend)
 
-    return {"torch_eager": eager, **{f"prefkern_{b}": backend_fn(b) for b in backends}}
+def _step(name: str, fn, logits: torch.Tensor, g: torch.Tensor, mode: str):
+    """-> (the callable to time, the tensor it differentiates). The callable returns the
+    log-probs, which the runner compares with the baseline's (and the logits' gradient)."""
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return fn(logits)
+
+        return fwd, logits
+    # Liger overwrites the logits it is given with their gradient: it gets its own copy
+    x = logits.detach().clone() if name.startswith("liger") else logits.detach()
+    x.requires_grad_(True)
+
+    def fwd_bwd():
+        logp = fn(x)
+        logp.backward(g)
+        return logp.detach()
+
+    return fwd_bwd, x
 
 
-def _copy(dst, src):
+def _copy(dst: torch.Tensor, src: torch.Tensor):
     def copy():
         dst.copy_(src)  # returns None: nothing to compare
 
@@ -62,51 +123,32 @@ def _copy(dst, src):
 
 
 def problems(device: torch.device, shapes: str):
-    dtype = torch.bfloat16
     preset = shapes if device.type == "cuda" or shapes != "default" else "small"
+    dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.bfloat16, torch.float32]
     for n, v in SHAPES[preset]:
-        hidden, weight, targets = peaked_problem(n, 256, v, torch.float32, device)
-        logits = (hidden @ weight.T).to(dtype)
-        info = {"input": f"N={n} V={v} peaked (H=256)", **logit_stats(hidden, weight)}
+        hidden, weight, targets = peaked_problem(n, H_FOR_LOGITS, v, torch.float32, device)
+        info = {"input": f"N={n} V={v} peaked (H={H_FOR_LOGITS})", **logit_stats(hidden, weight)}
+        logits32 = hidden @ weight.T
         del hidden, weight
-        elt = logits.element_size()
-        backends = [b for b, why in prefkern.available_backends(device).items() if why is None]
-        if device.type != "cuda":
-            backends = ["torch"]  # the Triton interpreter is a test vehicle, not a contender
-        peers, skipped = _peers(logits, targets) if device.type == "cuda" else ({}, {
-            "peers": "flash-attn / Liger need a CUDA device"})
-        for mode in ("fwd", "fwd+bwd"):
-            work = n * v * elt * (1 if mode == "fwd" else 3) + 12 * n
-            leaf = logits.detach().requires_grad_(mode != "fwd")
-            g = torch.randn(n, device=device)
-            funcs = {**_own_funcs(targets, backends), **peers}
-            cases = []
-            for name, fn in funcs.items():
-                step, x = _step(fn, leaf, g, mode, own_copy=name.startswith("liger"))
-                cases.append(Case(name, step, work, "GB/s", (x,)))
+        g = torch.randn(n, device=device, generator=torch.Generator(device).manual_seed(1))
+        funcs, skipped = providers(targets, device)
+        for i, dtype in enumerate(dtypes):
+            logits = logits32.to(dtype)
+            if i == len(dtypes) - 1:
+                logits32 = None  # free it before timing
+            elt = logits.element_size()
             dst = torch.empty_like(logits)
-            cases.append(Case("copy", _copy(dst, logits), 2 * n * v * elt, "GB/s"))
-            yield Problem(f"N={n} V={v}", mode, "bf16", cases, "torch_eager", dict(skipped), info)
-
-
-def _step(fn, leaf, g, mode, own_copy=False):
-    """-> (the callable to time, the logits tensor it differentiates).
-    Liger's CE writes its gradient into the logits in place: it gets its own copy."""
-    x = leaf.detach().clone().requires_grad_(leaf.requires_grad) if own_copy else leaf
-    if mode == "fwd":
-        def fwd():
-            with torch.no_grad():
-                return fn(x)
-
-        return fwd, x
-
-    def fwd_bwd():
-        loss = (fn(x) * g).sum()
-        loss.backward()
-        return loss
-
-    return fwd_bwd, x
+            for mode in ("fwd", "fwd+bwd"):
+                cases = []
+                for name, fn in funcs.items():
+                    step, x = _step(name, fn, logits, g, mode)
+                    grads = (x,) if x.requires_grad else ()
+                    cases.append(Case(name, step, bytes_moved(n, v, elt, mode), "GB/s", grads))
+                cases.append(Case("copy", _copy(dst, logits), 2 * n * v * elt, "GB/s"))
+                yield Problem(f"N={n} V={v}", mode, str(dtype).removeprefix("torch."), cases,
+                              "torch_eager", dict(skipped), info)
+            del logits, dst
 
 
 register(Suite("logprobs_from_logits", problems,
-               "log-probs of targets from existing logits (bandwidth bound)"))
+               "log-probs of targets from existing logits (bandwidth bound, GB/s)"))
