@@ -15,7 +15,7 @@ from prefkern.reference.logprobs import compute_dtype
 # fp32 elements of one logits chunk, per device type. On CPU, chunks above glibc's mmap
 # threshold are page-faulted afresh on every allocation, which costs more than the math: small
 # chunks stay in the allocator's reused heap. On GPUs, large chunks amortize launches.
-CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 
 
 def _rows_per_chunk(width: int, device: torch.device) -> int:
