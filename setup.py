@@ -46,7 +46,13 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     """Configures and builds CMakeLists.txt with ninja, putting the module where setuptools
-    expects it (in place for editable installs)."""
+    expects it (in place for editable installs). An optional build that is skipped or fails is
+    dropped from the extension list, so nothing later looks for its file."""
+
+    def build_extensions(self) -> None:
+        self._not_built: set[str] = set()
+        super().build_extensions()
+        self.extensions = [e for e in self.extensions if e.name not in self._not_built]
 
     def build_extension(self, ext: Extension) -> None:
         mandatory = _build_mode() == "1"
@@ -57,6 +63,7 @@ class CMakeBuild(build_ext):
             if mandatory:
                 raise RuntimeError(msg + " (PREFKERN_BUILD_CUDA=1)")
             warnings.warn(msg, stacklevel=1)
+            self._not_built.add(ext.name)
             return
         try:
             self._cmake_build(ext, nvcc)
@@ -65,6 +72,7 @@ class CMakeBuild(build_ext):
                 raise
             warnings.warn(f"building prefkern._C failed, CUDA backend unavailable: {err}",
                           stacklevel=1)
+            self._not_built.add(ext.name)
 
     def _cmake_build(self, ext: Extension, nvcc: str) -> None:
         import pybind11

@@ -55,12 +55,16 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
     if device.type not in ("cpu", "cuda"):
         return f"Triton backend does not support device {device}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     return None
 
 
 def cuda_unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"the CUDA backend needs CUDA tensors, got {device}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
     reason = _import_status("prefkern._C")
     if reason is not None:
         return (f"the CUDA extension prefkern._C is not built ({reason}); reinstall with nvcc "
