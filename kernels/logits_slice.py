@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_stats import capped_logits, grad_z, merge_stats, row_stats
+from .softmax_stats import capped_logits, grad_z, load_upstream, merge_stats, row_stats
 
 
 @triton.jit
@@ -49,18 +49,9 @@ def _slice_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
-    lse = tl.load(lse_ptr + row)
-    g_logp = 0.0
-    if HAS_G_LOGP:
-        g_logp = tl.load(g_logp_ptr + row)
-    g_ent = 0.0
-    entropy = 0.0
-    if HAS_G_ENT:
-        g_ent = tl.load(g_ent_ptr + row)
-        entropy = tl.load(entropy_ptr + row)
-    g_lse = 0.0
-    if HAS_G_LSE:
-        g_lse = tl.load(g_lse_ptr + row)
+    lse, entropy, g_logp, g_ent, g_lse = load_upstream(
+        row, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, g_lse_ptr, HAS_G_LOGP, HAS_G_ENT,
+        HAS_G_LSE)
     row_ptr = raw_ptr + row * stride_row
     offs = tl.arange(0, BLOCK)
     for start in range(0, C, BLOCK):

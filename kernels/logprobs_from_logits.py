@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_stats import grad_z, row_stats
+from .softmax_stats import grad_z, load_upstream, row_stats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -51,15 +51,8 @@ def _logprobs_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
-    lse = tl.load(lse_ptr + row)
-    g_logp = 0.0
-    if HAS_G_LOGP:
-        g_logp = tl.load(g_logp_ptr + row)
-    g_ent = 0.0
-    entropy = 0.0
-    if HAS_G_ENT:
-        g_ent = tl.load(g_ent_ptr + row)
-        entropy = tl.load(entropy_ptr + row)
+    lse, entropy, g_logp, g_ent, _ = load_upstream(
+        row, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, lse_ptr, HAS_G_LOGP, HAS_G_ENT, False)
     v_read = tl.where(valid, V, 0)
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     out_ptr = grad_ptr + row * stride_grad_row

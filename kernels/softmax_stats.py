@@ -87,6 +87,26 @@ def row_stats(row_ptr, n_read, inv_temp, softcap, SOFTCAP: tl.constexpr, BLOCK: 
 
 
 @triton.jit
+def load_upstream(row, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, g_lse_ptr,
+                  HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr):
+    """Per-row terms of the logits gradient: (lse, entropy, g_logp, g_ent, g_lse); absent
+    upstream gradients (and the entropy they would need) are 0."""
+    lse = tl.load(lse_ptr + row)
+    entropy = tl.zeros_like(lse)
+    g_logp = tl.zeros_like(lse)
+    g_ent = tl.zeros_like(lse)
+    g_lse = tl.zeros_like(lse)
+    if HAS_G_LOGP:
+        g_logp = tl.load(g_logp_ptr + row)
+    if HAS_G_ENT:
+        g_ent = tl.load(g_ent_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+    if HAS_G_LSE:
+        g_lse = tl.load(g_lse_ptr + row)
+    return lse, entropy, g_logp, g_ent, g_lse
+
+
+@triton.jit
 def grad_z(z, t, is_target, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
            HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
            SOFTCAP: tl.constexpr):
