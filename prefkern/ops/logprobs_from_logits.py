@@ -22,8 +22,8 @@ AUTO_ORDER = ("triton", "cuda")
 
 
 def _impl(backend: str):
-    """-> (fwd, bwd) of one backend; fwd gives (logp, entropy, lse), bwd the logits' gradient
-    shaped like the logits. Only the Triton kernels read (B, T, V) rows in place."""
+    """-> (fwd, bwd) of one backend; fwd gives (logp, entropy or None, lse), bwd the logits'
+    gradient shaped like the logits. Only the Triton kernels read (B, T, V) rows in place."""
     if backend == "triton":
         from prefkern._kernels import logprobs_from_logits as kernels
 
@@ -35,8 +35,8 @@ def _impl(backend: str):
     else:
         fwd2d, bwd2d = torch_chunked.logits_forward, torch_chunked.logits_backward
 
-    def fwd(logits, targets, inv_temp, ignore_index):
-        return fwd2d(_as_rows(logits), targets, inv_temp, ignore_index)
+    def fwd(logits, targets, inv_temp, ignore_index, with_entropy):
+        return fwd2d(_as_rows(logits), targets, inv_temp, ignore_index, with_entropy)
 
     def bwd(logits, targets, *args):
         return bwd2d(_as_rows(logits), targets, *args).view(logits.shape)
@@ -52,15 +52,16 @@ def _as_rows(logits: Tensor) -> Tensor:
 
 # torch.library custom ops: opaque to torch.compile(fullgraph=True), with fake shapes.
 @torch.library.custom_op("prefkern::logprobs_from_logits_fwd", mutates_args=())
-def _fwd_op(logits: Tensor, targets: Tensor, backend: str, inv_temp: float,
-            ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (logp, entropy, lse), each (N,)."""
+def _fwd_op(logits: Tensor, targets: Tensor, backend: str, inv_temp: float, ignore_index: int,
+            with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (logp, entropy, lse), each (N,); entropy is zeros unless with_entropy."""
     fwd, _ = _impl(backend)
-    return fwd(logits, targets, inv_temp, ignore_index)
+    logp, entropy, lse = fwd(logits, targets, inv_temp, ignore_index, with_entropy)
+    return logp, torch.zeros_like(logp) if entropy is None else entropy, lse
 
 
 @_fwd_op.register_fake
-def _(logits, targets, backend, inv_temp, ignore_index):
+def _(logits, targets, backend, inv_temp, ignore_index, with_entropy):
     dtype = compute_dtype(logits.dtype)
     return tuple(logits.new_empty(logits.shape[:-1].numel(), dtype=dtype) for _ in range(3))
 
@@ -79,18 +80,20 @@ def _(logits, targets, lse, entropy, g_logp, g_ent, backend, inv_temp, ignore_in
 
 def _setup_context(ctx, inputs, output):
     logits, targets, *options = inputs
-    ctx.options = options  # backend, inv_temp, ignore_index
+    *ctx.options, ctx.with_entropy = options  # backend, inv_temp, ignore_index
     ctx.save_for_backward(logits, targets, output[2], output[1])
 
 
 def _backward(ctx, g_logp, g_ent, g_lse):
     # lse is internal (never returned to the user): its gradient is always None/zero
     logits, targets, lse, entropy = ctx.saved_tensors
+    if not ctx.with_entropy:
+        g_ent = None  # the caller never saw the entropy: any gradient for it is zeros
     if g_logp is None and g_ent is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     g_logp, g_ent = (None if g is None else g.to(lse.dtype).contiguous() for g in (g_logp, g_ent))
     grad = _bwd_op(logits, targets, lse, entropy, g_logp, g_ent, *ctx.options)
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -133,7 +136,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
     else:
         rows = _as_rows(logits)
     logp, entropy, _ = _fwd_op(rows, targets.reshape(-1), name, 1.0 / float(temperature),
-                               int(ignore_index))
+                               int(ignore_index), bool(return_entropy))
     if return_entropy:
         return LogprobsEntropy(logp.view(lead), entropy.view(lead))
     return logp.view(lead)

@@ -90,37 +90,42 @@ def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
     return dz
 
 
-def full_row_stats(z, y, valid):
-    """(logp, entropy, lse) of rows that hold the whole vocab."""
+def full_row_stats(z, y, valid, with_entropy: bool = True):
+    """(logp, entropy or None, lse) of rows that hold the whole vocab."""
     log_p = torch.log_softmax(z, dim=-1)  # one fused pass; lse read back at the argmax, where
     top = log_p.argmax(-1, keepdim=True)  # log p ~ 0 makes z - log p exact
     lse = (z.gather(1, top) - log_p.gather(1, top)).squeeze(1)
     logp = log_p.gather(1, torch.where(valid, y, 0).long()[:, None]).squeeze(1)
-    log_p.clamp_(min=_LOG_P_FLOOR)
-    entropy = -(log_p.exp().mul_(log_p)).sum(-1)
     zero = torch.zeros_like(lse)
-    return (torch.where(valid, logp, zero), torch.where(valid, entropy, zero),
-            torch.where(valid, lse, zero))
+    entropy = None
+    if with_entropy:
+        log_p.clamp_(min=_LOG_P_FLOOR)
+        entropy = torch.where(valid, -(log_p.exp().mul_(log_p)).sum(-1), zero)
+    return torch.where(valid, logp, zero), entropy, torch.where(valid, lse, zero)
 
 
 # ---------------------------------------------------------------------------------------------
 # From materialized logits
 # ---------------------------------------------------------------------------------------------
 
-def logits_forward(logits, targets, inv_temp: float, ignore_index: int):
-    """logits (N, V), targets (N,) -> (logp, entropy, lse) in the compute dtype."""
+def logits_forward(logits, targets, inv_temp: float, ignore_index: int,
+                   with_entropy: bool = True):
+    """logits (N, V), targets (N,) -> (logp, entropy or None, lse) in the compute dtype."""
     n, v = logits.shape
     cdt = compute_dtype(logits.dtype)
     valid = targets != ignore_index
-    outs = [torch.empty(n, dtype=cdt, device=logits.device) for _ in range(3)]
+    outs = [torch.empty(n, dtype=cdt, device=logits.device) if k != 1 or with_entropy else None
+            for k in range(3)]
     step = _rows_per_chunk(v, logits.device)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
         z = logits[rows].to(cdt)  # full_row_stats reads z only: no copy for fp32 at T = 1
         if inv_temp != 1.0:
             z = z * inv_temp
-        for out, part in zip(outs, full_row_stats(z, targets[rows], valid[rows]), strict=True):
-            out[rows] = part
+        parts = full_row_stats(z, targets[rows], valid[rows], with_entropy)
+        for out, part in zip(outs, parts, strict=True):
+            if out is not None:
+                out[rows] = part
     return tuple(outs)
 
 
