@@ -229,3 +229,22 @@ def test_empty_batch(backend, mode):
     (out.logprobs.sum() + out.entropy.sum()).backward()
     assert out.logprobs.shape == (0,)
     assert (weight.grad == 0).all() and (bias.grad == 0).all() and hidden.grad.shape == (0, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fast", "min_memory"])
+def test_gpu_never_materializes_logits(mode):
+    """Peak extra memory of fwd+bwd stays far below one bf16 copy of the (N, V) logits."""
+    n, h, v = 4096, 1024, 128_256
+    hidden, weight, _ = make_problem(n, h, v, torch.bfloat16, "cuda")
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    targets = make_targets((n,), v, 0.0, "cuda")
+    grads_bytes = (hidden.numel() + weight.numel()) * 2
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    prefkern.linear_logprobs(hidden, weight, targets, mode=mode).sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - grads_bytes
+    assert extra < 0.25 * n * v * 2, f"{mode}: {extra / 2**30:.3f} GiB extra"

@@ -39,23 +39,36 @@ def _raw_logits(hidden, weight, bias, c0, c1):
 
 
 @functools.cache
-def _has_fp32_out_mm(device_type: str) -> bool:
-    """torch.addmm(..., out_dtype=float32) for half inputs exists on CUDA in recent torch."""
+def _fp32_out_mm(device_type: str) -> str | None:
+    """How this torch/device accumulates a half-precision product into fp32: "inplace"
+    (addmm with out_dtype writing into the accumulator), "copy" (out_dtype, then a copy), or
+    None (upcast the operands). Probed once, with the result checked."""
     if device_type != "cuda":
-        return False
-    try:
-        a = torch.zeros(2, 2, dtype=torch.bfloat16, device=device_type)
-        torch.addmm(torch.zeros(2, 2, device=device_type), a, a, out_dtype=torch.float32)
-        return True
-    except (TypeError, RuntimeError):
-        return False
+        return None
+    a = torch.randn(64, 64, device=device_type).bfloat16()
+    expected = a.float() @ a.float() + 1.0
+    for mode in ("inplace", "copy"):
+        acc = torch.ones(64, 64, device=device_type)
+        try:
+            if mode == "inplace":
+                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            else:
+                acc = torch.addmm(acc, a, a, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            continue
+        if torch.allclose(acc, expected, rtol=1e-3, atol=1e-3):
+            return mode
+    return None
 
 
 def _accumulate_mm(acc32, a, b):
     """acc32 += a @ b with fp32 accumulation and no rounding of the product to a's dtype."""
     if a.dtype == acc32.dtype:
         return acc32.addmm_(a, b)
-    if _has_fp32_out_mm(a.device.type):
+    mode = _fp32_out_mm(a.device.type)
+    if mode == "inplace":  # no (N, H) temporary
+        return torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
+    if mode == "copy":
         return acc32.copy_(torch.addmm(acc32, a, b, out_dtype=torch.float32))
     return acc32.addmm_(a.float(), b.float())
 
