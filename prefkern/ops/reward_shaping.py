@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from prefkern import _checks
+from prefkern.ops.whiten import masked_moments
 
 
 def _last_valid_index(valid: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -109,19 +110,8 @@ class RunningMoments:
             zero = torch.zeros((), dtype=torch.float64, device=values.device)
             self.count, self.mean, self._m2 = zero, zero.clone(), zero.clone()
         # shifting by the running mean keeps sum-of-squares cancellation small
-        x = values.to(torch.float64) - self.mean
-        if mask is not None:
-            keep = mask != 0
-            x = torch.where(keep, x, 0.0)
-            n = keep.sum(dtype=torch.float64)
-        else:
-            n = torch.full((), float(x.numel()), dtype=torch.float64, device=x.device)
-        stats = torch.stack([n, x.sum(), (x * x).sum()])
-        if self.process_group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(stats, group=self.process_group)
-        n, total, total_sq = stats.unbind()
+        n, total, total_sq = masked_moments(values.to(torch.float64) - self.mean, mask,
+                                            self.process_group)
         delta = total / n.clamp(min=1)  # batch mean minus running mean
         m2_batch = (total_sq - total * delta).clamp(min=0)
         merged = self.count + n
