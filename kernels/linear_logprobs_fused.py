@@ -2,7 +2,7 @@
 tl.dot and consumed on chip; no (N, V) or (N, C) logits buffer ever exists.
 
 forward   grid (row blocks, vocab splits): each program folds its vocab range into per-row
-          statistics (m, s, u, z[y]); the launcher merges the splits (4 x splits x N floats).
+          statistics (m, s, u, z[y]); the caller merges the splits (4 x splits x N floats).
           FLOPs 2NHV.
 backward  two passes, each recomputing its tiles (FLOPs 4NHV each, 8NHV total):
           dh pass, per wave of rows:   scratch[rows] += dz @ W[cols]   (programs split the vocab)
@@ -249,7 +249,8 @@ def _common(hidden, weight, bias, inv_temp, softcap, ignore_index):
 
 def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, softcap,
                         ignore_index: int):
-    """-> (logp, entropy, lse), each (N,) fp32, 0 where targets == ignore_index."""
+    """-> (m, s, u, z_target), each (n_splits, N) fp32: the softmax statistics of each vocab
+    split (merged by the caller) and z[y] (0 in the splits that do not hold the target)."""
     _check(hidden, weight, bias, targets)
     (n, h), v = hidden.shape, weight.shape[0]
     cfg = _common(hidden, weight, bias, inv_temp, softcap, ignore_index)
@@ -260,20 +261,7 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, softcap,
         _fused_fwd_kernel[(row_blocks, n_splits)](
             hidden, weight, bias if bias is not None else weight, targets, part, n, v, h,
             hidden.stride(0), weight.stride(0), per_split, **cfg)
-    m, s, u, z_y = part.unbind(0)
-    # merge the vocab splits: same algebra as softmax_stats.merge_stats, over dim 0
-    m_all = m.amax(0)
-    m_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
-    w = torch.exp(m - m_safe)
-    shift = torch.where(torch.isinf(m), torch.zeros_like(m), m - m_safe)
-    s_all = (s * w).sum(0)
-    u_all = (w * (u + s * shift)).sum(0)
-    log_s = torch.log(s_all)
-    lse = m_all + log_s
-    valid = targets != ignore_index
-    zero = torch.zeros_like(lse)
-    return (torch.where(valid, z_y.sum(0) - lse, zero),
-            torch.where(valid, log_s - u_all / s_all, zero), torch.where(valid, lse, zero))
+    return part.unbind(0)
 
 
 def _waves(length: int, block: int, other: int, other_block: int, h: int, deterministic: bool,

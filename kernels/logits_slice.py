@@ -3,9 +3,11 @@ computes the slice raw = hidden @ weight[c0:c1].T + bias[c0:c1], these kernels d
 
 slice_stats: fold the slice's capped logits z = softcap(raw) / T into running per-row
     statistics (m, s, u) and pick z[y] when the target falls in the slice.
-slice_grad:  overwrite the slice with d loss / d raw, given lse, entropy and upstream grads:
+slice_grad:  write d loss / d raw of the slice (into it, or a buffer of the input dtype), given
+    lse, entropy and upstream grads:
     dz = g_logp (onehot - p) - g_ent p (log p + entropy) + g_lse p, times 1/T and 1 - tanh^2.
-Bytes per slice: stats reads N*C*elt; grad reads and writes N*C*elt.
+The slice is fp32 (the logits are never rounded to the input dtype). Bytes per slice: stats
+reads 4*N*C; grad reads 4*N*C and writes N*C*elt.
 """
 
 import torch
@@ -41,8 +43,8 @@ def _slice_stats_kernel(
 
 @triton.jit
 def _slice_grad_kernel(
-    raw_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, g_lse_ptr,
-    C, col0, inv_temp, softcap, ignore_index,
+    raw_ptr, stride_row, dz_ptr, stride_dz_row, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr,
+    g_ent_ptr, g_lse_ptr, C, col0, inv_temp, softcap, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
     SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -62,7 +64,7 @@ def _slice_grad_kernel(
                     HAS_G_LOGP=HAS_G_LOGP, HAS_G_ENT=HAS_G_ENT, HAS_G_LSE=HAS_G_LSE,
                     SOFTCAP=SOFTCAP)
         dz = tl.where(valid, dz, 0.0)
-        tl.store(row_ptr + cols, dz.to(raw_ptr.dtype.element_ty), mask=cols < C)
+        tl.store(dz_ptr + row * stride_dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=cols < C)
 
 
 def _block(c: int) -> int:
@@ -85,17 +87,21 @@ def slice_stats_(raw, targets, col0: int, stats, inv_temp: float, softcap, ignor
                                   ignore_index, SOFTCAP=has_cap, BLOCK=_block(c), num_warps=8)
 
 
-def slice_grad_(raw, targets, col0: int, lse, entropy, g_logp, g_ent, g_lse, inv_temp: float,
-                softcap, ignore_index: int):
-    """Overwrite raw (N, C) with d loss / d raw for columns col0..col0+C."""
+def slice_grad_(raw, dz, targets, col0: int, lse, entropy, g_logp, g_ent, g_lse,
+                inv_temp: float, softcap, ignore_index: int):
+    """Write d loss / d raw for columns col0..col0+C of raw (N, C) into dz (N, C) (raw itself
+    or a buffer of another dtype; each element is read before it is written)."""
     n, c = raw.shape
     if raw.stride(1) != 1 or targets.shape != (n,):
         raise ValueError("raw must be (N, C) with unit column stride and targets (N,)")
+    if dz.shape != raw.shape or dz.stride(1) != 1:
+        raise ValueError("dz must be shaped like raw, with unit column stride")
     cap, has_cap = _softcap_args(softcap)
     dummy = lse
     if n:
         _slice_grad_kernel[(n,)](
-            raw, raw.stride(0), targets, lse, entropy if entropy is not None else dummy,
+            raw, raw.stride(0), dz, dz.stride(0), targets, lse,
+            entropy if entropy is not None else dummy,
             *(dummy if g is None else g for g in (g_logp, g_ent, g_lse)),
             c, col0, inv_temp, cap, ignore_index,
             HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,

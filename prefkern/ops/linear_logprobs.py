@@ -11,7 +11,11 @@ Modes (Triton backend):
   min_memory  fused Triton kernels: logit tiles never leave on-chip memory; gradients accumulate
               in a bounded fp32 scratch. FLOPs: fwd 2NHV; bwd 8NHV (dh and dW passes each
               recompute their tiles).
-Both are exact (no skipped softmax entries). The torch backend is chunked the same way.
+Numerics contract (every mode and backend): logits are accumulated in fp32 and never rounded
+to the input dtype before the softmax, so every path computes the same function and a ratio
+exp(logp - old_logp) does not depend on which path computed each side. Only the d-logits fed to
+the gradient GEMMs are rounded to the input dtype. No softmax entry is skipped. The torch
+backend is chunked the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor
 
 from prefkern import _checks
 from prefkern.dispatch import resolve_backend
-from prefkern.ops import torch_chunked
+from prefkern.ops import softmax_stats, torch_chunked
 from prefkern.outputs import LinearLogprobsOutput
 from prefkern.reference.logprobs import compute_dtype
 
@@ -38,8 +42,14 @@ def _impl(backend: str, mode: str, deterministic: bool):
     if mode == "min_memory":
         from prefkern._kernels import linear_logprobs_fused as fused
 
-        return fused.linear_logprobs_fwd, functools.partial(fused.linear_logprobs_bwd,
-                                                            deterministic=deterministic)
+        def fused_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index):
+            m, s, u, z_target = fused.linear_logprobs_fwd(hidden, weight, bias, targets,
+                                                          inv_temp, softcap, ignore_index)
+            return softmax_stats.finish(*softmax_stats.merge_along(m, s, u), z_target.sum(0),
+                                        targets != ignore_index)
+
+        return fused_forward, functools.partial(fused.linear_logprobs_bwd,
+                                                deterministic=deterministic)
     from prefkern.ops import linear_sliced
 
     return linear_sliced.forward, linear_sliced.backward

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from prefkern.ops import softmax_stats
+from prefkern.ops.softmax_stats import LOG_FLOOR
 from prefkern.reference.logprobs import compute_dtype
 
 # fp32 elements of one logits chunk, per device type. On CPU, 4 MiB chunks measured faster than
@@ -23,55 +25,11 @@ def _rows_per_chunk(width: int, device: torch.device) -> int:
     return max(1, budget // max(width, 1))
 
 
-class RunningStats:
-    """Online logsumexp state per token across vocab chunks: m = max z, s = sum exp(z - m),
-    u = sum exp(z - m) * (z - m), zy = z[y]. Keeping u relative to m makes
-    entropy = log(s) - u / s free of the cancellation in lse - sum(p z) when |z| is large."""
-
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
-        self.m = torch.full((n,), -float("inf"), dtype=dtype, device=device)
-        self.s = torch.zeros(n, dtype=dtype, device=device)
-        self.u = torch.zeros(n, dtype=dtype, device=device)
-        self.zy = torch.zeros(n, dtype=dtype, device=device)
-
-    def update(self, rows: slice, z: torch.Tensor, col0: int, y: torch.Tensor) -> None:
-        """Fold the chunk z (rows, cols col0..col0+C) into the state of ``rows``."""
-        m_old = self.m[rows]
-        m_new = torch.maximum(m_old, z.amax(dim=-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        shift = torch.where(torch.isinf(m_old), torch.zeros_like(m_old), m_old - m_safe)
-        scale = torch.exp(m_old - m_safe)
-        centered = z - m_safe[:, None]
-        e = torch.exp(centered)
-        eu = torch.where(e > 0, e * centered, torch.zeros_like(e))  # 0 * -inf must stay 0
-        self.u[rows] = scale * (self.u[rows] + self.s[rows] * shift) + eu.sum(-1)
-        self.s[rows] = self.s[rows] * scale + e.sum(-1)
-        self.m[rows] = m_new
-        local = y - col0
-        hit = (local >= 0) & (local < z.shape[1])
-        picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-        self.zy[rows] = torch.where(hit, picked, self.zy[rows])
-
-    def finish(self, valid: torch.Tensor):
-        """-> (logp, entropy, lse), zero for ignored tokens."""
-        log_s = torch.log(self.s)
-        lse = self.m + log_s
-        entropy = log_s - self.u / self.s
-        zero = torch.zeros_like(lse)
-        return (torch.where(valid, self.zy - lse, zero), torch.where(valid, entropy, zero),
-                torch.where(valid, lse, zero))
-
-
-# exp(-1e4) == 0 in fp32 and fp64: clamping log p there changes no probability, and keeps
-# p * log p and p * (log p + H) free of 0 * inf
-_LOG_P_FLOOR = -1e4
-
-
 def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
     """dL/dz for one chunk (consumes z): z (n, C); local_y (n,) target column in this chunk (may
     be out of range); lse, entropy and upstream grads (n,) or None:
     dz = g_logp onehot - p (g_logp + g_ent (log p + entropy) - g_lse)."""
-    log_p = z.sub_(lse[:, None]).clamp_(min=_LOG_P_FLOOR)
+    log_p = z.sub_(lse[:, None]).clamp_(min=LOG_FLOOR)
     p = log_p.exp()
     per_row = torch.zeros_like(lse)
     if g_logp is not None:
@@ -83,25 +41,18 @@ def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
     else:
         weight = per_row[:, None]
     dz = p.mul_(weight).neg_()
-    if g_logp is not None:
-        hit = (local_y >= 0) & (local_y < z.shape[1])
-        rows = torch.nonzero(hit).squeeze(1)
-        dz[rows, local_y[rows]] += g_logp[rows]
+    if g_logp is not None:  # scatter-add at the target column; rows whose target lies
+        hit = (local_y >= 0) & (local_y < z.shape[1])  # elsewhere add 0 at column 0
+        cols = torch.where(hit, local_y, 0).long()[:, None]
+        dz.scatter_add_(1, cols, torch.where(hit, g_logp, 0)[:, None].to(dz.dtype))
     return dz
 
 
 def full_row_stats(z, y, valid, with_entropy: bool = True):
     """(logp, entropy or None, lse) of rows that hold the whole vocab."""
-    log_p = torch.log_softmax(z, dim=-1)  # one fused pass; lse read back at the argmax, where
-    top = log_p.argmax(-1, keepdim=True)  # log p ~ 0 makes z - log p exact
-    lse = (z.gather(1, top) - log_p.gather(1, top)).squeeze(1)
-    logp = log_p.gather(1, torch.where(valid, y, 0).long()[:, None]).squeeze(1)
-    zero = torch.zeros_like(lse)
-    entropy = None
-    if with_entropy:
-        log_p.clamp_(min=_LOG_P_FLOOR)
-        entropy = torch.where(valid, -(log_p.exp().mul_(log_p)).sum(-1), zero)
-    return torch.where(valid, logp, zero), entropy, torch.where(valid, lse, zero)
+    m, s, u = softmax_stats.row_stats(z, with_entropy)
+    _, z_target = softmax_stats.pick_target(z, torch.where(valid, y, 0))
+    return softmax_stats.finish(m, s, u, z_target, valid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +133,8 @@ def _chunks(hidden, weight, bias):
 def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index):
     """hidden (N, H), weight (V, H), bias (V,) or None -> (logp, entropy, lse) (N,)."""
     valid = targets != ignore_index
-    stats = RunningStats(hidden.shape[0], compute_dtype(hidden.dtype), hidden.device)
+    stats = softmax_stats.RunningStats(hidden.shape[0], compute_dtype(hidden.dtype),
+                                       hidden.device)
     for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
         for rows, h32 in row_chunks:
             z, _ = capped_logits(h32, w32, b32, inv_temp, softcap)

@@ -38,13 +38,15 @@ def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-
 
 def linear_logprobs_ref(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
                         softcap=None, return_entropy=False, return_lse=False):
-    """``logits = hidden @ weight.T + bias`` in the input dtype (as a model's LM head does), then
-    ``z = softcap * tanh(logits.float() / softcap) / T`` and the per-token outputs of
-    :func:`logprobs_from_logits_ref`, plus ``lse = z.logsumexp(-1)``."""
-    logits = hidden @ weight.T
+    """``logits = hidden.float() @ weight.float().T + bias.float()``: accumulated in fp32 (fp64
+    for fp64 inputs) and never rounded to the input dtype (prefkern's numerics contract; an
+    eager bf16 LM head would round them), then ``z = softcap * tanh(logits / softcap) / T`` and
+    the per-token outputs of :func:`logprobs_from_logits_ref`, plus ``lse = z.logsumexp(-1)``.
+    Gradients flow back to the inputs in their dtype."""
+    cdt = compute_dtype(hidden.dtype)
+    z = hidden.to(cdt) @ weight.to(cdt).T
     if bias is not None:
-        logits = logits + bias
-    z = logits.to(compute_dtype(logits.dtype))
+        z = z + bias.to(cdt)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature
