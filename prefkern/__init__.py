@@ -4,6 +4,7 @@ Never imports transformers/trl/verl; Triton and the CUDA extension load lazily o
 """
 
 from prefkern import nn, reference
+from prefkern._checks import raise_on_bad_input
 from prefkern.dispatch import BACKENDS, BackendUnavailable, available_backends
 from prefkern.ops.gae import gae
 from prefkern.ops.group_advantages import group_advantages
@@ -27,6 +28,7 @@ __all__ = [
     "linear_logprobs",
     "logprobs_from_logits",
     "normalize_rewards",
+    "raise_on_bad_input",
     "nn",
     "reference",
 ]

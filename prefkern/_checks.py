@@ -38,19 +38,77 @@ def check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def checking_targets() -> bool:
-    """Range-checking targets costs one device->host sync; PREFKERN_CHECK_TARGETS=0 skips it
-    (and it is skipped while torch.compile traces)."""
-    if os.environ.get("PREFKERN_CHECK_TARGETS", "1") == "0":
+# How data-dependent checks (target ids in range, cu_seqlens well formed) report bad input:
+#   "auto" (default): raise at once on CPU tensors (no device to sync with); on accelerators,
+#          never block: bad entries are neutralized before any kernel (never an out-of-bounds
+#          read), their outputs become NaN, and a device-side flag records the error for
+#          prefkern.raise_on_bad_input() to raise when the caller chooses to sync;
+#   "sync": raise at once everywhere (one device-to-host sync per check: a debug switch);
+#   "lazy": never raise at once, also on CPU.
+CHECKS_ENV = "PREFKERN_CHECKS"
+CHECK_MODES = ("auto", "sync", "lazy")
+
+_PENDING: dict[tuple[str, str], torch.Tensor] = {}  # (device, what) -> bool flag on device
+
+
+def raises_now(device: torch.device) -> bool:
+    """Whether a data-dependent check on ``device`` raises at once (see CHECKS_ENV)."""
+    mode = os.environ.get(CHECKS_ENV, "auto") or "auto"
+    if mode not in CHECK_MODES:
+        raise ValueError(f"{CHECKS_ENV} must be one of {CHECK_MODES}, got {mode!r}")
+    if torch.compiler.is_compiling():
         return False
-    return not torch.compiler.is_compiling()
+    return mode == "sync" or (mode == "auto" and device.type == "cpu")
 
 
-def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    if not checking_targets() or targets.numel() == 0:
+def report(bad: torch.Tensor, what: str, describe) -> None:
+    """``bad``: bool tensor of offending entries. Raise ValueError(describe()) now, or record
+    the error on the device without a sync, per :func:`raises_now`."""
+    if bad.numel() == 0:
         return
+    if raises_now(bad.device):
+        if bool(bad.any()):
+            raise ValueError(describe())
+        return
+    if torch.compiler.is_compiling():
+        return  # outputs are still NaN-poisoned; a traced graph keeps no Python-side flag
+    key = (str(bad.device), what)
+    flag = _PENDING.get(key)
+    if flag is None:
+        flag = _PENDING[key] = torch.zeros((), dtype=torch.bool, device=bad.device)
+    torch.logical_or(flag, bad.any(), out=flag)
+
+
+def raise_on_bad_input() -> None:
+    """Raise ValueError if any call since the last one met bad input that was not raised at once
+    (target ids out of range, malformed cu_seqlens), and clear the record. Syncs with each
+    device that has a record: call it where a sync is cheap (e.g. at logging time)."""
+    found = [what for (_, what), flag in _PENDING.items() if bool(flag)]
+    for flag in _PENDING.values():
+        flag.zero_()
+    if found:
+        raise ValueError("prefkern met bad input since the last check: " + "; ".join(found))
+
+
+def screen_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str):
+    """-> (targets safe for any kernel, bad mask or None). Ids outside [0, vocab) that are not
+    ``ignore_index`` raise at once, or (lazy) become ``ignore_index`` and are returned in the
+    mask so that their outputs can be set to NaN."""
+    if targets.numel() == 0:
+        return targets, None
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
+
+    def describe():
         first = targets[bad][0].item()
-        raise ValueError(f"targets must be in [0, {vocab}) or ignore_index={ignore_index}; "
-                         f"found {first} ({int(bad.sum())} bad entries)")
+        return (f"{op}: targets must be in [0, {vocab}) or ignore_index={ignore_index}; "
+                f"found {first} ({int(bad.sum())} bad entries)")
+
+    report(bad, f"{op}: target ids outside [0, {vocab})", describe)
+    if raises_now(targets.device):
+        return targets, None
+    return torch.where(bad, torch.full_like(targets, ignore_index), targets), bad
+
+
+def poison(out: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """NaN where ``bad`` (a lazily reported bad input), so the error cannot pass silently."""
+    return out if bad is None else torch.where(bad.view(out.shape), float("nan"), out)

@@ -313,8 +313,7 @@ def test_gpu_packed_per_token_gamma_bootstrap(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_gpu_no_host_sync(backend, monkeypatch):
-    monkeypatch.setenv("PREFKERN_CHECK_TARGETS", "0")
+def test_gpu_no_host_sync(backend):
     rewards, values, mask = make_batch([100] * 8, 128, device="cuda")
     cu, _, (r_p, v_p, m_p) = pack(mask, rewards, values, mask)
     gae(r_p, v_p, m_p, cu_seqlens=cu, backend=backend)  # warm up: compile/load outside

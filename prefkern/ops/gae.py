@@ -130,16 +130,27 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
     _checks.check_index("cu_seqlens", cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D (B + 1,), got shape {tuple(cu_seqlens.shape)}")
-    if not _checks.checking_targets():
-        return
+
+
+def _screen_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int):
+    """-> (cu_seqlens every kernel can read in bounds, bad flag or None): it must start at 0,
+    be non-decreasing and end at ``n_tokens``; a malformed one raises at once or (lazy) is
+    clamped into shape and its outputs set to NaN (prefkern._checks)."""
     cu = cu_seqlens.to(torch.int64)
-    # one device->host sync; PREFKERN_CHECK_TARGETS=0 skips it
-    bad = (cu[0] != 0) | (cu[-1] != n_tokens) | (cu[1:] < cu[:-1]).any()
-    if bool(bad):
+    bad = ((cu[0] != 0) | (cu[-1] != n_tokens) | (cu[1:] < cu[:-1]).any()).reshape(1)
+
+    def describe():
         head = cu[:8].tolist()
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at the number "
-                         f"of tokens {n_tokens}; got {head}{'...' if cu.numel() > 8 else ''} "
-                         f"ending at {int(cu[-1])}")
+        return (f"cu_seqlens must start at 0, be non-decreasing and end at the number of "
+                f"tokens {n_tokens}; got {head}{'...' if cu.numel() > 8 else ''} ending at "
+                f"{int(cu[-1])}")
+
+    _checks.report(bad, "gae: malformed cu_seqlens", describe)
+    if _checks.raises_now(cu.device):
+        return cu_seqlens, None
+    safe = cu.clamp(0, n_tokens).cummax(0).values
+    safe = torch.cat([safe.new_zeros(1), safe[1:-1], safe.new_full((1,), n_tokens)])
+    return safe.to(cu_seqlens.dtype), bad
 
 
 def _check_inputs(rewards, values, mask, gamma, bootstrap, truncated, cu_seqlens) -> int:
@@ -229,10 +240,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     implemented = ("triton", "cuda", "torch") if dtypes <= set(_HALF_AND_SINGLE) else ("torch",)
     name = resolve_backend("gae", backend, rewards.device, implemented,
                            AUTO_ORDER if len(implemented) > 1 else ())
+    bad = None
+    if cu_seqlens is not None:
+        cu_seqlens, bad = _screen_cu_seqlens(cu_seqlens, rewards.shape[0])
     advantages, returns = _gae_op(
         rewards, values, mask, gammas, cu_seqlens, bootstrap, truncated, name,
         0.0 if gammas is not None else float(gamma), float(lam),
         None if lam_critic is None else float(lam_critic))
+    if bad is not None:  # a malformed cu_seqlens poisons every output
+        advantages, returns = (torch.where(bad, float("nan"), t) for t in (advantages, returns))
     if whiten:
         advantages = masked_whiten(advantages, mask, process_group=process_group)
     return advantages, returns

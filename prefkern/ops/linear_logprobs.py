@@ -174,7 +174,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     device = _validate(hidden, weight, targets, bias, temperature, softcap, mode)
     vocab = weight.shape[0]
-    _checks.check_targets_in_range(targets, vocab, ignore_index)
+    targets, bad = _checks.screen_targets(targets, vocab, ignore_index, "linear_logprobs")
     fp64 = hidden.dtype == torch.float64
     name = resolve_backend("linear_logprobs", backend, device,
                            ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
@@ -187,7 +187,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         hidden2d, weight.contiguous(), bias, targets.reshape(-1), name,
         "fast" if mode == "auto" else mode, bool(deterministic), 1.0 / float(temperature),
         None if softcap is None else float(softcap), int(ignore_index))
+    logp = _checks.poison(logp.view(lead), bad)
     if not (return_entropy or return_lse):
-        return logp.view(lead)
-    return LinearLogprobsOutput(logp.view(lead), entropy.view(lead) if return_entropy else None,
-                                lse.view(lead) if return_lse else None)
+        return logp
+    return LinearLogprobsOutput(logp,
+                                _checks.poison(entropy.view(lead), bad) if return_entropy else None,
+                                _checks.poison(lse.view(lead), bad) if return_lse else None)

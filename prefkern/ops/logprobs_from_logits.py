@@ -125,7 +125,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
     device = _checks.check_same_device(logits=logits, targets=targets)
     _checks.check_positive("temperature", temperature)
     vocab = logits.shape[-1]
-    _checks.check_targets_in_range(targets, vocab, ignore_index)
+    targets, bad = _checks.screen_targets(targets, vocab, ignore_index, "logprobs_from_logits")
     implemented = ("torch",) if logits.dtype == torch.float64 else ("triton", "cuda", "torch")
     name = resolve_backend("logprobs_from_logits", backend, device, implemented,
                            AUTO_ORDER if logits.dtype != torch.float64 else ())
@@ -137,6 +137,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
         rows = _as_rows(logits)
     logp, entropy, _ = _fwd_op(rows, targets.reshape(-1), name, 1.0 / float(temperature),
                                int(ignore_index), bool(return_entropy))
+    logp = _checks.poison(logp.view(lead), bad)
     if return_entropy:
-        return LogprobsEntropy(logp.view(lead), entropy.view(lead))
-    return logp.view(lead)
+        return LogprobsEntropy(logp, _checks.poison(entropy.view(lead), bad))
+    return logp
