@@ -3,7 +3,11 @@
 Never imports transformers/trl/verl; Triton and the CUDA extension load lazily on first use.
 """
 
-from prefkern import nn, reference
+from prefkern import (
+    _torch_floor,  # noqa: F401  (first: a clear error on a too old torch)
+    nn,
+    reference,
+)
 from prefkern._checks import raise_on_bad_input
 from prefkern.dispatch import BACKENDS, BackendUnavailable, available_backends
 from prefkern.ops.gae import gae

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from prefkern import _checks
+from prefkern._autocast import autocast_dtype, without_autocast
 from prefkern.dispatch import resolve_backend
 from prefkern.ops import softmax_stats, torch_chunked
 from prefkern.outputs import LinearLogprobsOutput
@@ -63,7 +64,8 @@ def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
             ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """-> (logp, entropy, lse), each (N,). ``deterministic`` only matters to the backward."""
     fwd, _ = _impl(backend, mode, False)
-    return fwd(hidden, weight, bias, targets, inv_temp, softcap, ignore_index)
+    with without_autocast(hidden):
+        return fwd(hidden, weight, bias, targets, inv_temp, softcap, ignore_index)
 
 
 @_fwd_op.register_fake
@@ -81,8 +83,9 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
             need_db: bool) -> list[Tensor]:
     """-> [dhidden if need_dh, dweight if need_dw, dbias if need_db]."""
     _, bwd = _impl(backend, mode, deterministic)
-    grads = bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-                softcap, ignore_index, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+    with without_autocast(hidden):
+        grads = bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+                    softcap, ignore_index, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
     return [g for g, needed in zip(grads, (need_dh, need_dw, need_db), strict=True) if needed]
 
 
@@ -147,6 +150,17 @@ def _validate(hidden, weight, targets, bias, temperature, softcap, mode):
     return _checks.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under autocast the LM-head GEMM takes the autocast dtype, as ``F.linear`` would: half and
+    single precision inputs are cast (fp64 is left alone, as autocast does)."""
+    dtype = autocast_dtype(hidden.device) if isinstance(hidden, Tensor) else None
+    if dtype is None:
+        return hidden, weight, bias
+    cast = (torch.float16, torch.bfloat16, torch.float32)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in cast else t
+                 for t in (hidden, weight, bias))
+
+
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     bias: torch.Tensor | None = None, *, temperature: float = 1.0,
                     ignore_index: int = -100, softcap: float | None = None,
@@ -166,12 +180,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             no logits buffer), or "auto" (= fast). The torch backend always runs chunked.
         deterministic: min_memory mode only: no atomics (lower parallelism in backward).
         backend: "auto" | "triton" | "torch" (None: $PREFKERN_BACKEND).
+    Autocast: hidden, weight and bias are cast to the autocast dtype (the GEMM's autocast
+    class), then everything runs with autocast off: the backward is the exact gradient of the
+    forward wherever it runs.
     Returns:
         fp32 (...) log-probs; with ``return_entropy``/``return_lse`` a
         ``LinearLogprobsOutput(logprobs, entropy, lse)`` with None for what was not asked.
         Gradients flow to hidden, weight and bias from any upstream gradient on each output,
         in the input dtype with fp32 accumulation.
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     device = _validate(hidden, weight, targets, bias, temperature, softcap, mode)
     vocab = weight.shape[0]
     targets, bad = _checks.screen_targets(targets, vocab, ignore_index, "linear_logprobs")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from prefkern import _checks
+from prefkern._autocast import without_autocast
 from prefkern.dispatch import resolve_backend
 from prefkern.ops import torch_chunked
 from prefkern.outputs import LogprobsEntropy
@@ -56,7 +57,8 @@ def _fwd_op(logits: Tensor, targets: Tensor, backend: str, inv_temp: float, igno
             with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (logp, entropy, lse), each (N,); entropy is zeros unless with_entropy."""
     fwd, _ = _impl(backend)
-    logp, entropy, lse = fwd(logits, targets, inv_temp, ignore_index, with_entropy)
+    with without_autocast(logits):
+        logp, entropy, lse = fwd(logits, targets, inv_temp, ignore_index, with_entropy)
     return logp, torch.zeros_like(logp) if entropy is None else entropy, lse
 
 
@@ -70,7 +72,8 @@ def _(logits, targets, backend, inv_temp, ignore_index, with_entropy):
 def _bwd_op(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor | None,
             g_ent: Tensor | None, backend: str, inv_temp: float, ignore_index: int) -> Tensor:
     _, bwd = _impl(backend)
-    return bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, ignore_index)
+    with without_autocast(logits):
+        return bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, ignore_index)
 
 
 @_bwd_op.register_fake
@@ -111,6 +114,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
         logits: (..., V) bf16/fp16/fp32 (fp64 on the torch backend).
         targets: (...) integer ids in [0, V), or ``ignore_index`` (those give 0 and 0 gradient).
         backend: "auto" | "triton" | "cuda" | "torch" (None: $PREFKERN_BACKEND).
+    Autocast: nothing is cast (the softmax is computed in fp32 from any input dtype, as
+    autocast does for log_softmax); the result is the same inside and outside autocast.
     Returns:
         fp32 (...) log-probs, or ``LogprobsEntropy(logprobs, entropy)`` with ``return_entropy``.
         Both are differentiable for any upstream gradient; the logits' gradient has their dtype.
