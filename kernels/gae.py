@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -118,6 +120,7 @@ def _as_loadable(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
+@on_tensor_device
 def gae_scan(rewards, values, mask=None, gammas=None, *, cu_seqlens=None, bootstrap=None,
              truncated=None, gamma: float = 1.0, lam: float = 0.95, lam_critic=None,
              block: int | None = None):

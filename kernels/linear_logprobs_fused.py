@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
 from .softmax_stats import capped_logits, fold_rows, grad_z
 
 SCRATCH_BYTES = 64 << 20
@@ -247,6 +248,7 @@ def _common(hidden, weight, bias, inv_temp, softcap, ignore_index):
                 SOFTCAP=softcap is not None, **_config(hidden.dtype))
 
 
+@on_tensor_device
 def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, softcap,
                         ignore_index: int):
     """-> (m, s, u, z_target), each (n_splits, N) fp32: the softmax statistics of each vocab
@@ -281,6 +283,7 @@ def _waves(length: int, block: int, other: int, other_block: int, h: int, determ
         yield start, stop, (blocks, n_splits), per_split, scratch[: stop - start].zero_()
 
 
+@on_tensor_device
 def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
                         inv_temp: float, softcap, ignore_index: int, need_dh=True, need_dw=True,
                         need_db=True, deterministic=False):

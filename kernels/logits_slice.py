@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
 from .softmax_stats import capped_logits, grad_z, load_upstream, merge_stats, row_stats
 
 
@@ -75,6 +76,7 @@ def _softcap_args(softcap):
     return (1.0 if softcap is None else float(softcap)), softcap is not None
 
 
+@on_tensor_device
 def slice_stats_(raw, targets, col0: int, stats, inv_temp: float, softcap, ignore_index: int):
     """Fold raw (N, C) logits of columns col0.. into stats = (m, s, u, zy), each (N,) fp32,
     in place."""
@@ -87,6 +89,7 @@ def slice_stats_(raw, targets, col0: int, stats, inv_temp: float, softcap, ignor
                                   ignore_index, SOFTCAP=has_cap, BLOCK=_block(c), num_warps=8)
 
 
+@on_tensor_device
 def slice_grad_(raw, dz, targets, col0: int, lse, entropy, g_logp, g_ent, g_lse,
                 inv_temp: float, softcap, ignore_index: int):
     """Write d loss / d raw for columns col0..col0+C of raw (N, C) into dz (N, C) (raw itself

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
 from .softmax_stats import grad_z, load_upstream, row_stats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -86,6 +87,7 @@ def _block_v(V: int) -> int:
     return min(triton.next_power_of_2(V), 4096)
 
 
+@on_tensor_device
 def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool = True):
     """logits (N, V) or (B, T, V), targets (N = B*T,) -> (logp, entropy or None, lse), each
     (N,) fp32."""
@@ -102,6 +104,7 @@ def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entro
     return logp, entropy, lse
 
 
+@on_tensor_device
 def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp: float, ignore_index: int):
     """-> dlogits, contiguous, shaped and typed like logits. g_logp / g_ent (N,) fp32 or None;
     entropy is needed only with g_ent."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+# torch only, no triton (importing it runs kernels/__init__.py and kernels/_device.py)
+from prefkern._kernels._device import on_tensor_device
+
 # Must match csrc/common.cuh::DType.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -29,6 +32,7 @@ def _dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 
 
+@on_tensor_device
 def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool = True):
     """logits (N, V) unit stride on V, targets (N,) -> (logp, entropy or None, lse) fp32."""
     n, v = logits.shape
@@ -42,6 +46,7 @@ def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entro
     return logp, entropy, lse
 
 
+@on_tensor_device
 def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp: float, ignore_index: int):
     n, v = logits.shape
     targets = targets.to(torch.int64).contiguous()

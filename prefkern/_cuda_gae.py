@@ -1,12 +1,14 @@
 """Typed wrapper around prefkern._C.gae_scan (csrc/gae.cu): converts the optional inputs to
 the layouts the kernel reads (uint8 masks, fp32 gammas/bootstrap, int64 cu_seqlens), allocates
-the outputs and launches on the current stream. Callers have validated shapes already."""
+the outputs and launches on the inputs' device and its current stream. Callers have validated
+shapes already."""
 
 from __future__ import annotations
 
 import torch
 
 from prefkern._cuda import _dtype_code, _ext, _ptr, _stream
+from prefkern._kernels._device import on_tensor_device
 
 
 def _as_uint8(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -21,6 +23,7 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype).contiguous()
 
 
+@on_tensor_device
 def gae_scan(rewards, values, mask=None, gammas=None, *, cu_seqlens=None, bootstrap=None,
              truncated=None, gamma: float = 1.0, lam: float = 0.95, lam_critic=None):
     """Same contract as prefkern._kernels.gae.gae_scan: (B, T), or (N,) with cu_seqlens ->
