@@ -61,16 +61,23 @@ def _impl(backend: str, mode: str, deterministic: bool):
 @torch.library.custom_op("prefkern::linear_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str,
             mode: str, deterministic: bool, inv_temp: float, softcap: float | None,
-            ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (logp, entropy, lse), each (N,). ``deterministic`` only matters to the backward."""
+            ignore_index: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (logp, entropy, lse), each (N,); entropy is zeros unless with_entropy (the torch
+    backend then skips it; the kernels compute it anyway, it costs them nothing).
+    ``deterministic`` only matters to the backward."""
     fwd, _ = _impl(backend, mode, False)
+    extra = (with_entropy,) if backend == "torch" else ()
     with without_autocast(hidden):
-        return fwd(hidden, weight, bias, targets, inv_temp, softcap, ignore_index)
+        logp, entropy, lse = fwd(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+                                 *extra)
+    if not with_entropy or entropy is None:
+        entropy = torch.zeros_like(logp)
+    return logp, entropy, lse
 
 
 @_fwd_op.register_fake
 def _(hidden, weight, bias, targets, backend, mode, deterministic, inv_temp, softcap,
-      ignore_index):
+      ignore_index, with_entropy):
     dtype = compute_dtype(hidden.dtype)
     return tuple(hidden.new_empty(hidden.shape[0], dtype=dtype) for _ in range(3))
 
@@ -99,7 +106,8 @@ def _(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, backend
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, *options = inputs
-    ctx.options = options  # backend, mode, deterministic, inv_temp, softcap, ignore_index
+    *ctx.options, ctx.with_entropy = options  # backend, mode, deterministic, inv_temp,
+    # softcap, ignore_index
     ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[1])
 
 
@@ -108,7 +116,9 @@ def _backward(ctx, g_logp, g_ent, g_lse):
     backend, mode, deterministic, inv_temp, softcap, ignore_index = ctx.options
     need = list(ctx.needs_input_grad[:3])
     need[2] = need[2] and bias is not None
-    no_grads = (None,) * 7  # targets and the options
+    no_grads = (None,) * 8  # targets and the options
+    if not ctx.with_entropy:
+        g_ent = None  # the caller never saw the entropy: any gradient for it is zeros
     if not any(need) or all(g is None for g in (g_logp, g_ent, g_lse)):
         return (None, None, None, *no_grads)
     g_logp, g_ent, g_lse = (None if g is None else g.to(lse.dtype).contiguous()
@@ -204,7 +214,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     logp, entropy, lse = _fwd_op(
         hidden2d, weight.contiguous(), bias, targets.reshape(-1), name,
         "fast" if mode == "auto" else mode, bool(deterministic), 1.0 / float(temperature),
-        None if softcap is None else float(softcap), int(ignore_index))
+        None if softcap is None else float(softcap), int(ignore_index), bool(return_entropy))
     logp = _checks.poison(logp.view(lead), bad)
     if not (return_entropy or return_lse):
         return logp

@@ -26,21 +26,23 @@ def _rows_per_chunk(width: int, device: torch.device) -> int:
 
 
 def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
-    """dL/dz for one chunk (consumes z): z (n, C); local_y (n,) target column in this chunk (may
-    be out of range); lse, entropy and upstream grads (n,) or None:
-    dz = g_logp onehot - p (g_logp + g_ent (log p + entropy) - g_lse)."""
-    log_p = z.sub_(lse[:, None]).clamp_(min=LOG_FLOOR)
-    p = log_p.exp()
+    """dL/dz for one chunk, computed in z's storage: z (n, C); local_y (n,) target column in
+    this chunk (may be out of range); lse, entropy and upstream grads (n,) or None:
+    dz = g_logp onehot - p (g_logp + g_ent (log p + entropy) - g_lse). A row with lse = +inf
+    has p = 0 and gets dz = g_logp onehot (how callers zero ignored rows in the same passes)."""
     per_row = torch.zeros_like(lse)
     if g_logp is not None:
         per_row = per_row + g_logp
     if g_lse is not None:
         per_row = per_row - g_lse
-    if g_ent is not None:
-        weight = log_p.add_(entropy[:, None]).mul_(g_ent[:, None]).add_(per_row[:, None])
+    log_p = z.sub_(lse[:, None])
+    if g_ent is None:
+        dz = log_p.exp_().mul_(per_row.neg()[:, None])
     else:
-        weight = per_row[:, None]
-    dz = p.mul_(weight).neg_()
+        log_p.clamp_(min=LOG_FLOOR)
+        p = log_p.exp()
+        dz = p.mul_(log_p.add_(entropy[:, None]).mul_(g_ent.neg()[:, None])
+                    .sub_(per_row[:, None]))
     if g_logp is not None:  # scatter-add at the target column; rows whose target lies
         hit = (local_y >= 0) & (local_y < z.shape[1])  # elsewhere add 0 at column 0
         cols = torch.where(hit, local_y, 0).long()[:, None]
@@ -110,8 +112,8 @@ def capped_logits(h, w, b, inv_temp: float, softcap: float | None):
     """-> (z, tanh or None) for one chunk: z = softcap * tanh((h @ w.T + b) / softcap) / T."""
     raw = h @ w.T if b is None else torch.addmm(b, h, w.T)
     if softcap is None:
-        return raw * inv_temp, None
-    t = torch.tanh(raw / softcap)
+        return (raw if inv_temp == 1.0 else raw.mul_(inv_temp)), None
+    t = raw.div_(softcap).tanh_()
     return t * (softcap * inv_temp), t
 
 
@@ -130,11 +132,12 @@ def _chunks(hidden, weight, bias):
         yield cols, w32, b32, [(rows, h32[rows]) for rows in row_slices]
 
 
-def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index):
-    """hidden (N, H), weight (V, H), bias (V,) or None -> (logp, entropy, lse) (N,)."""
+def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+                   with_entropy: bool = True):
+    """hidden (N, H), weight (V, H), bias (V,) or None -> (logp, entropy or None, lse) (N,)."""
     valid = targets != ignore_index
     stats = softmax_stats.RunningStats(hidden.shape[0], compute_dtype(hidden.dtype),
-                                       hidden.device)
+                                       hidden.device, with_u=with_entropy)
     for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
         for rows, h32 in row_chunks:
             z, _ = capped_logits(h32, w32, b32, inv_temp, softcap)
@@ -144,32 +147,46 @@ def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_inde
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
                     inv_temp, softcap, ignore_index, need_dh=True, need_dw=True, need_db=True):
-    """-> (dhidden, dweight, dbias) in the input dtypes (None where not needed); fp32 (fp64 for
-    fp64 inputs) accumulation: dh over vocab chunks, dW and db over token chunks."""
+    """-> (dhidden, dweight, dbias) in the input dtypes (None where not needed).
+
+    The logits are recomputed in fp32 (fp64 for fp64 inputs); d loss / d logits is rounded to
+    the input dtype and the dh/dW GEMMs run in it (fast half-precision GEMMs), accumulated in
+    fp32 across chunks: dh over vocab chunks, dW and db over token chunks."""
     cdt = compute_dtype(hidden.dtype)
     valid = targets != ignore_index
     gl, ge, gs = (None if g is None else torch.where(valid, g.to(cdt), 0)
                   for g in (g_logp, g_ent, g_lse))
+    lse = torch.where(valid, lse, float("inf"))  # p = 0 on ignored rows: their dz is 0
+    half = hidden.dtype not in (torch.float32, torch.float64)
+    need_db = need_db and bias is not None
     dh = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
-    db = torch.empty_like(bias) if (need_db and bias is not None) else None
+    db = torch.empty_like(bias) if need_db else None
     for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
-        dw_chunk = torch.zeros_like(w32) if need_dw else None
-        db_chunk = torch.zeros(w32.shape[0], dtype=cdt, device=w32.device)
+        w_in = weight[cols] if half else w32
+        dw_acc = torch.zeros_like(w32) if need_dw and len(row_chunks) != 1 else None
+        db_acc = torch.zeros(w32.shape[0], dtype=cdt, device=w32.device) if need_db else None
         for rows, h32 in row_chunks:
             z, t = capped_logits(h32, w32, b32, inv_temp, softcap)
             local_y = targets[rows].long() - cols.start
             dz = grad_logits(z, local_y, lse[rows], entropy[rows] if ge is not None else None,
                              *(None if g is None else g[rows] for g in (gl, ge, gs)))
-            dz = dz * inv_temp if t is None else dz * (inv_temp * (1 - t * t))
-            dz = torch.where(valid[rows, None], dz, 0)  # p is meaningless on ignored rows
+            if t is not None:
+                dz.mul_(t.mul_(t).neg_().add_(1.0))
+            if inv_temp != 1.0:
+                dz.mul_(inv_temp)
+            if db_acc is not None:
+                db_acc += dz.sum(0)
+            dz_in = dz.to(hidden.dtype) if half else dz
+            h_in = hidden[rows] if half else h32
             if need_dh:
-                dh[rows] += dz @ w32
-            if need_dw:
-                dw_chunk += dz.T @ h32
-            db_chunk += dz.sum(0)
-        if need_dw:
-            dw[cols] = dw_chunk.to(weight.dtype)
+                dh[rows].add_(dz_in @ w_in)
+            if dw_acc is not None:
+                dw_acc.add_(dz_in.T @ h_in)
+            elif need_dw:
+                torch.mm(dz_in.T, h_in, out=dw[cols])
+        if dw_acc is not None:
+            dw[cols] = dw_acc
         if db is not None:
-            db[cols] = db_chunk.to(bias.dtype)
+            db[cols] = db_acc
     return (None if dh is None else dh.to(hidden.dtype)), dw, db
