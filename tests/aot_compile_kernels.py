@@ -3,88 +3,286 @@
 The CPU interpreter checks what the kernels compute but not whether the GPU compiler accepts
 them (types carried through loops, tl.dot shapes and dtypes, wgmma lowering). This script runs
 the real compiler down to a cubin for sm_90 (and sm_80), for the configurations the launchers
-use. Run it without TRITON_INTERPRET:  python tests/aot_compile_kernels.py [--arch 90]
+use, and checks what the launch will need: shared memory within the device's limit, and register
+spills within their budget (SPILL_BUDGET_BYTES, SPILL_MEASURED; read from the cubin's SASS).
+
+It compiles the program the JIT compiles at run time for aligned inputs: each case lists example
+arguments (aligned pointers, the integers a typical launch passes: INT_EXAMPLES) and Triton's own
+launch-time binder specializes them (tt.divisibility=16 on aligned pointers and multiples of 16,
+integers equal to 1 as constants, i32 or i64 by value), exactly as JITFunction.run does.
+Run it without TRITON_INTERPRET:  python tests/aot_compile_kernels.py [--arch 90]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from prefkern._kernels import gae, linear_logprobs_fused, logits_slice  # noqa: E402
 from prefkern._kernels import logprobs_from_logits as logits_kernels  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+# ------------------------------------------------------------------- example arguments by name
+
+# Element type of each pointer argument; "elt" is the case's input dtype (bf16 or fp32).
+POINTERS = {
+    "targets_ptr": "i64", "y_ptr": "i64", "lse_ptr": "fp32", "entropy_ptr": "fp32",
+    "ent_ptr": "fp32", "g_logp_ptr": "fp32", "g_ent_ptr": "fp32", "g_lse_ptr": "fp32",
+    "gl_ptr": "fp32", "ge_ptr": "fp32", "gs_ptr": "fp32", "logp_ptr": "fp32", "m_ptr": "fp32",
+    "s_ptr": "fp32", "u_ptr": "fp32", "zy_ptr": "fp32", "part_ptr": "fp32", "acc_ptr": "fp32",
+    "db_ptr": "fp32", "logits_ptr": "elt", "grad_ptr": "elt", "raw_ptr": "elt", "dz_ptr": "elt",
+    "h_ptr": "elt", "w_ptr": "elt", "b_ptr": "elt",
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "i64": torch.int64, "i32": torch.int32, "u8": torch.uint8}
+
+# Integer arguments: the value a typical launch passes, with Llama-3-like shapes H = 4096 and
+# V = 128256 (vocabularies are padded to multiples of 64 or more: Qwen2 151936, Gemma 256000;
+# GPT-2's 50257 is not, and then the JIT compiles the variant without divisibility on V).
+# The binder gives tt.divisibility=16 to exactly the values that are multiples of 16 (0 too).
+INT_EXAMPLES = {
+    # -- multiples of 16 at run time, so marked divisible --
+    "H": 4096,                # hidden size: every production model's is a multiple of 16
+    "stride_h": 4096,         # fused launcher requires contiguous hidden (N, H): stride = H
+    "stride_w": 4096,         #   and contiguous weight (V, H): stride = H
+    "V": 128256,              # vocabulary size (see above)
+    "stride_inner": 128256,   # logits rows are contiguous along V: row stride = V
+    "stride_outer": 0,        #   the op passes (N, V) logits, for which the launcher passes 0
+    "stride_grad_row": 128256,  # the gradient is allocated contiguous: V
+    "C": 16384,               # fast-mode slice width: all of V, or a multiple of 128
+    "stride_row": 16384,      #   (linear_sliced._slice_width); slices are contiguous: = C
+    "stride_dz_row": 16384,   #   and so is the slice's gradient buffer
+    "col0": 32768,            # slice start / dW wave start: multiples of the slice or wave width
+    "row0": 4096,             # dh wave start: multiples of the wave, a multiple of BLOCK_N
+    "col1": 8192,             # dW wave end: min(V, col0 + wave), a multiple of 16 with V's
+    "cols_per_split": 1024,   # the launchers round split lengths up to multiples of the block
+    "rows_per_split": 256,    #   (linear_logprobs_fused._split / _waves)
+    # -- not divisible in general --
+    "N": 1000,                # number of tokens (B * T after packing): arbitrary
+    "row1": 1000,             # dh wave end: min(N, row0 + wave) = N on the last wave
+    "inner": 1000,            # (N, V) logits: N; (B, T, V): T
+    "seq_len": 1000,          # GAE (B, T): T
+    "ignore_index": -100,
+}
+FLOATS = {"inv_temp": 1.0, "softcap": 30.0, "gamma": 0.99, "lam": 0.95, "lam_critic": 1.0}
 
 
-def _sig(fn, types: dict, constexprs: dict) -> dict:
-    """Signature in argument order: pointers/scalars from ``types``, the rest constexpr."""
-    sig = {}
+class AlignedPointer:
+    """Stands in for a tensor argument: the JIT reads only its dtype and data_ptr(). CUDA
+    allocations (torch's caching allocator) are at least 256-byte aligned."""
+
+    def __init__(self, dtype: torch.dtype, address: int = 256):
+        self.dtype = dtype
+        self.address = address
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def _example_args(fn, elt: str, pointers: dict, constexprs: dict) -> dict:
+    """Keyword arguments for ``fn`` by name; raises on an argument no table describes."""
+    args = {}
     for name in fn.arg_names:
         if name in constexprs:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = types[name]
-    return sig
+            args[name] = constexprs[name]
+        elif name in pointers:
+            dtype = elt if pointers[name] == "elt" else pointers[name]
+            args[name] = AlignedPointer(DTYPES[dtype])
+        elif name in INT_EXAMPLES:
+            args[name] = INT_EXAMPLES[name]
+        elif name in FLOATS:
+            args[name] = FLOATS[name]
+        elif not any(p.name == name and p.has_default for p in fn.params):
+            raise KeyError(f"argument {name!r} of {fn.__name__} is in no table of "
+                           f"{Path(__file__).name}: add its type / example value")
+    return args
 
 
-ROW = {"targets_ptr": "*i64", "y_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
-       "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "g_lse_ptr": "*fp32",
-       "gl_ptr": "*fp32", "ge_ptr": "*fp32", "gs_ptr": "*fp32", "logp_ptr": "*fp32",
-       "m_ptr": "*fp32", "s_ptr": "*fp32", "u_ptr": "*fp32", "zy_ptr": "*fp32",
-       "part_ptr": "*fp32", "acc_ptr": "*fp32", "db_ptr": "*fp32"}
-INTS = ("stride_outer", "stride_inner", "stride_row", "stride_grad_row", "stride_h", "stride_w")
-I32 = ("inner", "V", "C", "col0", "N", "H", "ignore_index", "cols_per_split", "rows_per_split",
-       "row0", "row1", "seq_len")
-F32 = ("inv_temp", "softcap", "gamma", "lam", "lam_critic")
+def _specialize(fn, backend, args: dict, launch: dict):
+    """(signature, constexprs, attrs, options) exactly as JITFunction.run derives them: the same
+    binder (native specialize_impl on each argument) and the same _pack_args."""
+    kwargs = dict(args, **launch)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    for option in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # as run() adds them
+        if hasattr(knobs.compilation, option):
+            kwargs[option] = getattr(knobs.compilation, option)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(**kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args,
+                                                          specialization, options)
+    return signature, constexprs, attrs, options
 
 
-def _types(elt: str, **extra) -> dict:
-    types = dict(ROW)
-    types.update({k: "i64" for k in INTS})
-    types.update({k: "i32" for k in I32})
-    types.update({k: "fp32" for k in F32})
-    types.update(extra)
-    return types
+# ------------------------------------------------------------------------------ the cases
+
+def _pointers(**extra) -> dict:
+    return dict(POINTERS, **extra)
 
 
 def _cases():
+    """(name, kernel, input dtype, pointer dtypes, constexprs, launch options): the launchers'
+    configurations, with every optional input present (the most code)."""
     grads = dict(HAS_G_LOGP=True, HAS_G_ENT=True)
+    rows = dict(num_warps=8)
     for elt in ("bf16", "fp32"):
-        t = _types(elt, logits_ptr=f"*{elt}", grad_ptr=f"*{elt}", raw_ptr=f"*{elt}",
-                   h_ptr=f"*{elt}", w_ptr=f"*{elt}", b_ptr=f"*{elt}", col1="i32")
-        yield (f"logprobs_fwd[{elt}]", logits_kernels._logprobs_fwd_kernel, t,
-               dict(WITH_ENTROPY=True, BLOCK_V=4096), 8)
-        yield (f"logprobs_bwd[{elt}]", logits_kernels._logprobs_bwd_kernel, t,
-               dict(BLOCK_V=4096, **grads), 8)
-        yield (f"slice_stats[{elt}]", logits_slice._slice_stats_kernel, t,
-               dict(SOFTCAP=True, BLOCK=4096), 8)
-        yield (f"slice_grad[{elt}]", logits_slice._slice_grad_kernel, t,
-               dict(SOFTCAP=True, BLOCK=4096, HAS_G_LSE=True, **grads), 8)
+        p = _pointers()
+        yield (f"logprobs_fwd[{elt}]", logits_kernels._logprobs_fwd_kernel, elt, p,
+               dict(WITH_ENTROPY=True, BLOCK_V=4096), rows)
+        yield (f"logprobs_bwd[{elt}]", logits_kernels._logprobs_bwd_kernel, elt, p,
+               dict(BLOCK_V=4096, **grads), rows)
+        # fast mode (ops/linear_sliced.py): fp32 logit slices, gradients in the input dtype
+        sliced = _pointers(raw_ptr="fp32", dz_ptr="elt")
+        if elt == "fp32":  # the same program for every input dtype
+            yield ("slice_stats", logits_slice._slice_stats_kernel, elt, sliced,
+                   dict(SOFTCAP=True, BLOCK=4096), rows)
+        yield (f"slice_grad[{elt}]", logits_slice._slice_grad_kernel, elt, sliced,
+               dict(SOFTCAP=True, BLOCK=4096, HAS_G_LSE=True, **grads), rows)
+        # linear_logprobs_fused._config on a GPU
         fused = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, DOT_FP32=False,
                      PRECISION="ieee" if elt == "fp32" else "tf32", HAS_BIAS=True, SOFTCAP=True)
-        yield (f"fused_fwd[{elt}]", linear_logprobs_fused._fused_fwd_kernel, t, fused, 8)
+        launch = dict(num_warps=8, num_stages=3)
+        yield (f"fused_fwd[{elt}]", linear_logprobs_fused._fused_fwd_kernel, elt, p, fused,
+               launch)
         bwd = dict(fused, HAS_G_LSE=True, ATOMIC=True, **grads)
-        yield (f"fused_dh[{elt}]", linear_logprobs_fused._fused_dh_kernel, t, bwd, 8)
-        yield (f"fused_dw[{elt}]", linear_logprobs_fused._fused_dw_kernel, t,
-               dict(bwd, NEED_DW=True, NEED_DB=True), 8)
-    t = _types("fp32", r_ptr="*fp32", v_ptr="*fp32", m_ptr="*u8", g_ptr="*fp32",
-               cu_ptr="*i64", boot_ptr="*fp32", trunc_ptr="*u8", adv_ptr="*fp32",
-               ret_ptr="*fp32")
-    yield ("gae", gae._gae_kernel, t,
+        yield (f"fused_dh[{elt}]", linear_logprobs_fused._fused_dh_kernel, elt, p, bwd, launch)
+        yield (f"fused_dw[{elt}]", linear_logprobs_fused._fused_dw_kernel, elt, p,
+               dict(bwd, NEED_DW=True, NEED_DB=True), launch)
+    p = _pointers(r_ptr="fp32", v_ptr="fp32", m_ptr="u8", g_ptr="fp32", cu_ptr="i64",
+                  boot_ptr="fp32", trunc_ptr="u8", adv_ptr="fp32", ret_ptr="fp32")
+    yield ("gae", gae._gae_kernel, "fp32", p,
            dict(HAS_MASK=True, HAS_GAMMAS=False, PACKED=False, HAS_TRUNC=True, HAS_BOOT=False,
-                FIND_LAST=True, DUAL=True, BLOCK=1024), 4)
+                FIND_LAST=True, DUAL=True, BLOCK=1024), dict(num_warps=4))
 
+
+# ------------------------------------------------------------------------------ the checks
 
 # max dynamic shared memory per block (opt-in), bytes
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+# Spilled bytes (spill stores + spill loads, as ptxas -v counts them; read here from the local
+# memory accesses in the cubin's SASS) allowed per kernel: 0, since a spill in these kernels sits
+# in the hot loop (a row loop, a tl.dot tile loop) and costs local-memory traffic per iteration.
+SPILL_BUDGET_BYTES = 0
+# Kernels that spill today, at their measured spills: {(arch, case): {triton: bytes}}. Each is
+# the budget on that Triton (and the ptxas it bundles), so any growth fails; another Triton
+# version gets the largest entry. All are the fp32 (ieee, FMA-based) tl.dot kernels at the
+# 255-register cap, except sm_80 fused_dw[bf16] on triton 3.9. Not small: fixing them (smaller
+# fp32 tiles, fewer warps) is the kernels' business; these entries only stop them growing.
+SPILL_MEASURED = {
+    (90, "fused_dh[fp32]"): {"3.6": 24, "3.9": 152},
+    (90, "fused_dw[fp32]"): {"3.6": 944, "3.9": 1000},
+    (80, "fused_fwd[fp32]"): {"3.6": 0, "3.9": 812},
+    (80, "fused_dh[fp32]"): {"3.6": 80, "3.9": 2748},
+    (80, "fused_dw[bf16]"): {"3.6": 0, "3.9": 64},
+    # ptxas (12.8 with 3.6, 12.9 with 3.9) gives this one 32 registers and spills ~36 KB per
+    # thread: fp32 dW on sm_80 is pathological, not a matter of a few bytes
+    (80, "fused_dw[fp32]"): {"3.6": 36372, "3.9": 37436},
+}
+
+
+def _spill_budget(arch: int, name: str) -> int:
+    measured = SPILL_MEASURED.get((arch, name))
+    if measured is None:
+        return SPILL_BUDGET_BYTES
+    version = ".".join(triton.__version__.split(".")[:2])
+    return measured.get(version, max(measured.values()))
+
+
+_LOCAL_ACCESS = re.compile(r"\b(STL|LDL)((?:\.[A-Z0-9]+)*)\s")
+_WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+
+
+def _cuobjdump() -> str:
+    tool = getattr(knobs.nvidia, "cuobjdump", None)
+    path = getattr(tool, "path", None)
+    if not path:
+        raise RuntimeError("no cuobjdump: cannot read registers and spills from the cubin")
+    return path
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers, stack frame, local memory and spilled bytes of the cubin's kernel, read from
+    the cubin itself (Triton's metadata has n_regs/n_spills only after loading on a GPU)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    res = {key.lower(): int(val) for key, val in
+           re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage.split("Function", 1)[-1])}
+    if len(res) != 3 or "Function :" not in sass:  # never pass on output we cannot read
+        raise RuntimeError(f"unreadable cuobjdump output:\n{usage[-500:]}\n{sass[:500]}")
+    spill = {"STL": 0, "LDL": 0}  # bytes of local-memory stores / loads, as ptxas -v counts
+    for op, mods in _LOCAL_ACCESS.findall(sass):
+        spill[op] += next((_WIDTH[m] for m in mods.split(".") if m in _WIDTH), 4)
+    res["spill_stores"], res["spill_loads"] = spill["STL"], spill["LDL"]
+    return res
+
+
+def _undivisible(ttir: str, args: dict, constexprs: dict) -> list[str]:
+    """Arguments that are aligned pointers or multiples of 16 but lack tt.divisibility = 16 in
+    the compiled TTIR: the compile would not be the aligned program that runs."""
+    head = next((line for line in ttir.splitlines() if "tt.func public" in line), "")
+    missing = []
+    for name, value in args.items():
+        if name in constexprs:
+            continue
+        if isinstance(value, AlignedPointer) or (type(value) is int and value % 16 == 0):
+            m = re.search(rf"%{name}: [^%]*", head)
+            if m is None or "tt.divisibility = 16" not in m.group(0):
+                missing.append(name)
+    return missing
+
+
+def _compile_one(arch: int, name: str, fn, elt: str, pointers: dict, constexprs: dict,
+                 launch: dict) -> tuple[bool, str]:
+    gone = sorted(set(constexprs) - set(fn.arg_names))
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    args = _example_args(fn, elt, pointers, constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    signature, consts, attrs, options = _specialize(fn, backend, args, launch)
+    out = triton_compile(ASTSource(fn, signature, consts, attrs), target=target,
+                         options=options.__dict__)
+    problems = [f"case sets {k}, which the kernel no longer takes (ignored)" for k in gone]
+    ok = True
+    if "cubin" not in out.asm:
+        return False, "NO CUBIN"
+    shared = out.metadata.shared
+    if shared > SHARED_LIMIT[arch]:
+        ok = False
+        problems.append(f"shared memory {shared} B > {SHARED_LIMIT[arch]} B")
+    missing = _undivisible(out.asm["ttir"], args, constexprs)
+    if missing:
+        ok = False
+        problems.append(f"compiled without tt.divisibility on {', '.join(missing)}")
+    res = _resources(out.asm["cubin"])
+    spilled = res["spill_stores"] + res["spill_loads"]
+    budget = _spill_budget(arch, name)
+    if spilled > budget:
+        ok = False
+        problems.append(f"spills {spilled} B > budget {budget} B")
+    line = (f"shared {shared / 1024:5.1f} KiB  regs {res['reg']:3d}  "
+            f"stack {res['stack']} B  local {res['local']} B  "
+            f"spill st/ld {res['spill_stores']}/{res['spill_loads']} B")
+    return ok, line + "".join(f"\n    {p}" for p in problems)
 
 
 def main(argv=None) -> int:
@@ -94,20 +292,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     failures = 0
     for arch in args.arch or [90]:
-        for name, fn, types, constexprs, warps in _cases():
+        for name, fn, elt, pointers, constexprs, launch in _cases():
             start = time.perf_counter()
             try:
-                src = ASTSource(fn=fn, signature=_sig(fn, types, constexprs), constexprs=constexprs)
-                out = triton_compile(src, target=GPUTarget("cuda", arch, 32),
-                                     options={"num_warps": warps})
-                ok = "cubin" in out.asm and out.metadata.shared <= SHARED_LIMIT[arch]
-                print(f"sm_{arch} {name:<22} {'ok' if ok else 'NO CUBIN / SMEM'} "
-                      f"shared {out.metadata.shared // 1024} KiB "
-                      f"({time.perf_counter() - start:.1f} s)")
-                failures += not ok
+                ok, line = _compile_one(arch, name, fn, elt, pointers, constexprs, launch)
             except Exception as err:  # report every kernel, then fail
-                failures += 1
-                print(f"sm_{arch} {name:<22} FAILED: {type(err).__name__}: {err}"[:2000])
+                ok, line = False, f"FAILED: {type(err).__name__}: {err}"[:2000]
+            failures += not ok
+            print(f"sm_{arch} {name:<20} {'ok  ' if ok else 'FAIL'} {line} "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
     print(f"triton {triton.__version__}: {failures} failure(s)")
     return 1 if failures else 0
 
