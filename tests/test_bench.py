@@ -9,11 +9,19 @@ import json
 import pytest
 import torch
 
+import prefkern
 from prefkern.bench.core import Case, Problem, run_problem
 from prefkern.bench.inputs import logit_stats, peaked_problem
+from prefkern.bench.linear_providers import as_step, providers
+from prefkern.bench.reference_check import (
+    linear_logprobs_reference,
+    logprobs_from_logits_reference,
+)
 from prefkern.bench.results import table
 from prefkern.bench.suites import all_suites
 from prefkern.cli import main
+from prefkern.reference import linear_logprobs_ref
+from prefkern.testing import rule_error
 
 CPU = torch.device("cpu")
 
@@ -35,10 +43,16 @@ def test_bench_cli_tiny(tmp_path, capsys):
         (m, d) for m in ("fwd", "fwd+bwd") for d in ("bfloat16", "float32")}
     assert {"torch_eager", "prefkern_torch", "copy"} <= {r["provider"] for r in logits_rows}
     assert all(r["GBps"] > 0 and r["peak_extra_GiB"] is None for r in logits_rows)
-    # prefkern's torch backend was checked against eager on outputs and gradients
+    # prefkern's torch backend was checked against the fp64 reference on outputs and gradients
     checked = [r for r in logits_rows if r["provider"] == "prefkern_torch"]
-    assert len(checked) == 4 and all(r["max_rel_err"] < 1e-4 for r in checked)
+    assert len(checked) == 4 and all(r["err_over_bound"] <= 1.0 for r in checked)
+    assert all(r["max_rel_err"] < 1e-4 for r in checked if r["dtype"] == "float32")
+    gated = [r for r in timed if r["op"] != "gae" and not r["provider"].startswith("copy")]
+    assert gated and all(r["err_over_bound"] <= 1.0 and r["check"] for r in gated)
+    assert {"logprobs=", "dlogits=", "dhidden=", "dweight=", "entropy="} <= {
+        c.split("=")[0] + "=" for r in gated for c in r["check"].split()}
     assert data["inputs"] and all("logit_std" in i for i in data["inputs"])
+    assert all(0.05 < i["ignored_frac"] < 0.15 for i in data["inputs"] if i["op"] != "gae")
     (csv_path,) = tmp_path.glob("*_all_tiny.csv")
     with csv_path.open() as f:
         csv_rows = list(csv.DictReader(f))
@@ -128,3 +142,212 @@ def test_bench_cli_gpu_tiny(tmp_path):
            if r["provider"].startswith("prefkern") and r["status"] != "ok"]
     assert not bad, bad
     assert all(r["peak_extra_GiB"] is not None for r in timed)
+
+
+# -- the gate: every element against the fp64 spec, under prefkern.testing's rule ----------
+
+T_IGNORE = -100
+
+
+def _masked(logp, targets):
+    return logp.masked_fill(targets == T_IGNORE, 0.0)
+
+
+def _eager_logp(x, targets, temperature=1.0):
+    return _masked(torch.log_softmax(x.float() / temperature, -1)
+                   .gather(-1, targets.clamp_min(0)[:, None])[:, 0], targets)
+
+
+def _logits_rows(fakes: dict, dtype=torch.float32, mode="fwd+bwd", temperature=1.0,
+                 n=64, v=1000) -> dict:
+    """Run ``fakes`` ({name: (x, targets) -> logp, or (fn, upstream scale)}) as the providers
+    of one logprobs_from_logits problem (peaked logits, 10% ignored) -> {name: row}."""
+    hidden, weight, targets = peaked_problem(n, 64, v, torch.float32, ignore_frac=0.1)
+    logits = (hidden @ weight.T).to(dtype)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    grad = mode != "fwd"
+    cases = []
+    for name, fake in fakes.items():
+        fn, scale = fake if isinstance(fake, tuple) else (fake, 1.0)
+        x = logits.detach().clone().requires_grad_(grad)
+
+        def step(fn=fn, x=x, scale=scale):
+            with torch.set_grad_enabled(grad):
+                logp = fn(x, targets)
+                if grad:
+                    logp.backward(g * scale)
+            return logp.detach(), None
+
+        cases.append(Case(name, step, 1.0, "GB/s", (x,) if grad else ()))
+    reference = logprobs_from_logits_reference(logits, targets, temperature=temperature,
+                                               upstream={"logprobs": g} if grad else None)
+    problem = Problem("tiny", mode, str(dtype), cases, next(iter(fakes)), reference=reference)
+    return {r["provider"]: r for r in run_problem("demo", problem, CPU, quick=True)}
+
+
+def _status(rows: dict) -> dict:
+    return {name: r["status"] for name, r in rows.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_catches_wrong_log_probs(dtype):
+    def off_by_one(x, t):  # the log-prob of the next column
+        return _eager_logp(x, torch.where(t == T_IGNORE, t, (t + 1) % x.shape[-1]))
+
+    def unmasked(x, t):  # ignored tokens read column 0 instead of giving 0
+        return torch.log_softmax(x.float(), -1).gather(-1, t.clamp_min(0)[:, None])[:, 0]
+
+    rows = _logits_rows({
+        "eager": _eager_logp,
+        "prefkern_torch": lambda x, t: prefkern.logprobs_from_logits(x, t, backend="torch"),
+        "off_by_one": off_by_one,
+        "unmasked": unmasked,
+    }, dtype)
+    assert _status(rows) == {"eager": "ok", "prefkern_torch": "ok", "off_by_one": "MISMATCH",
+                             "unmasked": "MISMATCH"}
+    assert rows["off_by_one"]["err_over_bound"] > 10
+    assert "logprobs=" in rows["off_by_one"]["check"] and "dlogits=" in rows["eager"]["check"]
+    assert all(r["err_over_bound"] <= 1 for n, r in rows.items() if r["status"] == "ok")
+
+
+def test_gate_catches_a_dropped_temperature():
+    temperature = 0.7
+
+    def no_temperature(x, t):
+        return _eager_logp(x, t)
+
+    rows = _logits_rows({
+        "eager": lambda x, t: _eager_logp(x, t, temperature),
+        "prefkern_torch": lambda x, t: prefkern.logprobs_from_logits(
+            x, t, temperature=temperature, backend="torch"),
+        "no_temperature": no_temperature,
+    }, temperature=temperature)
+    assert _status(rows) == {"eager": "ok", "prefkern_torch": "ok",
+                             "no_temperature": "MISMATCH"}
+
+
+def test_gate_catches_a_gradient_off_by_one_percent():
+    rows = _logits_rows({"eager": _eager_logp, "grad_x1.01": (_eager_logp, 1.01)})
+    assert _status(rows) == {"eager": "ok", "grad_x1.01": "MISMATCH"}
+    # the log-probs are right: only the gradient fails
+    checks = dict(c.split("=") for c in rows["grad_x1.01"]["check"].split())
+    assert float(checks["logprobs"]) <= 1 < float(checks["dlogits"])
+
+
+def _linear(dtype, n=32, h=64, v=1000):
+    hidden, weight, targets = peaked_problem(n, h, v, dtype, ignore_frac=0.1)
+    gen = torch.Generator().manual_seed(1)
+    return hidden, weight, targets, torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+
+
+def _linear_rows(dtype, extra: dict, mode="fwd+bwd", with_entropy=False) -> dict:
+    """The suite's providers (prefkern_torch, torch_eager, torch's linear_cross_entropy) plus
+    ``extra`` ({name: (hid, wt, targets, g_logp, g_ent) -> step}) on one linear problem."""
+    hidden, weight, targets, g_logp, g_ent = _linear(dtype)
+    grad = mode != "fwd"
+    hid, wt = hidden.detach().requires_grad_(grad), weight.detach().requires_grad_(grad)
+    g_e = g_ent if with_entropy else None
+    steps, _ = providers(hid, wt, targets, mode, with_entropy)
+    cases = [Case(name, as_step(name, fn, mode, g_logp, g_e), 1.0, "TFLOP/s", (hid, wt))
+             for name, fn in steps.items()]
+    cases += [Case(name, make(hid, wt, targets, g_logp, g_e), 1.0, "TFLOP/s", (hid, wt))
+              for name, make in extra.items()]
+    reference = linear_logprobs_reference(
+        hid, wt, targets, with_entropy=with_entropy,
+        upstream={"logprobs": g_logp, "entropy": g_e} if grad else None)
+    problem = Problem("tiny", mode, str(dtype), cases, "torch_eager", reference=reference)
+    return {r["provider"]: r for r in run_problem("demo", problem, CPU, quick=True)}
+
+
+def _linear_eager_step(hid, wt, targets, g_logp, g_ent, *, round_logits=False, scale=1.0):
+    def step():
+        logits = hid.float() @ wt.float().T  # fp32 accumulation, as the contract
+        if round_logits:
+            logits = logits.to(hid.dtype).float()
+        log_p = logits.log_softmax(-1)
+        logp = _masked(log_p.gather(-1, targets.clamp_min(0)[:, None])[:, 0], targets)
+        if torch.is_grad_enabled() and hid.requires_grad:
+            (logp * g_logp * scale).sum().backward()
+        return logp.detach(), None
+
+    return step
+
+
+def test_gate_catches_logits_rounded_to_bf16():
+    """linear_logprobs' contract: logits accumulated in fp32 and never rounded to bf16."""
+    rows = _linear_rows(torch.bfloat16, {
+        "fp32_logits": _linear_eager_step,
+        "bf16_logits": lambda *a: _linear_eager_step(*a, round_logits=True),
+    })
+    assert rows["prefkern_torch"]["status"] == "ok", rows["prefkern_torch"]
+    assert rows["fp32_logits"]["status"] == "ok", rows["fp32_logits"]
+    assert rows["bf16_logits"]["status"] == "MISMATCH"
+    checks = dict(c.split("=") for c in rows["bf16_logits"]["check"].split())
+    assert float(checks["logprobs"]) > 1
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_real_linear_providers_pass_and_a_scaled_gradient_fails(with_entropy):
+    def scaled(hid, wt, targets, g_logp, g_ent):
+        steps, _ = providers(hid, wt, targets, "fwd+bwd", with_entropy)
+        return as_step("scaled", steps["prefkern_torch"], "fwd+bwd", g_logp * 1.01,
+                       None if g_ent is None else g_ent * 1.01)
+
+    def no_backward(hid, wt, targets, g_logp, g_ent):  # right outputs, no gradients
+        steps, _ = providers(hid, wt, targets, "fwd", with_entropy)
+        return as_step("no_backward", steps["prefkern_torch"], "fwd", g_logp, g_ent)
+
+    rows = _linear_rows(torch.float32, {"grad_x1.01": scaled, "no_backward": no_backward},
+                        with_entropy=with_entropy)
+    real = [name for name in rows if name.startswith(("prefkern", "torch_"))]
+    assert {"prefkern_torch", "torch_eager"} <= set(real)
+    assert all(rows[name]["status"] == "ok" for name in real), [rows[n] for n in real]
+    assert rows["grad_x1.01"]["status"] == "MISMATCH"
+    checks = dict(c.split("=") for c in rows["grad_x1.01"]["check"].split())
+    assert float(checks["logprobs"]) <= 1
+    assert float(checks["dhidden"]) > 1 and float(checks["dweight"]) > 1
+    assert rows["no_backward"]["status"] == "MISMATCH"
+    assert "dhidden=missing dweight=missing" in rows["no_backward"]["check"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_reference_is_the_rule_on_whole_tensors(dtype):
+    """Row chunks (and recomputing instead of caching) give the same errors and bounds as the
+    rule applied to whole tensors: ref = spec on fp64 inputs, base = spec on the inputs."""
+    hidden, weight, targets, g_logp, g_ent = _linear(dtype, n=37)
+    hid, wt = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    out = prefkern.linear_logprobs(hid, wt, targets, return_entropy=True, backend="torch")
+    ((out.logprobs * g_logp).sum() + (out.entropy * g_ent).sum()).backward()
+    outs, grads = (out.logprobs.detach(), out.entropy.detach()), (hid.grad, wt.grad)
+
+    def whole(dt):
+        h, w = (t.detach().to(dt).requires_grad_() for t in (hidden, weight))
+        o = linear_logprobs_ref(h, w, targets, return_entropy=True)
+        ((o.logprobs * g_logp.to(o.logprobs.dtype)).sum()
+         + (o.entropy * g_ent.to(o.entropy.dtype)).sum()).backward()
+        return (o.logprobs, o.entropy, h.grad, w.grad)
+
+    ref, base = whole(torch.float64), whole(dtype)
+    n, v = targets.shape[0], weight.shape[0]
+    expect = [rule_error(o, r, b, red) for o, r, b, red in zip(
+        (*outs, *grads), ref, base, (v, v, v, n), strict=True)]
+    upstream = {"logprobs": g_logp, "entropy": g_ent}
+    for kw in ({}, {"chunk_rows": 5}, {"chunk_rows": 5, "cache_bytes": 0}):
+        reference = linear_logprobs_reference(hid, wt, targets, upstream=upstream,
+                                              with_entropy=True, **kw)
+        for _ in range(2):  # the second check reuses the cache (or recomputes)
+            got = reference.check(outs, grads)
+            assert [c.name for c in got] == ["logprobs", "entropy", "dhidden", "dweight"]
+            for c, (err, bound, _) in zip(got, expect, strict=True):
+                assert c.ok and c.err == pytest.approx(err, rel=1e-6, abs=1e-15), c
+                # in chunks the base's fp32 matmuls round differently: same size, not same bits
+                assert c.bound == pytest.approx(bound, rel=0.2 if kw else 1e-6), c
+        assert (reference._cache is not None) == (kw.get("cache_bytes") != 0)
+
+
+def test_peaked_inputs_ignore_a_stated_fraction():
+    _, _, targets = peaked_problem(200, 64, 1000, torch.float32, ignore_frac=0.1)
+    assert (targets == -100).sum() == 20
+    assert ((targets >= 0) & (targets < 1000)).sum() == 180
+    _, _, again = peaked_problem(200, 64, 1000, torch.float32)
+    assert (again >= 0).all()

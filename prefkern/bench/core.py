@@ -1,10 +1,17 @@
-"""Suites, cases and the runner: check each provider against the baseline, then time it.
+"""Suites, cases and the runner: check each provider, then time it.
+
+The check: a problem with a ``reference`` (reference_check.py: the spec on fp64 inputs, in row
+chunks) compares every element of each provider's outputs and gradients with it under
+prefkern.testing's rule; a problem without one (gae) compares every element with the baseline
+provider's result, within ``rtol`` of its scale.
 
 A result row (one provider, one mode, one shape) has: op, provider, mode, shape, dtype, status
 ("ok", "MISMATCH", "unchecked", "error: ...", "skipped: ..."), ms_p50/ms_p20/ms_p80,
 peak_extra_GiB, GBps or TFLOPs (work / median time), ratio_to_baseline (median / the baseline's
 median), pct_of_copy (GB/s rows, when the problem has a ``copy*`` provider: GB/s / copy GB/s),
-max_rel_err (worst relative deviation from the baseline over outputs and gradients).
+max_rel_err (worst max|x - ref| / max|ref| over outputs and gradients; ref = the fp64 reference,
+or the baseline's result without one) and, with a reference, err_over_bound (worst
+max|x - ref| / the rule's bound: above 1 is MISMATCH) and check (that ratio per tensor).
 """
 
 from __future__ import annotations
@@ -17,18 +24,20 @@ import torch
 from prefkern.bench.timing import peak_extra_gib, time_ms
 
 UNITS = {"GB/s": ("GBps", 1e-9), "TFLOP/s": ("TFLOPs", 1e-12)}
-CHECK_SAMPLE = 1 << 20  # elements compared per tensor: a strided sample keeps (N, V) checks cheap
 
 
 @dataclass
 class Case:
     """One provider on one input.
 
-    ``fn`` does one step and returns what is compared with the baseline's result (a tensor, or a
-    tuple whose tensors are compared), or None for providers that compute something else
-    (matmul floors, copies). ``work`` is the bytes (unit "GB/s") or FLOPs ("TFLOP/s") of one
-    call. ``grad_to_none``: the tensors whose ``.grad`` the step produces; reset between timed
-    calls, and compared with the baseline's after the first call."""
+    ``fn`` does one step and returns what is checked (a tensor, or a tuple of them: with a
+    problem reference, the per-token outputs in the order of its output_names, e.g.
+    (logp, entropy or None)), or None for providers that compute something else (matmul
+    floors, copies: not checked, status "ok" with no error columns). ``work`` is the bytes
+    (unit "GB/s") or FLOPs ("TFLOP/s") of one call. ``grad_to_none``: the tensors whose
+    ``.grad`` the step produces; reset between timed calls, and checked after the first call
+    (in the order of the reference's grad_names). ``approx``: a method that computes something
+    close on purpose (may be MISMATCH; kept visible)."""
 
     provider: str
     fn: Callable[[], object]
@@ -40,8 +49,9 @@ class Case:
 
 @dataclass
 class Problem:
-    """One shape and mode of a suite: its cases, the baseline provider (the check reference
-    and the ratio denominator), providers skipped with the reason, facts about the input."""
+    """One shape and mode of a suite: its cases, the baseline provider (the ratio denominator,
+    and the check's reference when the problem has no ``reference``), providers skipped with
+    the reason, facts about the input."""
 
     shape: str
     mode: str
@@ -50,6 +60,9 @@ class Problem:
     baseline: str
     skipped: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    # ground truth of the check: an object with check(outputs, grads) -> [TensorCheck] and
+    # release() (prefkern.bench.reference_check); None: compare with the baseline's result
+    reference: object = None
 
 
 @dataclass
@@ -62,21 +75,30 @@ class Suite:
     description: str = ""
 
 
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().reshape(-1)
-    return flat[:: max(1, flat.numel() // CHECK_SAMPLE)].double()
-
-
 def _signature(case: Case, value) -> dict[str, torch.Tensor] | None:
-    """What one call produced, for the check: outputs, then the gradients it left behind."""
+    """What one call produced, for the check against the baseline: outputs, then the gradients
+    it left behind, every element (fp64 copies: meant for small problems such as gae)."""
     if value is None:
         return None
     outs = value if isinstance(value, tuple) else (value,)
-    sig = {f"out{i}": _sample(o) for i, o in enumerate(outs) if isinstance(o, torch.Tensor)}
+    sig = {f"out{i}": o.detach().double() for i, o in enumerate(outs)
+           if isinstance(o, torch.Tensor)}
     for i, t in enumerate(case.grad_to_none):
         if t.grad is not None:
-            sig[f"grad{i}"] = _sample(t.grad)
+            sig[f"grad{i}"] = t.grad.detach().double()
     return sig
+
+
+def _gate(reference, case: Case, value) -> tuple[str, dict]:
+    """Check one provider's call against the problem's reference -> (status, row columns)."""
+    if value is None:  # computes something else (copy, matmul floor): nothing to check
+        return "ok", {}
+    outs = value if isinstance(value, tuple) else (value,)
+    checks = reference.check(outs, tuple(t.grad for t in case.grad_to_none))
+    cols = {"max_rel_err": max(c.rel_err for c in checks),
+            "err_over_bound": max(c.ratio for c in checks),
+            "check": " ".join(f"{c.name}={c.why or f'{c.ratio:.3g}'}" for c in checks)}
+    return ("ok" if all(c.ok for c in checks) else "MISMATCH"), cols
 
 
 def max_rel_err(sig: dict, ref: dict) -> float:
@@ -95,7 +117,8 @@ def max_rel_err(sig: dict, ref: dict) -> float:
 def run_problem(suite: str, problem: Problem, device: torch.device, quick: bool = False,
                 check: bool = True, rtol: float = 2e-2) -> list[dict]:
     """Run the baseline first, then every other case: one checked call (which also warms up),
-    then timing and peak memory. A failing provider gives an error row, never an exception."""
+    then timing and peak memory. A failing provider gives an error row, never an exception.
+    ``rtol``: the tolerance of problems without a reference."""
     rows, reference = [], None
     cases = sorted(problem.cases, key=lambda c: c.provider != problem.baseline)
     for case in cases:
@@ -105,7 +128,10 @@ def run_problem(suite: str, problem: Problem, device: torch.device, quick: bool 
             for t in case.grad_to_none:
                 t.grad = None
             status = "ok"
-            if check:
+            if check and problem.reference is not None:
+                status, cols = _gate(problem.reference, case, case.fn())
+                row.update(cols)
+            elif check:
                 sig = _signature(case, case.fn())
                 if case.provider == problem.baseline:
                     reference = sig
@@ -128,6 +154,8 @@ def run_problem(suite: str, problem: Problem, device: torch.device, quick: bool 
         row.update(status=status, ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_extra_GiB=peak)
         row[metric] = case.work * scale / (p50 * 1e-3)
         rows.append(row)
+    if problem.reference is not None:
+        problem.reference.release()
     _relative_columns(rows, problem.baseline)
     for name, why in problem.skipped.items():
         rows.append(dict(op=suite, provider=name, mode=problem.mode, shape=problem.shape,

@@ -2,17 +2,22 @@
 
 hidden ~ N(0, 1) with column 0 set to 1; W ~ N(0, 9/H) with column 0 = -1.2 * log(rank) over a
 random permutation of the vocab (a Zipf prior); targets sampled from the model's own softmax,
-as in RL rollouts. At H=4096, V=128256 this gives logit std ~3.2, mean max-probability ~0.31,
-entropy ~4.1 nats (anchors2_h100_*.json).
+as in RL rollouts, a fraction ``ignore_frac`` of them (at random positions) set to
+IGNORE_INDEX (prompt and padding tokens). At H=4096, V=128256 this gives logit std ~3.2, mean
+max-probability ~0.31, entropy ~4.1 nats (anchors2_h100_*.json).
 """
 
 from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100
 
-def peaked_problem(n: int, h: int, v: int, dtype=torch.bfloat16, device="cpu", seed: int = 0):
-    """-> (hidden (n, h), weight (v, h), targets (n,) int64)."""
+
+def peaked_problem(n: int, h: int, v: int, dtype=torch.bfloat16, device="cpu", seed: int = 0,
+                   ignore_frac: float = 0.0):
+    """-> (hidden (n, h), weight (v, h), targets (n,) int64); round(ignore_frac * n) targets,
+    at random positions, are IGNORE_INDEX."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen)
     hidden[:, 0] = 1.0
@@ -26,7 +31,14 @@ def peaked_problem(n: int, h: int, v: int, dtype=torch.bfloat16, device="cpu", s
     for r0 in range(0, n, step):
         probs = torch.softmax(hidden[r0:r0 + step] @ weight.T, dim=-1)
         targets[r0:r0 + step] = torch.multinomial(probs, 1).squeeze(1)
+    n_ignored = round(ignore_frac * n)
+    if n_ignored:
+        targets[torch.randperm(n, generator=gen)[:n_ignored].to(device)] = IGNORE_INDEX
     return hidden.to(dtype), weight.to(dtype), targets
+
+
+def ignored_fraction(targets: torch.Tensor) -> float:
+    return (targets == IGNORE_INDEX).float().mean().item()
 
 
 def logit_stats(hidden, weight, rows: int = 256) -> dict:

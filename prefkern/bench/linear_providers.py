@@ -1,10 +1,14 @@
 """What the linear log-prob benchmark times: per-token log-probs (optionally entropy) of target
 tokens from hidden (N, H) and an LM head (V, H), by prefkern and by its peers, on one input.
 
-Every provider is a zero-argument closure doing one step:
+Every provider is a zero-argument closure returning the per-token (logp, entropy or None) with
+their graph; :func:`as_step` makes the step that is checked and timed:
   fwd       under torch.no_grad (reference / old-policy log-probs);
-  fwd+bwd   with a random upstream gradient on the log-probs (and on the entropy when asked),
-            gradients to hidden and weight.
+  fwd+bwd   backward of ``sum(logp * g_logp) + sum(entropy * g_ent)`` (random upstream
+            gradients, the entropy term when asked), gradients to hidden and weight.
+The step returns (logp, entropy or None), detached, and leaves the gradients in .grad: the
+runner checks them against prefkern.bench.reference_check. Ignored targets (-100) give 0
+log-prob and 0 gradient in every provider (eager masks them; the peers take ignore_index).
 FLOPs counted (DESIGN.md): fwd 2NHV; fwd+bwd 2NHV + 4NHV (+ 2NHV where logits are recomputed).
 The matmul floors are plain cuBLAS GEMMs doing the same FLOPs: 1 GEMM (fwd), 3 GEMMs (fwd+bwd
 without recompute), 4 GEMMs (with recompute).
@@ -17,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 import prefkern
+from prefkern.bench.inputs import IGNORE_INDEX
 
 Provider = Callable[[], object]
 
@@ -26,15 +31,15 @@ def flops(n: int, h: int, v: int, mode: str) -> float:
     return 2.0 * n * h * v * (1 if mode == "fwd" else 3)
 
 
-def _eager(hidden, weight, targets, g_logp, g_ent, with_entropy):
+def _eager(hidden, weight, targets, with_entropy):
     def step():
         logits = (hidden @ weight.T).float()
         log_p = logits.log_softmax(-1)
-        logp = log_p.gather(-1, targets.clamp_min(0)[:, None])[:, 0]
-        loss = (logp * g_logp).sum()
-        if with_entropy:
-            loss = loss - ((log_p.exp() * log_p).sum(-1) * g_ent).sum()
-        return loss
+        valid = targets != IGNORE_INDEX
+        logp = log_p.gather(-1, targets.clamp_min(0)[:, None])[:, 0].masked_fill(~valid, 0.0)
+        if not with_entropy:
+            return logp, None
+        return logp, (-(log_p.exp() * log_p).sum(-1)).masked_fill(~valid, 0.0)
 
     return step
 
@@ -51,60 +56,57 @@ def _floor(hidden, weight, n_gemms: int):
     return step
 
 
-def _prefkern(hidden, weight, targets, g_logp, g_ent, with_entropy, backend, mode):
+def _prefkern(hidden, weight, targets, with_entropy, backend, mode):
     def step():
         out = prefkern.linear_logprobs(hidden, weight, targets, return_entropy=with_entropy,
-                                       mode=mode, backend=backend)
-        if not with_entropy:
-            return (out * g_logp).sum()
-        return (out.logprobs * g_logp).sum() + (out.entropy * g_ent).sum()
+                                       ignore_index=IGNORE_INDEX, mode=mode, backend=backend)
+        return (out.logprobs, out.entropy) if with_entropy else (out, None)
 
     return step
 
 
-def _peer_liger(hidden, weight, targets, g_logp):
+def _peer_liger(hidden, weight, targets):
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     def step():
-        loss = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="none")
+        loss = liger_fused_linear_cross_entropy(hidden, weight, targets,
+                                                ignore_index=IGNORE_INDEX, reduction="none")
         loss = loss[0] if isinstance(loss, tuple) else loss
-        return (-loss * g_logp).sum()  # loss = -logp
+        return -loss, None  # loss = -logp, 0 at ignored tokens
 
     return step
 
 
-def _peer_cce(hidden, weight, targets, g_logp, exact: bool):
+def _peer_cce(hidden, weight, targets, exact: bool):
     from cut_cross_entropy import linear_cross_entropy
 
     kw = {"filter_eps": None} if exact else {}
 
     def step():
-        loss = linear_cross_entropy(hidden, weight, targets, reduction="none", **kw)
-        return (-loss * g_logp).sum()
+        loss = linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                    reduction="none", **kw)
+        return -loss, None  # reduction="none" scatters 0 into ignored tokens
 
     return step
 
 
-def _peer_torch_linear_ce(hidden, weight, targets, g_logp):
+def _peer_torch_linear_ce(hidden, weight, targets):
     linear_ce = torch.nn.functional.linear_cross_entropy
 
     def step():
-        loss = linear_ce(hidden, weight, targets, reduction="none", ignore_index=-100)
-        return (-loss * g_logp).sum()
+        loss = linear_ce(hidden, weight, targets, reduction="none", ignore_index=IGNORE_INDEX)
+        return -loss, None
 
     return step
 
 
 def providers(hidden, weight, targets, mode: str, with_entropy: bool) -> tuple[dict, dict]:
-    """-> ({name: step}, {name: why skipped}) for one input. Names of approximate methods end
-    in '(approx)'."""
+    """-> ({name: provider}, {name: why skipped}) for one input. Names of approximate methods
+    end in '(approx)'."""
     device = hidden.device
-    n = hidden.shape[0]
-    g_logp = torch.randn(n, device=device)
-    g_ent = torch.randn(n, device=device)
     steps: dict[str, Provider] = {}
     skipped: dict[str, str] = {}
-    steps["torch_eager"] = _eager(hidden, weight, targets, g_logp, g_ent, with_entropy)
+    steps["torch_eager"] = _eager(hidden, weight, targets, with_entropy)
     if device.type == "cuda":
         if mode == "fwd":
             steps["floor_1gemm"] = _floor(hidden, weight, 1)
@@ -112,22 +114,22 @@ def providers(hidden, weight, targets, mode: str, with_entropy: bool) -> tuple[d
             steps["floor_3gemm"] = _floor(hidden, weight, 3)
             steps["floor_4gemm"] = _floor(hidden, weight, 4)
         for pk_mode in ("fast", "min_memory"):
-            steps[f"prefkern_{pk_mode}"] = _prefkern(hidden, weight, targets, g_logp, g_ent,
-                                                     with_entropy, "triton", pk_mode)
+            steps[f"prefkern_{pk_mode}"] = _prefkern(hidden, weight, targets, with_entropy,
+                                                     "triton", pk_mode)
     else:
-        steps["prefkern_torch"] = _prefkern(hidden, weight, targets, g_logp, g_ent, with_entropy,
-                                            "torch", "auto")
+        steps["prefkern_torch"] = _prefkern(hidden, weight, targets, with_entropy, "torch",
+                                            "auto")
     if with_entropy:
         skipped["peers"] = "Liger-Kernel and Cut Cross-Entropy return no entropy"
         return steps, skipped
     peers = {
-        "liger_flce_none": lambda: _peer_liger(hidden, weight, targets, g_logp),
-        "cce_exact": lambda: _peer_cce(hidden, weight, targets, g_logp, exact=True),
-        "cce_default (approx)": lambda: _peer_cce(hidden, weight, targets, g_logp, exact=False),
+        "liger_flce_none": lambda: _peer_liger(hidden, weight, targets),
+        "cce_exact": lambda: _peer_cce(hidden, weight, targets, exact=True),
+        "cce_default (approx)": lambda: _peer_cce(hidden, weight, targets, exact=False),
     }
     if hasattr(torch.nn.functional, "linear_cross_entropy"):
         peers["torch_linear_cross_entropy"] = lambda: _peer_torch_linear_ce(
-            hidden, weight, targets, g_logp)
+            hidden, weight, targets)
     for name, make in peers.items():
         if device.type != "cuda" and not name.startswith("torch_"):
             skipped[name] = "needs a CUDA device"
@@ -139,20 +141,32 @@ def providers(hidden, weight, targets, mode: str, with_entropy: bool) -> tuple[d
     return steps, skipped
 
 
-def as_step(name: str, fn: Provider, mode: str) -> Provider:
-    """The callable to time: floors and fwd mode run under no_grad; fwd+bwd steps backpropagate
-    their scalar (the timer resets .grad of the inputs between calls)."""
-    if mode == "fwd" or name.startswith("floor_"):
+def as_step(name: str, fn: Provider, mode: str, g_logp: torch.Tensor,
+            g_ent: torch.Tensor | None = None) -> Provider:
+    """The callable to check and time: floors and fwd mode run under no_grad; fwd+bwd steps
+    backpropagate ``sum(logp * g_logp) + sum(entropy * g_ent)`` (the timer resets .grad of the
+    inputs between calls). Returns (logp, entropy or None) detached; floors return None."""
+    if name.startswith("floor_"):
+        def floor_step():
+            with torch.no_grad():
+                fn()
+            # floors compute no log-probs: nothing to check
+
+        return floor_step
+
+    if mode == "fwd":
         def no_grad_step():
             with torch.no_grad():
-                out = fn()
-            return None if name.startswith("floor_") else out  # floors compute no log-probs
+                return fn()
 
         return no_grad_step
 
     def train_step():
-        loss = fn()
+        logp, entropy = fn()
+        loss = (logp * g_logp).sum()
+        if entropy is not None and g_ent is not None:
+            loss = loss + (entropy * g_ent).sum()
         loss.backward()
-        return loss
+        return logp.detach(), None if entropy is None else entropy.detach()
 
     return train_step

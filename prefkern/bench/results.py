@@ -16,7 +16,7 @@ import torch
 
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "status", "ms_p50", "ms_p20", "ms_p80",
            "peak_extra_GiB", "GBps", "TFLOPs", "baseline", "ratio_to_baseline", "pct_of_copy",
-           "max_rel_err", "approx"]
+           "max_rel_err", "err_over_bound", "check", "approx"]
 META_COLUMNS = ["device", "torch", "triton", "git_commit", "date"]
 
 
@@ -145,7 +145,7 @@ def _num(value, digits: int = 3) -> str:
 def table(rows: list[dict]) -> str:
     """Plain-text table: one line per row, columns sized to their content."""
     header = ["op", "mode", "shape", "dtype", "provider", "ms p50", "p20-p80", "GB/s", "TFLOP/s",
-              "% copy", "peak GiB", "ms/base", "status"]
+              "% copy", "peak GiB", "ms/base", "err/bound", "status"]
     lines = []
     for r in rows:
         spread = (f"{_num(r['ms_p20'])}-{_num(r['ms_p80'])}" if r.get("ms_p20") is not None
@@ -155,10 +155,11 @@ def table(rows: list[dict]) -> str:
                       _num(r.get("ms_p50")), spread, _num(r.get("GBps")), _num(r.get("TFLOPs")),
                       _num(r.get("pct_of_copy"), 2),
                       "n/a" if "ms_p50" in r and peak is None else _num(peak),
-                      _num(r.get("ratio_to_baseline")), str(r.get("status", ""))])
+                      _num(r.get("ratio_to_baseline")), _num(r.get("err_over_bound")),
+                      str(r.get("status", "")) + (" (approx)" if r.get("approx") else "")])
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
-    numeric = set(range(5, 12))
+    numeric = set(range(5, 13))
 
     def fmt(cells):
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)

@@ -1,19 +1,24 @@
 """Suite: per-token log-probs of the target tokens from materialized logits (N, V).
 
 Providers, all on the same peaked logits (:func:`prefkern.bench.inputs.peaked_problem` with
-H=256: the logit distribution does not depend on H, see there) and the same targets:
-  torch_eager          ``torch.log_softmax(logits.float(), -1).gather(-1, t[:, None])`` (what
-                       trainers write; the baseline)
+H=256: the logit distribution does not depend on H, see there) and the same targets, IGNORE_FRAC
+of them ignored (-100: 0 log-prob and 0 gradient in every provider):
+  torch_eager          ``torch.log_softmax(logits.float(), -1).gather(-1, t[:, None])``, masked
+                       where t == -100 (what trainers write; the baseline)
   torch_compile        the same under ``torch.compile`` (CUDA only; compiled in the first,
                        untimed call)
   prefkern_<backend>   ``prefkern.logprobs_from_logits(..., backend=b)`` for every backend
                        usable on the device (CPU: torch only, Triton would be its interpreter)
-  flashattn_triton_ce  ``-flash_attn.ops.triton.cross_entropy.cross_entropy_loss(x, t)[0]``
-  liger_ce_none        ``-liger_cross_entropy(x, t, reduction="none")`` (losses in the logits'
-                       dtype; its forward writes the gradient into its own copy of the logits,
-                       so after the first, checked call it is timed on overwritten values)
+  flashattn_triton_ce  ``-flash_attn.ops.triton.cross_entropy.cross_entropy_loss(x, t,
+                       ignore_index=-100)[0]``
+  liger_ce_none        ``-liger_cross_entropy(x, t, ignore_index=-100, reduction="none")``
+                       (losses in the logits' dtype; its forward writes the gradient into its
+                       own copy of the logits, so after the first, checked call it is timed on
+                       overwritten values)
   copy                 ``dst.copy_(logits)``: the device's bandwidth on the same bytes
 Modes: "fwd" under torch.no_grad; "fwd+bwd" with a random upstream gradient on the log-probs.
+Check: the log-probs (and in fwd+bwd dlogits), every element, against the fp64 spec
+logprobs_from_logits_ref in row chunks (prefkern/bench/reference_check.py).
 
 Bytes counted for GB/s (e = bytes per logit; small per-token terms included):
   fwd      N*V*e (logits read once) + 8N (int64 targets) + 4N (fp32 log-probs written)
@@ -28,7 +33,8 @@ import torch
 
 import prefkern
 from prefkern.bench.core import Case, Problem, Suite
-from prefkern.bench.inputs import logit_stats, peaked_problem
+from prefkern.bench.inputs import IGNORE_INDEX, ignored_fraction, logit_stats, peaked_problem
+from prefkern.bench.reference_check import logprobs_from_logits_reference
 from prefkern.bench.suites import register
 
 # (N, V) per preset; CUDA runs bf16, CPU runs bf16 and fp32
@@ -38,6 +44,7 @@ SHAPES = {
     "tiny": [(64, 1000)],
 }
 H_FOR_LOGITS = 256
+IGNORE_FRAC = 0.1  # targets set to -100 (prompt / padding tokens)
 
 
 def bytes_moved(n: int, v: int, elt: int, mode: str) -> int:
@@ -46,13 +53,16 @@ def bytes_moved(n: int, v: int, elt: int, mode: str) -> int:
 
 def _eager(targets):
     def logp(x):
-        return torch.log_softmax(x.float(), -1).gather(-1, targets[:, None])[:, 0]
+        valid = targets != IGNORE_INDEX
+        logp = torch.log_softmax(x.float(), -1).gather(-1, targets.clamp_min(0)[:, None])[:, 0]
+        return logp.masked_fill(~valid, 0.0)
 
     return logp
 
 
 def _prefkern(targets, backend):
-    return lambda x: prefkern.logprobs_from_logits(x, targets, backend=backend)
+    return lambda x: prefkern.logprobs_from_logits(x, targets, ignore_index=IGNORE_INDEX,
+                                                   backend=backend)
 
 
 def _peers(targets) -> tuple[dict, dict]:
@@ -61,13 +71,15 @@ def _peers(targets) -> tuple[dict, dict]:
     try:
         from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
 
-        peers["flashattn_triton_ce"] = lambda x: -cross_entropy_loss(x, targets)[0]
+        peers["flashattn_triton_ce"] = lambda x: -cross_entropy_loss(
+            x, targets, ignore_index=IGNORE_INDEX)[0]
     except ImportError as err:
         skipped["flashattn_triton_ce"] = f"not installed ({err.name})"
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
 
-        peers["liger_ce_none"] = lambda x: -liger_cross_entropy(x, targets, reduction="none")
+        peers["liger_ce_none"] = lambda x: -liger_cross_entropy(
+            x, targets, ignore_index=IGNORE_INDEX, reduction="none")
     except ImportError as err:
         skipped["liger_ce_none"] = f"not installed ({err.name})"
     return peers, skipped
@@ -95,12 +107,12 @@ def providers(targets, device: torch.device) -> tuple[dict, dict]:
 
 
 def _step(name: str, fn, logits: torch.Tensor, g: torch.Tensor, mode: str):
-    """-> (the callable to time, the tensor it differentiates). The callable returns the
-    log-probs, which the runner compares with the baseline's (and the logits' gradient)."""
+    """-> (the callable to time, the tensor it differentiates). The callable returns
+    (log-probs, None): the per-token outputs the runner checks (with the logits' gradient)."""
     if mode == "fwd":
         def fwd():
             with torch.no_grad():
-                return fn(logits)
+                return fn(logits), None
 
         return fwd, logits
     # Liger overwrites the logits it is given with their gradient: it gets its own copy
@@ -110,7 +122,7 @@ def _step(name: str, fn, logits: torch.Tensor, g: torch.Tensor, mode: str):
     def fwd_bwd():
         logp = fn(x)
         logp.backward(g)
-        return logp.detach()
+        return logp.detach(), None
 
     return fwd_bwd, x
 
@@ -126,8 +138,10 @@ def problems(device: torch.device, shapes: str):
     preset = shapes if device.type == "cuda" or shapes != "default" else "small"
     dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.bfloat16, torch.float32]
     for n, v in SHAPES[preset]:
-        hidden, weight, targets = peaked_problem(n, H_FOR_LOGITS, v, torch.float32, device)
-        info = {"input": f"N={n} V={v} peaked (H={H_FOR_LOGITS})", **logit_stats(hidden, weight)}
+        hidden, weight, targets = peaked_problem(n, H_FOR_LOGITS, v, torch.float32, device,
+                                                 ignore_frac=IGNORE_FRAC)
+        info = {"input": f"N={n} V={v} peaked (H={H_FOR_LOGITS})",
+                "ignored_frac": ignored_fraction(targets), **logit_stats(hidden, weight)}
         logits32 = hidden @ weight.T
         del hidden, weight
         g = torch.randn(n, device=device, generator=torch.Generator(device).manual_seed(1))
@@ -145,8 +159,10 @@ def problems(device: torch.device, shapes: str):
                     grads = (x,) if x.requires_grad else ()
                     cases.append(Case(name, step, bytes_moved(n, v, elt, mode), "GB/s", grads))
                 cases.append(Case("copy", _copy(dst, logits), 2 * n * v * elt, "GB/s"))
+                reference = logprobs_from_logits_reference(
+                    logits, targets, upstream={"logprobs": g} if mode != "fwd" else None)
                 yield Problem(f"N={n} V={v}", mode, str(dtype).removeprefix("torch."), cases,
-                              "torch_eager", dict(skipped), info)
+                              "torch_eager", dict(skipped), info, reference)
             del logits, dst
 
 
