@@ -71,7 +71,7 @@ def _rows_layout(logits: torch.Tensor, targets: torch.Tensor):
     """(N, V) or (B, T, V) logits with unit stride along V (e.g. ``logits[:, :-1]`` needs no
     copy) -> (N, V, stride_outer, stride_inner, inner): row r lives at
     (r // inner) * stride_outer + (r % inner) * stride_inner."""
-    if logits.dim() not in (2, 3) or logits.stride(-1) != 1:
+    if logits.dim() not in (2, 3) or (logits.stride(-1) != 1 and logits.shape[-1] > 1):
         raise ValueError("logits must be (N, V) or (B, T, V) with unit stride along V")
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits dtype {logits.dtype} not supported by the Triton kernel")

@@ -48,7 +48,7 @@ def _impl(backend: str):
 def _as_rows(logits: Tensor) -> Tensor:
     """(..., V) -> (N, V) with unit stride along V (a copy only when no view exists)."""
     rows = logits.reshape(-1, logits.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
 # torch.library custom ops: opaque to torch.compile(fullgraph=True), with fake shapes.
@@ -136,7 +136,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
                            AUTO_ORDER if logits.dtype != torch.float64 else ())
 
     lead = logits.shape[:-1]
-    if name == "triton" and logits.dim() == 3 and logits.stride(-1) == 1:
+    if name == "triton" and logits.dim() == 3 and (logits.stride(-1) == 1 or vocab == 1):
         rows = logits  # (B, T) rows indexed in place: logits[:, :-1] needs no copy
     else:
         rows = _as_rows(logits)

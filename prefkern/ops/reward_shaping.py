@@ -78,6 +78,8 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
     rewards = torch.where(valid, -kl_coef * kl, 0.0)
     if token_level:
         return rewards + scores.to(dtype)
+    if rewards.numel() == 0:  # no token to carry the outcome score
+        return rewards
     s = scores.to(dtype)
     if score_clip is not None:
         s = s.clamp(min=score_clip[0], max=score_clip[1])
@@ -109,11 +111,13 @@ class RunningMoments:
         if self.count is None:
             zero = torch.zeros((), dtype=torch.float64, device=values.device)
             self.count, self.mean, self._m2 = zero, zero.clone(), zero.clone()
-        # shifting by the running mean keeps sum-of-squares cancellation small
-        n, total, total_sq = masked_moments(values.to(torch.float64) - self.mean, mask,
-                                            self.process_group)
-        delta = total / n.clamp(min=1)  # batch mean minus running mean
-        m2_batch = (total_sq - total * delta).clamp(min=0)
+        # two passes: squares taken around the batch's own mean, so no precision is lost to
+        # (mean / std)^2 cancellation (one more reduction; still no host sync)
+        x = values.to(torch.float64)
+        n, total, _ = masked_moments(x, mask, self.process_group)
+        batch_mean = total / n.clamp(min=1)
+        _, _, m2_batch = masked_moments(x - batch_mean, mask, self.process_group)
+        delta = batch_mean - self.mean
         merged = self.count + n
         self._m2 = self._m2 + m2_batch + delta * delta * self.count * n / merged.clamp(min=1)
         self.mean = self.mean + delta * n / merged.clamp(min=1)
@@ -158,12 +162,12 @@ def normalize_rewards(rewards: torch.Tensor, moments: RunningMoments, *,
     if moments.count is None:
         raise ValueError("moments has seen no values: call with update=True first")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    r = rewards.to(dtype)
+    r = rewards.to(torch.float64)  # in fp64, rounded once at the end
     if center:
-        r = r - moments.mean.to(dtype)
-    out = r / (moments.std + eps).to(dtype)
+        r = r - moments.mean
+    out = r / (moments.std + eps)
     if clip is not None:
         out = out.clamp(min=-clip, max=clip)
     if mask is not None:
         out = torch.where(mask != 0, out, 0.0)
-    return out
+    return out.to(dtype)

@@ -1,0 +1,619 @@
+"""Property-based tests (hypothesis): every public op against its float64 spec.
+
+Each property draws a problem (shapes, dtypes, options, edge cases, a torch seed for the
+values), runs the op, and applies the project's comparison rule (prefkern.testing.assert_rule):
+
+    ref  = <op>_ref(inputs upcast to fp64)          # prefkern.reference: the spec
+    base = <op>_ref(inputs in the test dtype)       # fp32 math for half inputs
+    max|out - ref| <= 2 * max|base - ref| + floor(dtype, reduction) * max|ref|
+
+plus exact invariants (output dtypes and shapes, zeros at ignored tokens and outside masks,
+returns = V at padding). Where the base is not literally <op>_ref in the test dtype, the
+helper says why: gae's base is the practitioner's loop over time (gae_loop_over_time);
+linear_logprobs' half-precision gradients follow the README's numerics contract (d-logits
+rounded to the input dtype before the gradient GEMMs, see _contract_grads); bf16 values that
+a Triton kernel rounds inside the CPU interpreter are truncated there (see platform_round).
+
+Cost: the "prefkern-ci" profile (default) is derandomized (the same examples on every run, so
+CI is reproducible), does not shrink, and draws small problems; Triton kernels run in the CPU
+interpreter here, so their properties draw fewer, tinier examples. To hunt for bugs locally
+(random examples, shrunk to a minimal failing one):
+
+    PREFKERN_HYPOTHESIS_PROFILE=prefkern-dev PREFKERN_HYPOTHESIS_SCALE=20 \
+        pytest tests/test_properties.py
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from cases import make_logits, make_targets
+from compare import assert_rule, leaf
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import prefkern
+from prefkern.dispatch import interpreting
+from prefkern.reference import (
+    gae_ref,
+    group_advantages_ref,
+    kl_penalized_rewards_ref,
+    linear_logprobs_ref,
+    logprobs_from_logits_ref,
+    masked_whiten_ref,
+    normalize_rewards_ref,
+)
+from prefkern.reference.advantages import GROUP_METHODS, gae_loop_over_time
+
+# ------------------------------------------------------------------------------ profiles
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])
+# CI: fixed examples, no example database written into the checkout, and no shrinking (a
+# failure prints the whole drawn example, enough to reproduce it; shrinking Triton-interpreter
+# examples would take minutes)
+settings.register_profile("prefkern-ci", derandomize=True, database=None,
+                          phases=[Phase.explicit, Phase.generate], **_COMMON)
+# local bug hunting: fresh random examples each run, shrunk to a minimal failing one and
+# remembered in .hypothesis/
+settings.register_profile("prefkern-dev", derandomize=False, **_COMMON)
+PROFILE = settings.get_profile(os.environ.get("PREFKERN_HYPOTHESIS_PROFILE", "prefkern-ci"))
+SCALE = float(os.environ.get("PREFKERN_HYPOTHESIS_SCALE", "1"))
+
+
+def budget(examples: int) -> settings:
+    """The profile with ``examples`` (times $PREFKERN_HYPOTHESIS_SCALE) examples."""
+    return settings(PROFILE, max_examples=max(1, round(examples * SCALE)))
+
+
+HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
+seeds = st.integers(0, 2**32 - 1)
+ignore_fracs = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))
+temperatures = st.one_of(st.just(1.0), st.floats(0.05, 4.0))
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Outputs of every op: fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def platform_round(x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """fp32 ``x`` rounded to ``dtype`` the way the backend's platform rounds. Triton's CPU
+    interpreter converts fp32 -> bf16 by truncation (round toward zero, even with
+    fp_downcast_rounding="rtne"), so under TRITON_INTERPRET the base of a bf16 value a Triton
+    kernel rounded is truncated too; everywhere else it is round-to-nearest."""
+    if dtype == torch.bfloat16 and backend == "triton" and interpreting():
+        return (x.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    return x.to(dtype)
+
+
+# ------------------------------------------------------------------- logprobs_from_logits
+@st.composite
+def logits_problems(draw, max_dims: int, max_dim: int, max_vocab: int,
+                    dtypes=HALF_AND_SINGLE):
+    lead = tuple(draw(st.lists(st.integers(0, max_dim), max_size=max_dims)))
+    vocab = draw(st.one_of(st.integers(1, max_vocab), st.sampled_from([1, 15, 16, 17, 4097])))
+    layout = "contiguous"
+    if len(lead) == 2:  # views a trainer passes: logits[:, :-1], or (T, B) transposed
+        layout = draw(st.sampled_from(["contiguous", "sliced", "transposed"]))
+    return_entropy = draw(st.booleans())
+    return dict(
+        lead=lead, vocab=vocab, layout=layout, dtype=draw(st.sampled_from(dtypes)),
+        # make_logits kinds, or "scaled": std * N(0, 1) + offset
+        kind=draw(st.sampled_from(["normal", "extreme", "negative", "peaked", "scaled"])),
+        std=draw(st.sampled_from([0.01, 1.0, 30.0])),
+        offset=draw(st.sampled_from([0.0, -500.0, -3e4, 1e3])),
+        temperature=draw(temperatures), ignore_frac=draw(ignore_fracs),
+        return_entropy=return_entropy,
+        grads=draw(st.sampled_from(["logp", "ent", "both"])) if return_entropy else "logp",
+        seed=draw(seeds))
+
+
+def _logits(p):
+    """(base logits tensor, view applied to it, targets, g_logp, g_ent)."""
+    torch.manual_seed(p["seed"])
+    lead, vocab = p["lead"], p["vocab"]
+    stored = (lead[0], lead[1] + 1) if p["layout"] == "sliced" else (
+        (lead[1], lead[0]) if p["layout"] == "transposed" else lead)
+    if p["kind"] == "scaled":
+        logits = p["std"] * torch.randn(*stored, vocab) + p["offset"]
+    else:
+        logits = make_logits(stored, vocab, p["kind"])
+    view = {"contiguous": lambda x: x, "sliced": lambda x: x[:, :-1],
+            "transposed": lambda x: x.transpose(0, 1)}[p["layout"]]
+    targets = make_targets(lead, vocab, p["ignore_frac"])
+    g_logp = torch.randn(lead) if p["grads"] in ("logp", "both") else None
+    g_ent = torch.randn(lead) if p["grads"] in ("ent", "both") else None
+    return logits.to(p["dtype"]), view, targets, g_logp, g_ent
+
+
+def _run_logprobs(fn, base_logits, view, targets, g_logp, g_ent, p):
+    x = leaf(base_logits)
+    out = fn(view(x), targets, temperature=p["temperature"], return_entropy=p["return_entropy"])
+    logp, ent = out if p["return_entropy"] else (out, None)
+    loss = sum((o * g.to(o.dtype)).sum() for o, g in ((logp, g_logp), (ent, g_ent))
+               if g is not None)
+    loss.backward()
+    return logp, ent, x.grad
+
+
+def check_logprobs_from_logits(p, backend):
+    logits, view, targets, g_logp, g_ent = _logits(p)
+    vocab = p["vocab"]
+    ours = _run_logprobs(lambda *a, **k: prefkern.logprobs_from_logits(*a, backend=backend, **k),
+                         logits, view, targets, g_logp, g_ent, p)
+    ref = _run_logprobs(logprobs_from_logits_ref, logits.double(), view, targets, g_logp, g_ent, p)
+    # the spec in fp32 math (as on the test-dtype inputs), its dlogits rounded once
+    base = _run_logprobs(logprobs_from_logits_ref, logits.float(), view, targets, g_logp, g_ent, p)
+    base = (*base[:2], platform_round(base[2], p["dtype"], backend))
+
+    logp, ent, grad = ours
+    assert logp.shape == targets.shape and logp.dtype == out_dtype(p["dtype"])
+    assert grad.dtype == p["dtype"] and grad.shape == logits.shape
+    assert_rule(logp, ref[0], base[0], "logprobs", reduction=vocab)
+    if p["return_entropy"]:
+        assert ent.shape == targets.shape and ent.dtype == out_dtype(p["dtype"])
+        assert_rule(ent, ref[1], base[1], "entropy", reduction=vocab)
+    assert_rule(grad, ref[2], base[2], "dlogits", reduction=vocab)
+    ignored = targets == -100
+    assert (logp[ignored] == 0).all(), "logprobs of ignored tokens must be 0"
+    assert ent is None or (ent[ignored] == 0).all(), "entropy of ignored tokens must be 0"
+    assert (view(grad)[ignored] == 0).all(), "ignored tokens must get zero gradient"
+
+
+@budget(100)
+@given(p=logits_problems(max_dims=3, max_dim=4, max_vocab=300))
+def test_logprobs_from_logits_torch(p):
+    check_logprobs_from_logits(p, "torch")
+
+
+@budget(30)
+@given(p=logits_problems(max_dims=2, max_dim=3, max_vocab=100))
+def test_logprobs_from_logits_triton(p):
+    check_logprobs_from_logits(p, "triton")
+
+
+# ------------------------------------------------------------------------ linear_logprobs
+@st.composite
+def linear_problems(draw, max_n: int, max_h: int, max_v: int, dtypes=HALF_AND_SINGLE):
+    lead = draw(st.one_of(st.sampled_from([(0,), (1,)]),
+                          st.lists(st.integers(0, max_n), min_size=1, max_size=2).map(tuple)))
+    lead = lead if math.prod(lead) <= max_n else (max_n,)
+    return_entropy, return_lse = draw(st.booleans()), draw(st.booleans())
+    returned = ["logp"] + ["ent"] * return_entropy + ["lse"] * return_lse
+    trainable = draw(st.lists(st.sampled_from(["hidden", "weight", "bias"]), min_size=1,
+                              unique=True))
+    return dict(
+        lead=lead, h=draw(st.integers(1, max_h)),
+        v=draw(st.one_of(st.integers(1, max_v), st.sampled_from([1, 15, 17]))),
+        dtype=draw(st.sampled_from(dtypes)), with_bias=draw(st.booleans()),
+        kind=draw(st.sampled_from(["normal", "extreme", "negative"])),
+        softcap=draw(st.one_of(st.none(), st.sampled_from([0.5, 30.0]), st.floats(1.0, 50.0))),
+        temperature=draw(temperatures), ignore_frac=draw(ignore_fracs),
+        return_entropy=return_entropy, return_lse=return_lse,
+        grads=draw(st.lists(st.sampled_from(returned), min_size=1, unique=True)),
+        trainable=trainable, seed=draw(seeds))
+
+
+def _linear(p):
+    torch.manual_seed(p["seed"])
+    lead, h, v = p["lead"], p["h"], p["v"]
+    hidden = torch.randn(*lead, h)
+    weight = torch.randn(v, h) * (3.0 / h**0.5)
+    if p["kind"] == "extreme":  # logits of std ~300
+        weight = weight * 100.0
+    elif p["kind"] == "negative":  # every logit far below 0
+        hidden[..., 0] = 1.0
+        weight[:, 0] = -200.0
+    bias = torch.randn(v) if p["with_bias"] else None
+    targets = make_targets(lead, v, p["ignore_frac"])
+    upstream = {k: torch.randn(lead) if k in p["grads"] else None for k in ("logp", "ent", "lse")}
+    cast = lambda t: None if t is None else t.to(p["dtype"])
+    return cast(hidden), cast(weight), cast(bias), targets, upstream
+
+
+def _run_linear(fn, tensors, targets, upstream, p, dtype=None):
+    leaves = [None if t is None else (leaf(t, dtype) if name in p["trainable"]
+                                      else t.detach().to(dtype or t.dtype))
+              for name, t in zip(("hidden", "weight", "bias"), tensors, strict=True)]
+    out = fn(*leaves[:2], targets, leaves[2], temperature=p["temperature"],
+             softcap=p["softcap"], return_entropy=p["return_entropy"],
+             return_lse=p["return_lse"])
+    if not (p["return_entropy"] or p["return_lse"]):
+        out = (out, None, None)
+    loss = sum((o * upstream[k].to(o.dtype)).sum()
+               for k, o in zip(("logp", "ent", "lse"), out, strict=True)
+               if upstream[k] is not None)
+    if loss.requires_grad:
+        loss.backward()
+    return (*out, *(None if t is None else t.grad for t in leaves))
+
+
+LINEAR_NAMES = ("logprobs", "entropy", "lse", "dhidden", "dweight", "dbias")
+
+
+def _contract_grads(tensors, targets, upstream, p, backend):
+    """(dhidden, dweight, dbias) of the README's numerics contract for half inputs: the spec's
+    fp32 d-logits, rounded to the input dtype where they feed the dh/dW GEMMs, products
+    accumulated in fp32, one final rounding. The spec itself (autograd through
+    linear_logprobs_ref) keeps the d-logits in fp32; the two differ by far more than the rule's
+    floor where dhidden cancels (e.g. identical logits), so this is the base for gradients."""
+    hidden, weight, bias = (None if t is None else t.float() for t in tensors)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    raw = h2 @ weight.T if bias is None else h2 @ weight.T + bias
+    # the spec from the logits on: an identity LM head leaves them exactly as they are
+    flat_up = {k: None if g is None else g.reshape(-1) for k, g in upstream.items()}
+    spec = _run_linear(linear_logprobs_ref, (raw, torch.eye(raw.shape[-1]), None),
+                       targets.reshape(-1), flat_up, {**p, "trainable": ["hidden"]})
+    dz = spec[3] if spec[3] is not None else torch.zeros_like(raw)
+    dz_in = platform_round(dz, p["dtype"], backend).float()
+    dtype = p["dtype"]
+    return ((dz_in @ weight).to(dtype).view(tensors[0].shape), (dz_in.T @ h2).to(dtype),
+            None if bias is None else dz.sum(0).to(dtype))
+
+
+def check_linear_logprobs(p, backend, mode="auto", deterministic=False):
+    hidden, weight, bias, targets, upstream = _linear(p)
+    n, v = targets.numel(), p["v"]
+
+    def op(*a, **k):
+        return prefkern.linear_logprobs(*a, backend=backend, mode=mode,
+                                        deterministic=deterministic, **k)
+
+    tensors = (hidden, weight, bias)
+    ours = _run_linear(op, tensors, targets, upstream, p)
+    ref = _run_linear(linear_logprobs_ref, tensors, targets, upstream, p, torch.float64)
+    base = _run_linear(linear_logprobs_ref, tensors, targets, upstream, p)
+    if p["dtype"] in (torch.bfloat16, torch.float16):
+        contract = _contract_grads(tensors, targets, upstream, p, backend)
+        base = (*base[:3], *(None if b is None else c for b, c in zip(base[3:], contract,
+                                                                        strict=True)))
+    for name, o, r, b in zip(LINEAR_NAMES, ours, ref, base, strict=True):
+        if r is None:
+            assert o is None, f"{name}: expected None"
+            continue
+        grad = name.startswith("d")
+        assert o.dtype == (p["dtype"] if grad else out_dtype(p["dtype"])), name
+        # dweight and dbias sum over tokens, everything else over the vocabulary; every logit
+        # in them is itself a sum of H products
+        assert_rule(o, r, b, name, reduction=(n if name in ("dweight", "dbias") else v) + p["h"])
+    ignored = targets == -100
+    for name, o in zip(LINEAR_NAMES[:4], ours[:4], strict=True):
+        assert o is None or (o[ignored] == 0).all(), f"{name} of ignored tokens must be 0"
+
+
+@budget(80)
+@given(p=linear_problems(max_n=12, max_h=40, max_v=150))
+def test_linear_logprobs_torch(p):
+    check_linear_logprobs(p, "torch")
+
+
+@budget(20)
+@given(p=linear_problems(max_n=20, max_h=40, max_v=70))
+def test_linear_logprobs_triton_fast(p):
+    check_linear_logprobs(p, "triton", "fast")
+
+
+@budget(20)
+@given(p=linear_problems(max_n=20, max_h=40, max_v=70), deterministic=st.booleans())
+def test_linear_logprobs_triton_min_memory(p, deterministic):
+    check_linear_logprobs(p, "triton", "min_memory", deterministic)
+
+
+# ------------------------------------------------------------------------------------ gae
+@st.composite
+def gae_problems(draw, max_b: int, max_t: int, dtypes=HALF_AND_SINGLE):
+    b = draw(st.integers(0, max_b))
+    t = draw(st.integers(0, max_t))
+    lengths = draw(st.lists(st.integers(0, t), min_size=b, max_size=b))
+    dtype = draw(st.sampled_from(dtypes))
+    truncated = draw(st.booleans())
+    return dict(
+        b=b, t=t, lengths=lengths,
+        # rewards and values may differ in dtype (fp64 only with fp64)
+        r_dtype=dtype, v_dtype=dtype if dtype == torch.float64 else draw(st.sampled_from(
+            [d for d in dtypes if d != torch.float64])),
+        mask=draw(st.sampled_from([None, torch.bool, torch.int64, torch.float32])),
+        hole_frac=draw(st.sampled_from([0.0, 0.2, 0.7, 1.0])),
+        gamma=draw(st.one_of(st.sampled_from([1.0, 0.0, "per-token"]), st.floats(0.0, 1.0))),
+        lam=draw(st.one_of(st.sampled_from([1.0, 0.0]), st.floats(0.0, 1.0))),
+        lam_critic=draw(st.one_of(st.none(), st.floats(0.0, 1.0))),
+        truncated=truncated, bootstrap=truncated and draw(st.booleans()),
+        whiten=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 100.0])),
+        cu_dtype=draw(st.sampled_from([torch.int32, torch.int64])), seed=draw(seeds))
+
+
+def _gae_padded(p):
+    """(B, T) rewards, values, mask (valid prefix of each row minus holes; None: all valid),
+    kwargs; plus the 'inside' mask of each row's first lengths[i] tokens."""
+    torch.manual_seed(p["seed"])
+    b, t = p["b"], p["t"]
+    rewards = p["scale"] * torch.randn(b, t)
+    values = p["scale"] * torch.randn(b, t)
+    inside = torch.arange(t)[None] < torch.tensor(p["lengths"], dtype=torch.long).view(b, 1)
+    mask = inside & ~(torch.rand(b, t) < p["hole_frac"])
+    kw = dict(lam=p["lam"], lam_critic=p["lam_critic"])
+    kw["gamma"] = torch.rand(b, t) if p["gamma"] == "per-token" else p["gamma"]
+    if p["truncated"]:
+        kw["truncated"] = torch.rand(b) < 0.5
+    if p["bootstrap"]:
+        kw["bootstrap"] = torch.randn(b)
+    return rewards, values, mask, inside, kw
+
+
+def _gae_base(rewards, values, mask, kw, whiten):
+    """The practitioner's loop over time in the test dtype (+ whitening of its advantages)."""
+    if rewards.numel() == 0:
+        zero = torch.zeros(rewards.shape, dtype=torch.float64)
+        return zero, zero
+    adv, ret = gae_loop_over_time(rewards, values, mask, **kw)
+    return (masked_whiten_ref(adv, mask) if whiten else adv), ret
+
+
+def _as64(kw):
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in kw.items()}
+
+
+def _check_gae(out, ref, base, p, reduction):
+    for name, o, r, b in zip(("advantages", "returns"), out, ref, base, strict=True):
+        assert o.dtype == out_dtype(p["r_dtype"]) and o.shape == r.shape, name
+        assert_rule(o, r, b, name, reduction=reduction)
+
+
+def _check_padding(out, values, mask, whiten):
+    """After each row's last valid token (verl's padding): A = 0 and returns = V, exactly."""
+    if mask is None or mask.numel() == 0:
+        return
+    idx = torch.arange(mask.shape[-1])
+    last = torch.where(mask != 0, idx, -1).amax(-1, keepdim=True)
+    padding = idx > last
+    if not whiten:
+        assert (out[0][padding] == 0).all(), "advantages at padding must be 0"
+    assert torch.equal(out[1][padding], values.to(out[1].dtype)[padding]), "returns != V"
+
+
+def check_gae_padded(p, backend):
+    rewards, values, mask, _, kw = _gae_padded(p)
+    rewards, values = rewards.to(p["r_dtype"]), values.to(p["v_dtype"])
+    mask = None if p["mask"] is None else mask.to(p["mask"])
+    out = prefkern.gae(rewards, values, mask, whiten=p["whiten"], backend=backend, **kw)
+    ref = gae_ref(rewards.double(), values.double(), mask, whiten=p["whiten"], **_as64(kw))
+    base = _gae_base(rewards, values, mask, kw, p["whiten"])
+    _check_gae(out, ref, base, p,
+               reduction=rewards.numel() if p["whiten"] else rewards.shape[-1])
+    _check_padding(out, values, mask, p["whiten"])
+
+
+def check_gae_packed(p, backend):
+    rewards, values, mask, inside, kw = _gae_padded(p)
+    rewards, values = rewards.to(p["r_dtype"]), values.to(p["v_dtype"])
+    lengths = torch.tensor(p["lengths"], dtype=torch.long)
+    cu = torch.zeros(p["b"] + 1, dtype=torch.long)
+    cu[1:] = lengths.cumsum(0)
+    flat = lambda x: x[inside]  # row-major: sequence after sequence
+    packed_mask = None if p["mask"] is None else flat(mask).to(p["mask"])
+    packed_kw = {**kw, "gamma": flat(kw["gamma"]) if isinstance(kw["gamma"], torch.Tensor)
+                 else kw["gamma"]}
+    r_p, v_p = flat(rewards), flat(values)
+    out = prefkern.gae(r_p, v_p, packed_mask, cu_seqlens=cu.to(p["cu_dtype"]),
+                       whiten=p["whiten"], backend=backend, **packed_kw)
+    ref = gae_ref(r_p.double(), v_p.double(), packed_mask, cu_seqlens=cu, whiten=p["whiten"],
+                  **_as64(packed_kw))
+    # the loop over time runs on the padded layout: padding is masked out there
+    padded_mask = inside & (mask if p["mask"] is not None else True)
+    adv_b, ret_b = _gae_base(rewards, values, padded_mask, kw, whiten=False)
+    adv_b, ret_b = flat(adv_b), flat(ret_b)
+    if p["whiten"]:
+        adv_b = masked_whiten_ref(adv_b, packed_mask)
+    _check_gae(out, ref, (adv_b, ret_b), p,
+               reduction=r_p.numel() if p["whiten"] else max(p["lengths"], default=1))
+
+
+@budget(100)
+@given(p=gae_problems(max_b=5, max_t=40, dtypes=(*HALF_AND_SINGLE, torch.float64)))
+def test_gae_padded_torch(p):
+    check_gae_padded(p, "torch")
+
+
+@budget(60)
+@given(p=gae_problems(max_b=5, max_t=40, dtypes=(*HALF_AND_SINGLE, torch.float64)))
+def test_gae_packed_torch(p):
+    check_gae_packed(p, "torch")
+
+
+@budget(25)
+@given(p=gae_problems(max_b=4, max_t=40))
+def test_gae_padded_triton(p):
+    check_gae_padded(p, "triton")
+
+
+@budget(6)  # the packed kernel scans 1024-token chunks: slow in the interpreter
+@given(p=gae_problems(max_b=3, max_t=40))
+def test_gae_packed_triton(p):
+    check_gae_packed(p, "triton")
+
+
+# ----------------------------------------------------------------------- group_advantages
+ID_POOLS = {"small": [0, 1, 2], "sparse": [-3, 5, 7, 2**40]}
+
+
+@st.composite
+def group_problems(draw):
+    method = draw(st.sampled_from(GROUP_METHODS))
+    layouts = {"reinforce_pp": ["token"], "opo": ["scalar+mask", "token"]}
+    layout = draw(st.sampled_from(layouts.get(method, ["scalar", "scalar+mask", "token"])))
+    b = draw(st.integers(0, 12))
+    pool = draw(st.sampled_from(sorted(ID_POOLS)))
+    return dict(
+        method=method, layout=layout, b=b, t=draw(st.integers(1, 6)),
+        ids=draw(st.lists(st.sampled_from(ID_POOLS[pool]), min_size=b, max_size=b)),
+        id_dtype=torch.int64 if pool == "sparse" else draw(st.sampled_from([torch.int32,
+                                                                              torch.int64])),
+        token_mask=draw(st.booleans()),  # token layout: pass a mask, or None (all valid)
+        # binary outcome rewards give zero-variance groups; "offset" a badly conditioned std
+        kind=draw(st.sampled_from(["normal", "binary", "zeros", "offset"])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        eps=draw(st.sampled_from([1e-6, 1e-2])), gamma=draw(st.floats(0.0, 1.0)),
+        seed=draw(seeds))
+
+
+def check_group_advantages(p):
+    torch.manual_seed(p["seed"])
+    b, t = p["b"], p["t"]
+    shape = (b, t) if p["layout"] == "token" else (b,)
+    scores = {"normal": torch.randn(shape), "binary": (torch.rand(shape) < 0.5).float(),
+              "zeros": torch.zeros(shape), "offset": 100.0 + torch.randn(shape)}[p["kind"]]
+    scores = scores.to(p["dtype"])
+    mask = torch.rand(b, t) < 0.7
+    mask[:, 0] = True
+    if p["layout"] == "scalar" or (p["layout"] == "token" and not p["token_mask"]):
+        mask = None
+    ids = torch.tensor(p["ids"], dtype=p["id_dtype"])
+    baseline = torch.randn(b).to(p["dtype"])
+    kw = dict(method=p["method"], eps=p["eps"], mask=mask, gamma=p["gamma"])
+    out = prefkern.group_advantages(scores, ids, baseline=baseline, **kw)
+    ref = group_advantages_ref(scores.double(), ids, baseline=baseline.double(), **kw)
+    base = group_advantages_ref(scores, ids, baseline=baseline, **kw)
+    reduction = b * (t if mask is not None or p["layout"] == "token" else 1)
+    for name, o, r, bb in zip(("advantages", "returns"), out, ref, base, strict=True):
+        assert o.dtype == out_dtype(p["dtype"]), name
+        assert_rule(o, r, bb, f"{p['method']} {name}", reduction=reduction)
+    if mask is not None and not (p["method"] == "remax" and p["layout"] == "token"):
+        # (token-level remax: returns are reverse cumsums, nonzero before later valid tokens)
+        assert (out[0][mask == 0] == 0).all(), "advantages outside the mask must be 0"
+
+
+@budget(150)
+@given(p=group_problems())
+def test_group_advantages(p):
+    check_group_advantages(p)
+
+
+# ------------------------------------------------------------------- kl_penalized_rewards
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@st.composite
+def kl_problems(draw):
+    b = draw(st.integers(0, 5))
+    lo = draw(st.floats(-3.0, 1.0))
+    return dict(
+        b=b, t=draw(st.integers(0, 9)), packed=draw(st.booleans()),
+        lengths=draw(st.lists(st.integers(0, 9), min_size=b, max_size=b)),
+        token_scores=draw(st.booleans()),
+        mask=draw(st.sampled_from([None, torch.bool, torch.int64, torch.float32])),
+        dtypes=draw(st.tuples(*[st.sampled_from(FLOATS)] * 3)),
+        kl_coef=draw(st.one_of(st.just(0.0), st.floats(0.0, 2.0))),
+        score_clip=draw(st.one_of(st.none(), st.tuples(st.just(lo), st.floats(lo, 3.0)))),
+        seed=draw(seeds))
+
+
+def check_kl_penalized_rewards(p):
+    torch.manual_seed(p["seed"])
+    b = p["b"]
+    if p["packed"]:
+        cu = torch.zeros(b + 1, dtype=torch.long)
+        cu[1:] = torch.tensor(p["lengths"], dtype=torch.long).cumsum(0)
+        shape = (int(cu[-1]),)
+    else:
+        cu, shape = None, (b, p["t"])
+    logp = -3 * torch.rand(shape)
+    ref_logp = logp + 0.3 * torch.randn(shape)
+    mask = None if p["mask"] is None else (torch.rand(shape) < 0.7).to(p["mask"])
+    scores = 4 * torch.randn(shape if p["token_scores"] else (b,))
+    scores, logp, ref_logp = (x.to(d) for x, d in zip((scores, logp, ref_logp), p["dtypes"],
+                                                       strict=True))
+    kw = dict(kl_coef=p["kl_coef"], cu_seqlens=cu, score_clip=p["score_clip"])
+    out = prefkern.kl_penalized_rewards(scores, logp, ref_logp, mask, **kw)
+    ref = kl_penalized_rewards_ref(scores.double(), logp.double(), ref_logp.double(), mask, **kw)
+    base = kl_penalized_rewards_ref(scores, logp, ref_logp, mask, **kw)
+    assert out.dtype == (torch.float64 if torch.float64 in p["dtypes"] else torch.float32)
+    assert_rule(out, ref, base, "rewards", reduction=2)
+    if mask is not None and p["token_scores"]:
+        assert torch.equal(out[mask == 0], scores[mask == 0].to(out.dtype))
+    elif mask is not None:
+        assert (out[mask == 0] == 0).all(), "rewards outside the mask must be 0"
+
+
+@budget(150)
+@given(p=kl_problems())
+def test_kl_penalized_rewards(p):
+    check_kl_penalized_rewards(p)
+
+
+# ------------------------------------------------------- normalize_rewards, RunningMoments
+@st.composite
+def normalize_problems(draw):
+    return dict(
+        shapes=draw(st.lists(st.one_of(st.tuples(st.integers(0, 20)),
+                                       st.tuples(st.integers(1, 4), st.integers(1, 5))),
+                             min_size=1, max_size=4)),
+        masked=draw(st.booleans()), center=draw(st.booleans()),
+        clip=draw(st.one_of(st.none(), st.floats(0.1, 5.0))),
+        eps=draw(st.sampled_from([1e-8, 1e-3])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        scale=draw(st.sampled_from([0.01, 1.0, 100.0])),
+        offset=draw(st.sampled_from([0.0, 10.0, -1000.0])), seed=draw(seeds))
+
+
+def check_normalize_rewards(p):
+    torch.manual_seed(p["seed"])
+    moments = prefkern.RunningMoments()
+    seen: list[torch.Tensor] = []  # the values that entered the statistics, per batch
+    for shape in p["shapes"]:
+        rewards = (p["offset"] + p["scale"] * torch.randn(shape)).to(p["dtype"])
+        mask = (torch.rand(shape) < 0.7) if p["masked"] else None
+        out = prefkern.normalize_rewards(rewards, moments, mask=mask, center=p["center"],
+                                         clip=p["clip"], eps=p["eps"])
+        assert out.dtype == out_dtype(p["dtype"]) and out.shape == rewards.shape
+        selected = rewards if mask is None else rewards[mask]
+        seen.append(selected)
+        if mask is not None:
+            assert (out[~mask] == 0).all(), "outside the mask must be 0"
+        everything = torch.cat([x.reshape(-1) for x in seen]).double()
+        assert int(moments.count) == everything.numel()
+        if everything.numel() == 0:  # no statistics yet (the reference needs a value)
+            continue
+        kw = dict(center=p["center"], clip=p["clip"], eps=p["eps"])
+        ref = normalize_rewards_ref([x.double() for x in seen], **kw)
+        base = normalize_rewards_ref(seen, **kw)
+        got = out if mask is None else out[mask]
+        assert_rule(got, ref, base, "normalized rewards", reduction=everything.numel())
+        # the moments are float64 tensors; base: two-pass mean/std of every value seen in the
+        # rewards' compute dtype (what a trainer computes without running moments)
+        practitioner = everything.to(out_dtype(p["dtype"]))
+        for name, got, stat in (("running mean", moments.mean, torch.mean),
+                                ("running std", moments.std, torch.std)):
+            if name == "running std" and everything.numel() < 2:
+                assert got == 1.0, "std before two values must be 1"
+                continue
+            assert_rule(got, stat(everything), stat(practitioner), name,
+                        reduction=everything.numel())
+
+
+@budget(100)
+@given(p=normalize_problems())
+def test_normalize_rewards_running_moments(p):
+    check_normalize_rewards(p)
+
+
+# The public surface this file covers: fail loudly when an op is added without a property.
+COVERED = {"logprobs_from_logits", "linear_logprobs", "gae", "group_advantages",
+           "kl_penalized_rewards", "normalize_rewards", "RunningMoments"}
+
+
+def test_every_public_op_has_a_property():
+    not_ops = {"BACKENDS", "BackendUnavailable", "LinearLogprobsOutput", "LogprobsEntropy",
+               "available_backends", "nn", "raise_on_bad_input", "reference"}
+    assert set(prefkern.__all__) - not_ops == COVERED
+    refs = {"logprobs_from_logits_ref", "linear_logprobs_ref", "gae_ref", "group_advantages_ref",
+            "kl_penalized_rewards_ref", "normalize_rewards_ref", "masked_whiten_ref"}
+    assert set(prefkern.reference.__all__) == refs
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(pytest.main([__file__, "-q"]))
