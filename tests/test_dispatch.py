@@ -1,4 +1,4 @@
-"""Backend dispatch as DESIGN.md states it: call-time resolution, env default, explicit choices
+"""Backend dispatch as prefkern/dispatch.py documents it: call-time resolution, env default, explicit choices
 never downgraded, auto = torch on CPU."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ their graph; :func:`as_step` makes the step that is checked and timed:
 The step returns (logp, entropy or None), detached, and leaves the gradients in .grad: the
 runner checks them against prefkern.bench.reference_check. Ignored targets (-100) give 0
 log-prob and 0 gradient in every provider (eager masks them; the peers take ignore_index).
-FLOPs counted (DESIGN.md): fwd 2NHV; fwd+bwd 2NHV + 4NHV (+ 2NHV where logits are recomputed).
+FLOPs counted: fwd 2NHV; fwd+bwd 2NHV + 4NHV (+ 2NHV where logits are recomputed).
 The matmul floors are plain cuBLAS GEMMs doing the same FLOPs: 1 GEMM (fwd), 3 GEMMs (fwd+bwd
 without recompute), 4 GEMMs (with recompute).
 """

@@ -1,6 +1,6 @@
 """Advantage estimators and reward shaping, written as the plain loops they are defined by.
 
-These are the spec (ALGORITHMS.md, P4): slow, obvious, float64 Python loops over sequences and
+These are the spec: slow, obvious, float64 Python loops over sequences and
 time (group estimators: over groups). The fast ops in prefkern.ops must agree with them.
 
 Trainer parity: the formulas mirror verl's ``verl/trainer/ppo/core_algos.py`` at
