@@ -1,5 +1,5 @@
-"""Backend dispatch as prefkern/dispatch.py documents it: call-time resolution, env default, explicit choices
-never downgraded, auto = torch on CPU."""
+"""Backend dispatch as prefkern/dispatch.py documents it: call-time resolution, env default,
+explicit choices never downgraded, auto = torch on CPU."""
 
 from __future__ import annotations
 
