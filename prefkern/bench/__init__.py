@@ -2,10 +2,11 @@
 
 Protocol (benchmarks/README.md): peers side by side in one run on the same device and
 inputs, realistic (peaked) logits, median ms with p20/p80, peak extra memory, GB/s or
-TFLOP/s, ratios to a baseline provider. Before timing, every provider's first call is checked: with a problem
-``reference`` (reference_check.py), every element of its per-token outputs and gradients against
-the spec on fp64 inputs under prefkern.testing's rule (err_over_bound > 1: MISMATCH); without
-one, every element against the baseline's result. One that fails gets an error row.
+TFLOP/s, ratios to a baseline provider. Before timing, every provider's first call is
+checked: with a problem ``reference`` (reference_check.py), every element of its per-token
+outputs and gradients against the spec on fp64 inputs under prefkern.testing's rule
+(err_over_bound > 1: MISMATCH); without one, every element against the baseline's result.
+One that fails gets an error row.
 Times: ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU (timing.py).
 
 Modules: core.py (Case, Problem, Suite, the runner), reference_check.py (the gate's chunked
