@@ -6,9 +6,10 @@ and gradients alike:
                                              # contract promises more, the fp32-accumulated spec)
     max|out - ref| <= 2 * max|base - ref| + floor
 
-floor = (ROUNDING[out.dtype] + 2 * u_acc * sqrt(reduction)) * max|ref|: about one rounding of
-the output dtype, plus the error of summing ``reduction`` terms in the accumulation dtype
-(u_acc: unit roundoff of fp32, or fp64 for fp64 outputs). The sqrt is the standard deviation
+floor = (ROUNDING[out.dtype] + 2 * u_acc * sqrt(reduction)) * max|ref| + tiny[out.dtype]: about
+one rounding of the output dtype, plus the error of summing ``reduction`` terms in the
+accumulation dtype (u_acc: unit roundoff of fp32, or fp64 for fp64 outputs), plus the smallest
+normal number of the output dtype (below it a value is not representable). The sqrt is the standard deviation
 of a sum of independent roundings (Higham, "Accuracy and Stability of Numerical Algorithms",
 2nd ed., sec. 4.2), so the floor does not rest on one CPU's summation order.
 """
@@ -35,7 +36,8 @@ def rule_bound(ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype,
     base_err = (b - r).abs().max().item()
     u_acc = UNIT_ROUNDOFF[torch.promote_types(dtype, torch.float32)]
     floor = ROUNDING[dtype] + 2 * u_acc * math.sqrt(max(reduction, 1))
-    return 2 * base_err + floor * r.abs().max().item(), base_err
+    # + the dtype's smallest normal number: a difference it cannot represent is no error
+    return 2 * base_err + floor * r.abs().max().item() + torch.finfo(dtype).tiny, base_err
 
 
 def rule_error(out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor,
