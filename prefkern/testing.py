@@ -9,9 +9,10 @@ and gradients alike:
 floor = (ROUNDING[out.dtype] + 2 * u_acc * sqrt(reduction)) * max|ref| + tiny[out.dtype]: about
 one rounding of the output dtype, plus the error of summing ``reduction`` terms in the
 accumulation dtype (u_acc: unit roundoff of fp32, or fp64 for fp64 outputs), plus the smallest
-normal number of the output dtype (below it a value is not representable). The sqrt is the standard deviation
-of a sum of independent roundings (Higham, "Accuracy and Stability of Numerical Algorithms",
-2nd ed., sec. 4.2), so the floor does not rest on one CPU's summation order.
+normal number of the output dtype (below it a value is not representable). The sqrt is the
+standard deviation of a sum of independent roundings (Higham, "Accuracy and Stability of
+Numerical Algorithms", 2nd ed., sec. 4.2), so the floor does not rest on one CPU's summation
+order.
 """
 
 from __future__ import annotations
