@@ -1,9 +1,10 @@
 """Torch backend: chunked log-softmax statistics that never hold an fp32 (N, V) tensor.
 
 This is the CPU path for users without a GPU and the baseline for the Triton interpreter tests.
-Math (z the fp32 logits after softcap and temperature):
-  lse = z.logsumexp(-1); logp = z[y] - lse; entropy = lse - (p * z).sum(-1)
-  dz  = g_logp * (onehot(y) - p) - g_ent * p * (z - (p * z).sum(-1)) + g_lse * p
+Math (z the fp32 logits after softcap and temperature; statistics in softmax_stats.py):
+  m = z.amax(-1); s = exp(z - m).sum(-1); u = (exp(z - m) * (z - m)).sum(-1)
+  lse = m + log s; logp = z[y] - lse; entropy = log s - u / s
+  dz  = g_logp * onehot(y) - p * (g_logp + g_ent * (log p + entropy) - g_lse)
 """
 
 from __future__ import annotations
