@@ -1,9 +1,9 @@
 // Log-probs (+ entropy, logsumexp) of target tokens from materialized logits, one row per block.
 //
-// Forward, per row n with z = logits[n] / T (fp32 math):
+// Forward, per row n with z = logits[n] / T (fp32 math; T one value, or one per row):
 //   lse = logsumexp(z); logp = z[y] - lse; entropy = lse - sum(softmax(z) * z)
-// Backward, given upstream g_logp, g_ent (either may be absent):
-//   dlogits = (g_logp * (onehot(y) - p) - g_ent * p * (z - sum(p z))) / T
+// Backward, given upstream g_logp, g_ent, g_lse (each may be absent):
+//   dlogits = (g_logp * (onehot(y) - p) - g_ent * p * (z - sum(p z)) + g_lse * p) / T
 // Bytes: forward reads the logits once (N*V*sizeof(T)); backward reads and writes them once.
 // Ignored rows (y == ignore_index) give 0 outputs and 0 gradients and read nothing.
 #include "common.cuh"
@@ -88,9 +88,11 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(
     const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ targets,
     float* __restrict__ logp, float* __restrict__ entropy, float* __restrict__ lse_out,
-    int64_t vocab, float inv_temp, int64_t ignore_index) {
+    int64_t vocab, float inv_temp_all, const float* __restrict__ inv_temp_rows,
+    int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const int64_t y = targets[row];
+  const float inv_temp = inv_temp_rows ? inv_temp_rows[row] : inv_temp_all;
   if (y == ignore_index) {
     if (threadIdx.x == 0) {
       logp[row] = 0.0f;
@@ -125,14 +127,18 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(
     const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ targets,
     const float* __restrict__ lse_in, const float* __restrict__ entropy,
-    const float* __restrict__ g_logp, const float* __restrict__ g_ent, T* __restrict__ grad,
-    int64_t grad_row_stride, int64_t vocab, float inv_temp, int64_t ignore_index) {
+    const float* __restrict__ g_logp, const float* __restrict__ g_ent,
+    const float* __restrict__ g_lse, T* __restrict__ grad, int64_t grad_row_stride,
+    int64_t vocab, float inv_temp_all, const float* __restrict__ inv_temp_rows,
+    int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const int64_t y = targets[row];
+  const float inv_temp = inv_temp_rows ? inv_temp_rows[row] : inv_temp_all;
   T* out = grad + row * grad_row_stride;
   const bool ignored = y == ignore_index;
   const float gl = (ignored || !g_logp) ? 0.0f : g_logp[row];
   const float ge = (ignored || !g_ent) ? 0.0f : g_ent[row];
+  const float gs = (ignored || !g_lse) ? 0.0f : g_lse[row];
   const float lse = ignored ? 0.0f : lse_in[row];
   const float ent = (ignored || !g_ent) ? 0.0f : entropy[row];
   const T* x = logits + row * row_stride;
@@ -140,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(
     if (ignored) return 0.0f;
     const float log_p = z - lse;
     const float p = expf(log_p);
-    float d = (col == y ? gl : 0.0f) - gl * p;
+    float d = (col == y ? gl : 0.0f) + (gs - gl) * p;
     if (p > 0.0f) d -= ge * p * (log_p + ent);  // z - sum(p z) = log p + entropy
     return d * inv_temp;
   };
@@ -171,8 +177,8 @@ bool can_vectorize(uintptr_t base, int64_t row_stride) {
 
 void logprobs_from_logits_fwd(uintptr_t logits, int64_t row_stride, uintptr_t targets,
                               uintptr_t logp, uintptr_t entropy, uintptr_t lse, int64_t n_rows,
-                              int64_t vocab, float inv_temp, int64_t ignore_index, int dtype,
-                              uintptr_t stream) {
+                              int64_t vocab, float inv_temp, uintptr_t inv_temp_rows,
+                              int64_t ignore_index, int dtype, uintptr_t stream) {
   if (n_rows == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -182,15 +188,17 @@ void logprobs_from_logits_fwd(uintptr_t logits, int64_t row_stride, uintptr_t ta
     kernel<<<n_rows, kThreads, 0, cs>>>(
         reinterpret_cast<const T*>(logits), row_stride, reinterpret_cast<const int64_t*>(targets),
         reinterpret_cast<float*>(logp), reinterpret_cast<float*>(entropy),
-        reinterpret_cast<float*>(lse), vocab, inv_temp, ignore_index);
+        reinterpret_cast<float*>(lse), vocab, inv_temp,
+        reinterpret_cast<const float*>(inv_temp_rows), ignore_index);
   });
   check_launch("logprobs_from_logits_fwd");
 }
 
 void logprobs_from_logits_bwd(uintptr_t logits, int64_t row_stride, uintptr_t targets,
                               uintptr_t lse, uintptr_t entropy, uintptr_t g_logp, uintptr_t g_ent,
-                              uintptr_t grad, int64_t grad_row_stride, int64_t n_rows,
-                              int64_t vocab, float inv_temp, int64_t ignore_index, int dtype,
+                              uintptr_t g_lse, uintptr_t grad, int64_t grad_row_stride,
+                              int64_t n_rows, int64_t vocab, float inv_temp,
+                              uintptr_t inv_temp_rows, int64_t ignore_index, int dtype,
                               uintptr_t stream) {
   if (n_rows == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
@@ -203,7 +211,8 @@ void logprobs_from_logits_bwd(uintptr_t logits, int64_t row_stride, uintptr_t ta
         reinterpret_cast<const T*>(logits), row_stride, reinterpret_cast<const int64_t*>(targets),
         reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(entropy),
         reinterpret_cast<const float*>(g_logp), reinterpret_cast<const float*>(g_ent),
-        reinterpret_cast<T*>(grad), grad_row_stride, vocab, inv_temp, ignore_index);
+        reinterpret_cast<const float*>(g_lse), reinterpret_cast<T*>(grad), grad_row_stride, vocab,
+        inv_temp, reinterpret_cast<const float*>(inv_temp_rows), ignore_index);
   });
   check_launch("logprobs_from_logits_bwd");
 }

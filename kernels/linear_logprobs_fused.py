@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ._device import on_tensor_device
-from .softmax_stats import capped_logits, fold_rows, grad_z
+from ._launch_args import softcap_args, temperature_args
+from .softmax_stats import capped_logits, fold_rows, grad_z, rows_inv_temp
 
 SCRATCH_BYTES = 64 << 20
 
@@ -48,14 +49,16 @@ def _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, H, stride_h, stri
 @triton.jit
 def _fused_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, H, stride_h, stride_w, cols_per_split,
-    inv_temp, softcap, ignore_index,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_temp, inv_temp_ptr, softcap, ignore_index,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     y = tl.load(y_ptr + rows, mask=rows < N, other=ignore_index).to(tl.int64)
+    it = rows_inv_temp(inv_temp, inv_temp_ptr, rows, rows < N, ROW_TEMP, BLOCK_N)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -66,7 +69,7 @@ def _fused_fwd_kernel(
         cols = (c0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         raw = _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, c_hi, H, stride_h, stride_w,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, PRECISION)
-        z, _ = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        z, _ = capped_logits(raw, it, softcap, SOFTCAP)
         z = tl.where(cols[None, :] < c_hi, z, float("-inf"))
         m, s, u = fold_rows(m, s, u, z)
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
@@ -112,8 +115,9 @@ def _add_tile(ptrs, value, mask, ATOMIC: tl.constexpr):
 @triton.jit
 def _fused_dh_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, acc_ptr,
-    row0, row1, V, H, stride_h, stride_w, cols_per_split, inv_temp, softcap, ignore_index,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+    row0, row1, V, H, stride_h, stride_w, cols_per_split, inv_temp, inv_temp_ptr, softcap,
+    ignore_index, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr,
     HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -124,6 +128,7 @@ def _fused_dh_kernel(
     y, valid, lse, ent, gl, ge, gs = _load_row_terms(
         y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_ok, ignore_index,
         HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, BLOCK_N)
+    it = rows_inv_temp(inv_temp, inv_temp_ptr, rows, row_ok, ROW_TEMP, BLOCK_N)
     c_lo = tl.program_id(1) * cols_per_split
     c_hi = tl.minimum(V, c_lo + cols_per_split)
     offs_k = tl.arange(0, BLOCK_H)
@@ -132,10 +137,10 @@ def _fused_dh_kernel(
         col_ok = cols < c_hi
         raw = _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, row1, c_hi, H, stride_h, stride_w,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, PRECISION)
-        z, t = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        z, dcap = capped_logits(raw, it, softcap, SOFTCAP)
         z = tl.where(col_ok[None, :], z, float("-inf"))
-        dz = grad_z(z, t, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
-                    ge[:, None], gs[:, None], inv_temp, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, SOFTCAP)
+        dz = grad_z(z, dcap, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
+                    ge[:, None], gs[:, None], it, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, SOFTCAP)
         dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0).to(w_ptr.dtype.element_ty)
         if DOT_FP32:
             dz = dz.to(tl.float32)
@@ -153,8 +158,9 @@ def _fused_dh_kernel(
 @triton.jit
 def _fused_dw_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, acc_ptr, db_ptr,
-    col0, col1, N, H, stride_h, stride_w, rows_per_split, inv_temp, softcap, ignore_index,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+    col0, col1, N, H, stride_h, stride_w, rows_per_split, inv_temp, inv_temp_ptr, softcap,
+    ignore_index, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr,
     HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -172,12 +178,13 @@ def _fused_dw_kernel(
         y, valid, lse, ent, gl, ge, gs = _load_row_terms(
             y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_ok, ignore_index,
             HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, BLOCK_N)
+        it = rows_inv_temp(inv_temp, inv_temp_ptr, rows, row_ok, ROW_TEMP, BLOCK_N)
         raw = _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, r_hi, col1, H, stride_h, stride_w,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, PRECISION)
-        z, t = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        z, dcap = capped_logits(raw, it, softcap, SOFTCAP)
         z = tl.where(col_ok[None, :], z, float("-inf"))
-        dz = grad_z(z, t, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
-                    ge[:, None], gs[:, None], inv_temp, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, SOFTCAP)
+        dz = grad_z(z, dcap, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
+                    ge[:, None], gs[:, None], it, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, SOFTCAP)
         dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
         if NEED_DB:
             db += tl.sum(dz, axis=0)
@@ -243,13 +250,13 @@ def _check(hidden, weight, bias, targets):
 
 
 def _common(hidden, weight, bias, inv_temp, softcap, ignore_index):
-    return dict(inv_temp=inv_temp, softcap=1.0 if softcap is None else float(softcap),
-                ignore_index=ignore_index, HAS_BIAS=bias is not None,
-                SOFTCAP=softcap is not None, **_config(hidden.dtype))
+    cap, has_cap = softcap_args(softcap)
+    return dict(softcap=cap, ignore_index=ignore_index, HAS_BIAS=bias is not None,
+                SOFTCAP=has_cap, **temperature_args(inv_temp, hidden), **_config(hidden.dtype))
 
 
 @on_tensor_device
-def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, softcap,
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, softcap,
                         ignore_index: int):
     """-> (m, s, u, z_target), each (n_splits, N) fp32: the softmax statistics of each vocab
     split (merged by the caller) and z[y] (0 in the splits that do not hold the target)."""
@@ -285,7 +292,7 @@ def _waves(length: int, block: int, other: int, other_block: int, h: int, determ
 
 @on_tensor_device
 def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
-                        inv_temp: float, softcap, ignore_index: int, need_dh=True, need_dw=True,
+                        inv_temp, softcap, ignore_index: int, need_dh=True, need_dw=True,
                         need_db=True, deterministic=False):
     """-> (dhidden, dweight, dbias) in the input dtype (None where not needed)."""
     _check(hidden, weight, bias, targets)

@@ -5,7 +5,7 @@ slice_stats: fold the slice's capped logits z = softcap(raw) / T into running pe
     statistics (m, s, u) and pick z[y] when the target falls in the slice.
 slice_grad:  write d loss / d raw of the slice (into it, or a buffer of the input dtype), given
     lse, entropy and upstream grads:
-    dz = g_logp (onehot - p) - g_ent p (log p + entropy) + g_lse p, times 1/T and 1 - tanh^2.
+    dz = g_logp (onehot - p) - g_ent p (log p + entropy) + g_lse p, times 1/T and d softcap.
 The slice is fp32 (the logits are never rounded to the input dtype). Bytes per slice: stats
 reads 4*N*C; grad reads 4*N*C and writes N*C*elt.
 """
@@ -15,16 +15,25 @@ import triton
 import triton.language as tl
 
 from ._device import on_tensor_device
-from .softmax_stats import capped_logits, grad_z, load_upstream, merge_stats, row_stats
+from ._launch_args import softcap_args, temperature_args
+from .softmax_stats import (
+    capped_logits,
+    grad_z,
+    load_upstream,
+    merge_stats,
+    row_inv_temp,
+    row_stats,
+)
 
 
 @triton.jit
 def _slice_stats_kernel(
     raw_ptr, stride_row, targets_ptr, m_ptr, s_ptr, u_ptr, zy_ptr,
-    C, col0, inv_temp, softcap, ignore_index,
-    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    C, col0, inv_temp, inv_temp_ptr, softcap, ignore_index,
+    SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = row_inv_temp(inv_temp, inv_temp_ptr, row, ROW_TEMP)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
     row_ptr = raw_ptr + row * stride_row
@@ -45,11 +54,12 @@ def _slice_stats_kernel(
 @triton.jit
 def _slice_grad_kernel(
     raw_ptr, stride_row, dz_ptr, stride_dz_row, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr,
-    g_ent_ptr, g_lse_ptr, C, col0, inv_temp, softcap, ignore_index,
+    g_ent_ptr, g_lse_ptr, C, col0, inv_temp, inv_temp_ptr, softcap, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
-    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = row_inv_temp(inv_temp, inv_temp_ptr, row, ROW_TEMP)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
     lse, entropy, g_logp, g_ent, g_lse = load_upstream(
@@ -60,8 +70,8 @@ def _slice_grad_kernel(
     for start in range(0, C, BLOCK):
         cols = start + offs
         raw = tl.load(row_ptr + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
-        z, t = capped_logits(raw, inv_temp, softcap, SOFTCAP)
-        dz = grad_z(z, t, cols + col0 == y, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+        z, dcap = capped_logits(raw, inv_temp, softcap, SOFTCAP)
+        dz = grad_z(z, dcap, cols + col0 == y, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
                     HAS_G_LOGP=HAS_G_LOGP, HAS_G_ENT=HAS_G_ENT, HAS_G_LSE=HAS_G_LSE,
                     SOFTCAP=SOFTCAP)
         dz = tl.where(valid, dz, 0.0)
@@ -72,26 +82,24 @@ def _block(c: int) -> int:
     return min(triton.next_power_of_2(max(c, 16)), 4096)
 
 
-def _softcap_args(softcap):
-    return (1.0 if softcap is None else float(softcap)), softcap is not None
-
-
 @on_tensor_device
-def slice_stats_(raw, targets, col0: int, stats, inv_temp: float, softcap, ignore_index: int):
+def slice_stats_(raw, targets, col0: int, stats, inv_temp, softcap, ignore_index: int):
     """Fold raw (N, C) logits of columns col0.. into stats = (m, s, u, zy), each (N,) fp32,
-    in place."""
+    in place. inv_temp: a float or (N,) fp32 per-row factors."""
     n, c = raw.shape
     if raw.stride(1) != 1 or targets.shape != (n,):
         raise ValueError("raw must be (N, C) with unit column stride and targets (N,)")
-    cap, has_cap = _softcap_args(softcap)
+    cap, has_cap = softcap_args(softcap)
     if n:
-        _slice_stats_kernel[(n,)](raw, raw.stride(0), targets, *stats, c, col0, inv_temp, cap,
-                                  ignore_index, SOFTCAP=has_cap, BLOCK=_block(c), num_warps=8)
+        _slice_stats_kernel[(n,)](raw, raw.stride(0), targets, *stats, c, col0,
+                                  softcap=cap, ignore_index=ignore_index, SOFTCAP=has_cap,
+                                  BLOCK=_block(c), num_warps=8,
+                                  **temperature_args(inv_temp, stats[0]))
 
 
 @on_tensor_device
 def slice_grad_(raw, dz, targets, col0: int, lse, entropy, g_logp, g_ent, g_lse,
-                inv_temp: float, softcap, ignore_index: int):
+                inv_temp, softcap, ignore_index: int):
     """Write d loss / d raw for columns col0..col0+C of raw (N, C) into dz (N, C) (raw itself
     or a buffer of another dtype; each element is read before it is written)."""
     n, c = raw.shape
@@ -99,16 +107,17 @@ def slice_grad_(raw, dz, targets, col0: int, lse, entropy, g_logp, g_ent, g_lse,
         raise ValueError("raw must be (N, C) with unit column stride and targets (N,)")
     if dz.shape != raw.shape or dz.stride(1) != 1:
         raise ValueError("dz must be shaped like raw, with unit column stride")
-    cap, has_cap = _softcap_args(softcap)
+    cap, has_cap = softcap_args(softcap)
     dummy = lse
     if n:
         _slice_grad_kernel[(n,)](
             raw, raw.stride(0), dz, dz.stride(0), targets, lse,
             entropy if entropy is not None else dummy,
             *(dummy if g is None else g for g in (g_logp, g_ent, g_lse)),
-            c, col0, inv_temp, cap, ignore_index,
+            c, col0, softcap=cap, ignore_index=ignore_index,
             HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
-            HAS_G_LSE=g_lse is not None, SOFTCAP=has_cap, BLOCK=_block(c), num_warps=8)
+            HAS_G_LSE=g_lse is not None, SOFTCAP=has_cap, BLOCK=_block(c), num_warps=8,
+            **temperature_args(inv_temp, lse))
 
 
 def new_stats(n: int, device) -> tuple[torch.Tensor, ...]:

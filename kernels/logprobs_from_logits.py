@@ -2,8 +2,9 @@
 
 Forward, per row (z = logits[n] / T in fp32):
     lse = z.logsumexp(-1); logp = z[y] - lse; entropy = lse - (z.softmax(-1) * z).sum(-1)
-Backward, for upstream g_logp and/or g_ent:
-    dlogits = (g_logp * (onehot(y) - p) - g_ent * p * (z - (p * z).sum(-1))) / T
+Backward, for upstream g_logp, g_ent and/or g_lse:
+    dlogits = (g_logp * (onehot(y) - p) - g_ent * p * (log p + entropy) + g_lse * p) / T
+T may be one value per row.
 
 Bytes: forward reads N*V*elt once and writes 12 B/row; backward reads and writes N*V*elt once.
 FLOPs are negligible; one exp per logit in each pass (the running max is per block, not per
@@ -15,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ._device import on_tensor_device
-from .softmax_stats import grad_z, load_upstream, row_stats
+from ._launch_args import temperature_args
+from .softmax_stats import grad_z, load_upstream, row_inv_temp, row_stats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -23,10 +25,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    V, inv_temp, ignore_index,
-    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    V, inv_temp, inv_temp_ptr, ignore_index,
+    WITH_ENTROPY: tl.constexpr, ROW_TEMP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = row_inv_temp(inv_temp, inv_temp_ptr, row, ROW_TEMP)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
@@ -45,15 +48,18 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr,
-    g_ent_ptr,
-    grad_ptr, stride_grad_row, V, inv_temp, ignore_index,
-    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    g_ent_ptr, g_lse_ptr,
+    grad_ptr, stride_grad_row, V, inv_temp, inv_temp_ptr, ignore_index,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
+    ROW_TEMP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = row_inv_temp(inv_temp, inv_temp_ptr, row, ROW_TEMP)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
-    lse, entropy, g_logp, g_ent, _ = load_upstream(
-        row, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, lse_ptr, HAS_G_LOGP, HAS_G_ENT, False)
+    lse, entropy, g_logp, g_ent, g_lse = load_upstream(
+        row, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, g_lse_ptr, HAS_G_LOGP, HAS_G_ENT,
+        HAS_G_LSE)
     v_read = tl.where(valid, V, 0)
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     out_ptr = grad_ptr + row * stride_grad_row
@@ -61,8 +67,9 @@ def _logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         z = tl.load(row_ptr + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * inv_temp
-        dz = grad_z(z, z, cols == y, lse, entropy, g_logp, g_ent, 0.0, inv_temp,
-                    HAS_G_LOGP=HAS_G_LOGP, HAS_G_ENT=HAS_G_ENT, HAS_G_LSE=False, SOFTCAP=False)
+        dz = grad_z(z, z, cols == y, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+                    HAS_G_LOGP=HAS_G_LOGP, HAS_G_ENT=HAS_G_ENT, HAS_G_LSE=HAS_G_LSE,
+                    SOFTCAP=False)
         dz = tl.where(valid, dz, 0.0)
         tl.store(out_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
@@ -88,9 +95,9 @@ def _block_v(V: int) -> int:
 
 
 @on_tensor_device
-def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool = True):
+def logprobs_fwd(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True):
     """logits (N, V) or (B, T, V), targets (N = B*T,) -> (logp, entropy or None, lse), each
-    (N,) fp32."""
+    (N,) fp32. inv_temp: a float or (N,) fp32 per-row factors."""
     n, v, stride_outer, stride_inner, inner = _rows_layout(logits, targets)
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
@@ -98,25 +105,28 @@ def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entro
     if n > 0:
         _logprobs_fwd_kernel[(n,)](
             logits, stride_outer, stride_inner, inner, targets, logp,
-            entropy if with_entropy else logp, lse, v, inv_temp, ignore_index,
+            entropy if with_entropy else logp, lse, v, ignore_index=ignore_index,
             WITH_ENTROPY=with_entropy, BLOCK_V=_block_v(v), num_warps=8,
+            **temperature_args(inv_temp, lse),
         )
     return logp, entropy, lse
 
 
 @on_tensor_device
-def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp: float, ignore_index: int):
-    """-> dlogits, contiguous, shaped and typed like logits. g_logp / g_ent (N,) fp32 or None;
-    entropy is needed only with g_ent."""
+def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+                 ignore_index: int):
+    """-> dlogits, contiguous, shaped and typed like logits. g_logp / g_ent / g_lse (N,) fp32
+    or None; entropy is needed only with g_ent."""
     n, v, stride_outer, stride_inner, inner = _rows_layout(logits, targets)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n > 0:
         _logprobs_bwd_kernel[(n,)](
             logits, stride_outer, stride_inner, inner, targets, lse,
             entropy if g_ent is not None else lse,
-            g_logp if g_logp is not None else lse, g_ent if g_ent is not None else lse,
-            grad, v, v, inv_temp, ignore_index,
+            *(lse if g is None else g for g in (g_logp, g_ent, g_lse)),
+            grad, v, v, ignore_index=ignore_index,
             HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
-            BLOCK_V=_block_v(v), num_warps=8,
+            HAS_G_LSE=g_lse is not None, BLOCK_V=_block_v(v), num_warps=8,
+            **temperature_args(inv_temp, lse),
         )
     return grad

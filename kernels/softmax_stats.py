@@ -15,15 +15,39 @@ def tanh(x):
 
 @triton.jit
 def capped_logits(raw, inv_temp, softcap, SOFTCAP: tl.constexpr):
-    """raw fp32 -> (z, t): z = softcap * tanh(raw / softcap) * inv_temp, t = tanh(raw / softcap)
-    (t = 0 without softcap)."""
+    """raw fp32 -> (z, dcap): z = softcap * tanh(raw / softcap) * inv_temp and the softcap's
+    derivative dcap = 1 - tanh^2, computed as 4q / (1 + q)^2 with q = exp(-2|x|) so that it
+    keeps its relative accuracy where tanh saturates (1 - t * t cancels to 0 there); dcap = 1
+    without softcap. Unused outputs cost nothing (the compiler drops them)."""
     if SOFTCAP:
-        t = tanh(raw / softcap)
-        z = t * (softcap * inv_temp)
+        x = raw / softcap
+        q = tl.exp(-2.0 * tl.abs(x))
+        dcap = 4.0 * q / ((1.0 + q) * (1.0 + q))
+        z = tanh(x) * (softcap * inv_temp)
     else:
-        t = tl.zeros_like(raw)
+        dcap = tl.zeros_like(raw) + 1.0
         z = raw * inv_temp
-    return z, t
+    return z, dcap
+
+
+@triton.jit
+def row_inv_temp(inv_temp, inv_temp_ptr, row, ROW_TEMP: tl.constexpr):
+    """The temperature factor of one row: the scalar ``inv_temp`` or ``inv_temp_ptr[row]``."""
+    if ROW_TEMP:
+        return tl.load(inv_temp_ptr + row)
+    return inv_temp
+
+
+@triton.jit
+def rows_inv_temp(inv_temp, inv_temp_ptr, rows, mask, ROW_TEMP: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The temperature factors of a block of rows as a (BLOCK, 1) fp32 column, ready to
+    broadcast over a (BLOCK, cols) tile."""
+    if ROW_TEMP:
+        it = tl.load(inv_temp_ptr + rows, mask=mask, other=1.0)
+    else:
+        it = tl.zeros([BLOCK], dtype=tl.float32) + inv_temp
+    return it[:, None]
 
 
 @triton.jit
@@ -107,12 +131,12 @@ def load_upstream(row, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, g_lse_ptr,
 
 
 @triton.jit
-def grad_z(z, t, is_target, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+def grad_z(z, dcap, is_target, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
            HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
            SOFTCAP: tl.constexpr):
-    """d loss / d raw logit, for z and t from capped_logits; per-row terms already broadcast:
+    """d loss / d raw logit, for z and dcap from capped_logits; per-row terms already broadcast:
     dz = g_logp (onehot - p) - g_ent p (log p + entropy) + g_lse p, times inv_temp and the
-    softcap derivative 1 - t^2."""
+    softcap derivative dcap."""
     log_p = z - lse
     p = tl.exp(log_p)
     dz = tl.zeros_like(z)
@@ -124,5 +148,5 @@ def grad_z(z, t, is_target, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
         dz += g_lse * p
     dz = dz * inv_temp
     if SOFTCAP:
-        dz = dz * (1.0 - t * t)
+        dz = dz * dcap
     return dz

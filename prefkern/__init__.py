@@ -13,7 +13,7 @@ from prefkern.dispatch import BACKENDS, BackendUnavailable, available_backends
 from prefkern.ops.gae import gae
 from prefkern.ops.group_advantages import group_advantages
 from prefkern.ops.linear_logprobs import linear_logprobs
-from prefkern.ops.logprobs_from_logits import logprobs_from_logits
+from prefkern.ops.logprobs_from_logits import entropy_from_logits, logprobs_from_logits
 from prefkern.ops.reward_shaping import RunningMoments, kl_penalized_rewards, normalize_rewards
 from prefkern.outputs import LinearLogprobsOutput, LogprobsEntropy
 
@@ -26,6 +26,7 @@ __all__ = [
     "LogprobsEntropy",
     "RunningMoments",
     "available_backends",
+    "entropy_from_logits",
     "gae",
     "group_advantages",
     "kl_penalized_rewards",

@@ -32,9 +32,17 @@ def _dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 
 
+def _temperature(inv_temp) -> tuple[float, int]:
+    """(scalar factor, pointer to (N,) fp32 per-row factors or 0)."""
+    if isinstance(inv_temp, torch.Tensor):
+        return 1.0, _ptr(inv_temp)
+    return float(inv_temp), 0
+
+
 @on_tensor_device
-def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool = True):
-    """logits (N, V) unit stride on V, targets (N,) -> (logp, entropy or None, lse) fp32."""
+def logprobs_fwd(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True):
+    """logits (N, V) unit stride on V, targets (N,) -> (logp, entropy or None, lse) fp32.
+    inv_temp: a float or (N,) fp32 contiguous per-row factors."""
     n, v = logits.shape
     targets = targets.to(torch.int64).contiguous()
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -42,17 +50,18 @@ def logprobs_fwd(logits, targets, inv_temp: float, ignore_index: int, with_entro
     entropy = torch.empty_like(logp) if with_entropy else None
     _ext().logprobs_from_logits_fwd(
         _ptr(logits), logits.stride(0), _ptr(targets), _ptr(logp), _ptr(entropy), _ptr(lse),
-        n, v, float(inv_temp), int(ignore_index), _dtype_code(logits), _stream(logits.device))
+        n, v, *_temperature(inv_temp), int(ignore_index), _dtype_code(logits),
+        _stream(logits.device))
     return logp, entropy, lse
 
 
 @on_tensor_device
-def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp: float, ignore_index: int):
+def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp, ignore_index: int):
     n, v = logits.shape
     targets = targets.to(torch.int64).contiguous()
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     _ext().logprobs_from_logits_bwd(
         _ptr(logits), logits.stride(0), _ptr(targets), _ptr(lse), _ptr(entropy), _ptr(g_logp),
-        _ptr(g_ent), _ptr(grad), grad.stride(0), n, v, float(inv_temp), int(ignore_index),
-        _dtype_code(logits), _stream(logits.device))
+        _ptr(g_ent), _ptr(g_lse), _ptr(grad), grad.stride(0), n, v, *_temperature(inv_temp),
+        int(ignore_index), _dtype_code(logits), _stream(logits.device))
     return grad

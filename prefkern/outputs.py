@@ -8,15 +8,15 @@ import torch
 
 
 class LogprobsEntropy(NamedTuple):
-    """Per-token log-prob of the target and entropy of the distribution, both fp32."""
+    """Per-token log-prob of the target (None without targets) and entropy, both fp32."""
 
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     entropy: torch.Tensor
 
 
 class LinearLogprobsOutput(NamedTuple):
     """fp32 per-token outputs of linear_logprobs; fields not asked for are None."""
 
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     entropy: torch.Tensor | None
     lse: torch.Tensor | None

@@ -39,14 +39,22 @@ def _run(fn, hidden, weight, bias, targets, grads, **kw):
 NAMES = ["logprobs", "entropy", "lse", "dhidden", "dweight", "dbias"]
 
 
+def row_temperatures(n, device="cpu"):
+    return torch.rand(n, device=device) * 1.5 + 0.3
+
+
 def check_case(backend, mode, n, h, v, dtype, *, device="cpu", kind="normal", ignore_frac=0.25,
                temperature=1.0, softcap=None, with_bias=False, grads=("logp", "ent", "lse"),
-               deterministic=False):
+               deterministic=False, logit_scale=None, k=None, no_targets=False):
+    """k: (n, k) targets; no_targets: targets=None; temperature may be a tensor (n,)."""
     hidden, weight, bias = make_problem(n, h, v, dtype, device, kind, with_bias)
-    targets = make_targets((n,), v, ignore_frac, device)
-    all_grads = {k: torch.randn(n, device=device) for k in ("logp", "ent", "lse")}
-    g = [all_grads[k] if k in grads else None for k in ("logp", "ent", "lse")]
-    kw = dict(temperature=temperature, softcap=softcap)
+    lead = (n,) if k is None else (n, k)
+    targets = None if no_targets else make_targets(lead, v, ignore_frac, device)
+    all_grads = {"logp": torch.randn(lead, device=device), "ent": torch.randn(n, device=device),
+                 "lse": torch.randn(n, device=device)}
+    g = [all_grads[name] if name in grads and not (no_targets and name == "logp") else None
+         for name in ("logp", "ent", "lse")]
+    kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
 
     def leaves(dtype_=None):
         return [None if t is None else leaf(t, dtype_) for t in (hidden, weight, bias)]
@@ -64,8 +72,11 @@ def check_case(backend, mode, n, h, v, dtype, *, device="cpu", kind="normal", ig
         assert o.dtype == (torch.float32 if name in NAMES[:3] else dtype), name
         # dweight and dbias sum over tokens, everything else over the vocabulary
         assert_rule(o, r, b, name, reduction=n if name in ("dweight", "dbias") else v)
-    ignored = targets == -100
-    assert (ours[0][ignored] == 0).all() and (ours[3][ignored] == 0).all()
+    if targets is not None:
+        ignored = targets == -100
+        rows_ignored = ignored if k is None else ignored.all(-1)
+        assert (ours[0][ignored] == 0).all() and (ours[3][rows_ignored] == 0).all()
+    return ours
 
 
 @pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
@@ -91,6 +102,70 @@ def test_extreme_logits(backend, mode, kind):
 @pytest.mark.parametrize("grads", [("logp",), ("ent",), ("lse",), ("logp", "ent")])
 def test_each_upstream_gradient(backend, mode, grads):
     check_case(backend, mode, 21, 40, 200, torch.float32, grads=grads, with_bias=True)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("softcap", [None, 6.0], ids=["plain", "softcap"])
+def test_logit_scale(backend, mode, softcap):
+    """softcap(s * (h @ W.T + b)) / T in that order (TRL's chunked head), gradients included."""
+    check_case(backend, mode, 29, 40, 300, torch.bfloat16, with_bias=True, softcap=softcap,
+               logit_scale=0.0625 * 24, temperature=0.8)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
+def test_per_row_temperature(backend, mode, softcap):
+    check_case(backend, mode, 33, 48, 260, torch.float32, with_bias=True, softcap=softcap,
+               temperature=row_temperatures(33), logit_scale=1.5)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_per_row_temperature_equal_to_the_scalar(backend, mode):
+    """Rows that share one temperature give the scalar's results bit for bit."""
+    hidden, weight, bias = make_problem(20, 32, 150, torch.bfloat16, with_bias=True)
+    targets = make_targets((20,), 150, 0.2)
+    outs = []
+    for temperature in (0.75, torch.full((4, 5), 0.75)):
+        h, w, b = leaf(hidden), leaf(weight), leaf(bias)
+        out = prefkern.linear_logprobs(h.view(4, 5, 32), w, targets.view(4, 5), b,
+                                       temperature=temperature, softcap=9.0,
+                                       return_entropy=True, backend=backend, mode=mode)
+        (out.logprobs.sum() + out.entropy.square().sum()).backward()
+        outs.append((out.logprobs, out.entropy, h.grad, w.grad, b.grad))
+    for got, want in zip(*outs, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_targets(backend, mode, dtype):
+    """(N, K) targets: K log-probs from one softmax, with duplicates and ignored entries; the
+    gradient of each of the K outputs reaches hidden, weight and bias."""
+    check_case(backend, mode, 27, 40, 120, dtype, k=5, with_bias=True, softcap=8.0,
+               ignore_frac=0.3, temperature=row_temperatures(27))
+    check_case(backend, mode, 9, 16, 6, dtype, k=4, ignore_frac=0.2)  # many duplicate ids
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("grads", [("logp",), ("ent", "lse")])
+def test_k_targets_each_gradient(backend, mode, grads):
+    check_case(backend, mode, 15, 24, 90, torch.float32, k=3, grads=grads)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_k_equal_to_one_is_the_plain_form(backend, mode):
+    hidden, weight, _ = make_problem(12, 16, 70, torch.float32)
+    targets = make_targets((12,), 70, 0.25)
+    one = prefkern.linear_logprobs(hidden, weight, targets[:, None], backend=backend, mode=mode)
+    plain = prefkern.linear_logprobs(hidden, weight, targets, backend=backend, mode=mode)
+    assert one.shape == (12, 1) and torch.equal(one[:, 0], plain)
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_no_targets(backend, mode):
+    """targets=None: entropy and lse of every row, no dummy ids."""
+    check_case(backend, mode, 21, 32, 150, torch.bfloat16, no_targets=True, with_bias=True,
+               softcap=7.0)
 
 
 @pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
@@ -121,6 +196,24 @@ def test_min_memory_waves(monkeypatch):
 
     monkeypatch.setattr(linear_logprobs_fused, "SCRATCH_BYTES", 20 * 129 * 4)  # ~16-row waves
     check_case("triton", "min_memory", 37, 129, 300, torch.bfloat16, with_bias=True, softcap=5.0)
+
+def test_gradcheck_head_options_float64():
+    """Per-row temperature, logit scale, softcap and (N, K) targets together."""
+    hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[0, 12, 12], [-100, -100, -100], [5, -100, 2], [7, 7, 1],
+                            [3, 4, 5]])
+    temperature = torch.tensor([0.5, 1.0, 1.7, 0.9, 1.2], dtype=torch.float64)
+
+    def fn(h, w, b):
+        out = prefkern.linear_logprobs(h, w, targets, b, temperature=temperature, softcap=3.0,
+                                       logit_scale=0.7, return_entropy=True, return_lse=True,
+                                       backend="torch")
+        return out.logprobs, out.entropy, out.lse
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
 
 def test_gradcheck_torch_float64():
     hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
@@ -192,6 +285,32 @@ class TestBadInput:
         with pytest.raises(ValueError, match="targets must be in"):
             prefkern.linear_logprobs(h, w, torch.tensor([0, 10, 1, 2]))
 
+    def test_targets_shape(self):
+        h, w, _ = self._args()
+        with pytest.raises(ValueError, match="targets must have shape"):
+            prefkern.linear_logprobs(h, w, torch.zeros(5, dtype=torch.long))
+        with pytest.raises(ValueError, match="K >= 1"):
+            prefkern.linear_logprobs(h, w, torch.zeros(4, 0, dtype=torch.long))
+
+    def test_no_targets_needs_an_output(self):
+        h, w, _ = self._args()
+        with pytest.raises(ValueError, match="targets=None"):
+            prefkern.linear_logprobs(h, w, None)
+
+    def test_temperature_tensor(self):
+        h, w, t = self._args()
+        with pytest.raises(ValueError, match="one value per row"):
+            prefkern.linear_logprobs(h, w, t, temperature=torch.ones(3))
+        with pytest.raises(ValueError, match="takes no gradient"):
+            prefkern.linear_logprobs(h, w, t, temperature=torch.ones(4, requires_grad=True))
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            prefkern.linear_logprobs(h, w, t, temperature=0.0)
+
+    def test_logit_scale(self):
+        h, w, t = self._args()
+        with pytest.raises(ValueError, match="logit_scale must be > 0"):
+            prefkern.linear_logprobs(h, w, t, logit_scale=-1.0)
+
     def test_bad_mode(self):
         h, w, t = self._args()
         with pytest.raises(ValueError, match="mode must be"):
@@ -210,6 +329,16 @@ class TestBadInput:
 @pytest.mark.parametrize("n,h,v", [(37, 129, 1000), (512, 1024, 32_000), (256, 512, 128_256)])
 def test_gpu(backend, mode, dtype, n, h, v):
     check_case(backend, mode, n, h, v, dtype, device="cuda", with_bias=True, temperature=0.7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_gpu_head_options(backend, mode):
+    """Per-row temperature, logit scale, softcap, (N, K) targets and targets=None."""
+    check_case(backend, mode, 300, 512, 32_000, torch.bfloat16, device="cuda", with_bias=True,
+               softcap=30.0, logit_scale=0.0625, temperature=row_temperatures(300, "cuda"), k=8)
+    check_case(backend, mode, 128, 256, 4099, torch.float16, device="cuda", no_targets=True,
+               temperature=0.7)
 
 
 @pytest.mark.gpu

@@ -17,19 +17,23 @@ def _run(fn, logits, targets, g_logp, g_ent, **kw):
     out = fn(logits, targets, **kw)
     if kw.get("return_entropy"):
         logp, ent = out
-        ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        loss = (ent * g_ent).sum() + (0 if logp is None else (logp * g_logp).sum())
+        loss.backward()
         return logp, ent, logits.grad
     (out * g_logp).sum().backward()
     return out, None, logits.grad
 
 
 def check_case(backend, lead, vocab, dtype, *, device="cpu", kind="normal", ignore_frac=0.0,
-               temperature=1.0, return_entropy=True):
+               temperature=1.0, return_entropy=True, logit_scale=None, k=None,
+               no_targets=False):
+    """k: (..., k) targets; no_targets: targets=None; temperature may be a tensor (lead)."""
     logits = make_logits(lead, vocab, kind, device).to(dtype)
-    targets = make_targets(lead, vocab, ignore_frac, device)
-    g_logp = torch.randn(lead, device=device)
+    target_lead = lead if k is None else (*lead, k)
+    targets = None if no_targets else make_targets(target_lead, vocab, ignore_frac, device)
+    g_logp = torch.randn(target_lead, device=device)
     g_ent = torch.randn(lead, device=device)
-    kw = dict(temperature=temperature, return_entropy=return_entropy)
+    kw = dict(temperature=temperature, return_entropy=return_entropy, logit_scale=logit_scale)
 
     ours = _run(lambda *a, **k: prefkern.logprobs_from_logits(*a, backend=backend, **k),
                 leaf(logits), targets, g_logp, g_ent, **kw)
@@ -37,15 +41,18 @@ def check_case(backend, lead, vocab, dtype, *, device="cpu", kind="normal", igno
                g_ent.double(), **kw)
     base = _run(logprobs_from_logits_ref, leaf(logits), targets, g_logp, g_ent, **kw)
 
-    assert ours[0].dtype == torch.float32
     assert ours[2].dtype == dtype
-    assert_rule(ours[0], ref[0], base[0], "logprobs", reduction=vocab)
+    if not no_targets:
+        assert ours[0].dtype == torch.float32 and ours[0].shape == target_lead
+        assert_rule(ours[0], ref[0], base[0], "logprobs", reduction=vocab)
     if return_entropy:
         assert ours[1].dtype == torch.float32
         assert_rule(ours[1], ref[1], base[1], "entropy", reduction=vocab)
     assert_rule(ours[2], ref[2], base[2], "dlogits", reduction=vocab)
-    ignored = targets == -100
-    assert (ours[0][ignored] == 0).all() and (ours[2][ignored] == 0).all()
+    if targets is not None:
+        ignored = targets == -100
+        rows_ignored = ignored if k is None else ignored.all(-1)
+        assert (ours[0][ignored] == 0).all() and (ours[2][rows_ignored] == 0).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -66,6 +73,59 @@ def test_extreme_logits(backend, kind):
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
 def test_temperature(backend, temperature):
     check_case(backend, (23,), 500, torch.bfloat16, temperature=temperature, ignore_frac=0.25)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_logit_scale_and_per_row_temperature(backend):
+    check_case(backend, (23,), 500, torch.bfloat16, logit_scale=2.5, ignore_frac=0.25)
+    temperature = torch.rand(4, 6) * 1.5 + 0.3
+    check_case(backend, (4, 6), 300, torch.float32, temperature=temperature, logit_scale=0.5,
+               ignore_frac=0.25)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_per_row_temperature_equal_to_the_scalar(backend):
+    logits = make_logits((3, 7), 200).bfloat16()
+    targets = make_targets((3, 7), 200, 0.2)
+    outs = []
+    for temperature in (0.75, torch.full((3, 7), 0.75)):
+        x = leaf(logits)
+        out = prefkern.logprobs_from_logits(x, targets, temperature=temperature,
+                                            return_entropy=True, backend=backend)
+        (out.logprobs.sum() + out.entropy.square().sum()).backward()
+        outs.append((out.logprobs, out.entropy, x.grad))
+    for got, want in zip(*outs, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_targets(backend, dtype):
+    """(..., K) targets with duplicates and ignored entries; the gradient at each target column
+    is computed in fp32 and rounded once, even where p is close to 1 ('peaked')."""
+    check_case(backend, (3, 9), 120, dtype, k=5, ignore_frac=0.3,
+               temperature=torch.rand(3, 9) + 0.5)
+    check_case(backend, (13,), 7, dtype, k=6, ignore_frac=0.2)  # many duplicate ids
+    check_case(backend, (17,), 300, dtype, k=2, kind="peaked")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_k_equal_to_one_is_the_plain_form(backend):
+    logits = make_logits((12,), 70)
+    targets = make_targets((12,), 70, 0.25)
+    one = prefkern.logprobs_from_logits(logits, targets[:, None], backend=backend)
+    plain = prefkern.logprobs_from_logits(logits, targets, backend=backend)
+    assert one.shape == (12, 1) and torch.equal(one[:, 0], plain)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_entropy_without_targets(backend):
+    check_case(backend, (5, 7), 300, torch.bfloat16, no_targets=True)
+    logits = make_logits((6,), 50)
+    torch.testing.assert_close(
+        prefkern.entropy_from_logits(logits, temperature=0.9, backend=backend),
+        prefkern.logprobs_from_logits(logits, torch.zeros(6, dtype=torch.long), temperature=0.9,
+                                      return_entropy=True, backend=backend).entropy)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -144,7 +204,7 @@ def test_sliced_logits_without_copy(backend):
 
 class TestBadInput:
     def test_shape_mismatch(self):
-        with pytest.raises(ValueError, match="targets shape"):
+        with pytest.raises(ValueError, match="targets must have shape"):
             prefkern.logprobs_from_logits(torch.randn(4, 10), torch.zeros(5, dtype=torch.long))
 
     def test_float_targets(self):
@@ -200,6 +260,17 @@ def test_gpu_backends(backend, dtype, lead, vocab):
 @pytest.mark.parametrize("kind", ["extreme", "negative", "peaked"])
 def test_gpu_extreme(backend, kind):
     check_case(backend, (128,), 4099, torch.bfloat16, device="cuda", kind=kind, ignore_frac=0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_head_options(backend):
+    """Per-row temperature, logit scale, (..., K) targets and targets=None on each backend."""
+    temperature = torch.rand(4, 33, device="cuda") + 0.5
+    check_case(backend, (4, 33), 32_000, torch.bfloat16, device="cuda", ignore_frac=0.25,
+               temperature=temperature, logit_scale=0.25, k=8)
+    check_case(backend, (64,), 4099, torch.float16, device="cuda", no_targets=True,
+               temperature=1.3)
 
 
 @pytest.mark.gpu

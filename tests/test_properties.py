@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 
 import prefkern
 from prefkern.dispatch import interpreting
+from prefkern.outputs import LogprobsEntropy
 from prefkern.reference import (
     gae_ref,
     group_advantages_ref,
@@ -73,6 +74,15 @@ HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
 seeds = st.integers(0, 2**32 - 1)
 ignore_fracs = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))
 temperatures = st.one_of(st.just(1.0), st.floats(0.05, 4.0))
+# "rows": one temperature per row, drawn from the seed in [0.2, 3]
+row_temperatures = st.one_of(temperatures, st.just("rows"))
+logit_scales = st.one_of(st.none(), st.sampled_from([0.0625, 4.0]))
+
+
+def resolve_temperature(temperature, lead):
+    if temperature == "rows":
+        return torch.rand(lead) * 2.8 + 0.2
+    return temperature
 
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -106,7 +116,8 @@ def logits_problems(draw, max_dims: int, max_dim: int, max_vocab: int,
         kind=draw(st.sampled_from(["normal", "extreme", "negative", "peaked", "scaled"])),
         std=draw(st.sampled_from([0.01, 1.0, 30.0])),
         offset=draw(st.sampled_from([0.0, -500.0, -3e4, 1e3])),
-        temperature=draw(temperatures), ignore_frac=draw(ignore_fracs),
+        temperature=draw(row_temperatures), logit_scale=draw(logit_scales),
+        k=draw(st.sampled_from([None, None, 1, 3])), ignore_frac=draw(ignore_fracs),
         return_entropy=return_entropy,
         grads=draw(st.sampled_from(["logp", "ent", "both"])) if return_entropy else "logp",
         seed=draw(seeds))
@@ -124,20 +135,83 @@ def _logits(p):
         logits = make_logits(stored, vocab, p["kind"])
     view = {"contiguous": lambda x: x, "sliced": lambda x: x[:, :-1],
             "transposed": lambda x: x.transpose(0, 1)}[p["layout"]]
-    targets = make_targets(lead, vocab, p["ignore_frac"])
-    g_logp = torch.randn(lead) if p["grads"] in ("logp", "both") else None
+    target_lead = lead if p["k"] is None else (*lead, p["k"])
+    targets = make_targets(target_lead, vocab, p["ignore_frac"])
+    g_logp = torch.randn(target_lead) if p["grads"] in ("logp", "both") else None
     g_ent = torch.randn(lead) if p["grads"] in ("ent", "both") else None
+    p["temperature_value"] = resolve_temperature(p["temperature"], lead)
     return logits.to(p["dtype"]), view, targets, g_logp, g_ent
 
 
 def _run_logprobs(fn, base_logits, view, targets, g_logp, g_ent, p):
     x = leaf(base_logits)
-    out = fn(view(x), targets, temperature=p["temperature"], return_entropy=p["return_entropy"])
+    out = fn(view(x), targets, temperature=p["temperature_value"], logit_scale=p["logit_scale"],
+             return_entropy=p["return_entropy"])
     logp, ent = out if p["return_entropy"] else (out, None)
     loss = sum((o * g.to(o.dtype)).sum() for o, g in ((logp, g_logp), (ent, g_ent))
                if g is not None)
     loss.backward()
     return logp, ent, x.grad
+
+
+def _kernel_factor(p):
+    """The one factor the kernels multiply the logits by: logit_scale / T, divided in fp64 and
+    rounded to fp32 (broadcast over the vocabulary)."""
+    scale = 1.0 if p["logit_scale"] is None else p["logit_scale"]
+    t = p["temperature_value"]
+    if isinstance(t, torch.Tensor):
+        return (scale / t.double()).float().unsqueeze(-1)
+    return torch.tensor(scale / t, dtype=torch.float32)
+
+
+class _LseKernelSpec(torch.autograd.Function):
+    """The spec as a memory-efficient kernel evaluates it in fp32: per-row lse and entropy are
+    kept, then log p = z - lse and dz = g_logp (onehot - p) - g_ent p (log p + entropy)."""
+
+    @staticmethod
+    def forward(ctx, z, y):
+        lse = z.logsumexp(-1, keepdim=True)
+        log_p = z - lse
+        entropy = -(log_p.exp() * log_p.clamp(min=-1e4)).sum(-1, keepdim=True)
+        ctx.save_for_backward(z, y, lse, entropy)
+        return log_p.gather(-1, y), entropy.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        z, y, lse, entropy = ctx.saved_tensors
+        log_p = z - lse
+        p = log_p.exp()
+        dz = torch.zeros_like(z).scatter_add_(-1, y, g_logp) - p * g_logp.sum(-1, keepdim=True)
+        dz -= g_ent.unsqueeze(-1) * p * (log_p.clamp(min=-1e4) + entropy)
+        return dz, None
+
+
+def _folded_spec(p):
+    """The spec evaluated the way the kernels evaluate it, in fp32: z = x * (s / T) and the
+    gradient from the saved lse and entropy (_LseKernelSpec). Each is a valid fp32 evaluation;
+    where |z| ~ 1e4 they differ by ~eps32 * |lse| ~ 1e-3 (the spec's log_softmax keeps z - max
+    exact, a kernel that saves lse in fp32 cannot), and the rule's base takes the noisier."""
+    factor = _kernel_factor(p)
+
+    def spec(x, targets, *, return_entropy=False, **_):
+        z = x.float() * factor
+        multi = targets is not None and targets.dim() == z.dim()
+        y = torch.zeros(z.shape[:-1], dtype=torch.long) if targets is None else targets
+        y = y if multi else y.unsqueeze(-1)
+        valid = y != -100
+        logp, entropy = _LseKernelSpec.apply(z, torch.where(valid, y, 0))
+        logp = torch.where(valid, logp, 0)
+        if targets is None:
+            return LogprobsEntropy(None, entropy)
+        logp = logp if multi else logp.squeeze(-1)
+        entropy = torch.where(valid.any(-1), entropy, 0)
+        return LogprobsEntropy(logp, entropy) if return_entropy else logp
+
+    return spec
+
+
+def _noisier_all(ref, a, b):
+    return tuple(_noisier(r, x, y) for r, x, y in zip(ref, a, b, strict=True))
 
 
 def check_logprobs_from_logits(p, backend):
@@ -148,20 +222,54 @@ def check_logprobs_from_logits(p, backend):
     ref = _run_logprobs(logprobs_from_logits_ref, logits.double(), view, targets, g_logp, g_ent, p)
     # the spec in fp32 math (as on the test-dtype inputs), its dlogits rounded once
     base = _run_logprobs(logprobs_from_logits_ref, logits.float(), view, targets, g_logp, g_ent, p)
+    folded = _run_logprobs(_folded_spec(p), logits.float(), view, targets, g_logp, g_ent, p)
+    base = _noisier_all(ref, base, folded)
     base = (*base[:2], platform_round(base[2], p["dtype"], backend))
 
     logp, ent, grad = ours
     assert logp.shape == targets.shape and logp.dtype == out_dtype(p["dtype"])
     assert grad.dtype == p["dtype"] and grad.shape == logits.shape
     assert_rule(logp, ref[0], base[0], "logprobs", reduction=vocab)
+    lead = tuple(p["lead"])
     if p["return_entropy"]:
-        assert ent.shape == targets.shape and ent.dtype == out_dtype(p["dtype"])
+        assert ent.shape == lead and ent.dtype == out_dtype(p["dtype"])
         assert_rule(ent, ref[1], base[1], "entropy", reduction=vocab)
     assert_rule(grad, ref[2], base[2], "dlogits", reduction=vocab)
     ignored = targets == -100
+    rows_ignored = ignored if p["k"] is None else ignored.all(-1)
     assert (logp[ignored] == 0).all(), "logprobs of ignored tokens must be 0"
-    assert ent is None or (ent[ignored] == 0).all(), "entropy of ignored tokens must be 0"
-    assert (view(grad)[ignored] == 0).all(), "ignored tokens must get zero gradient"
+    assert ent is None or (ent[rows_ignored] == 0).all(), "entropy of ignored rows must be 0"
+    assert (view(grad)[rows_ignored] == 0).all(), "ignored rows must get zero gradient"
+
+
+def check_entropy_from_logits(p, backend):
+    """entropy_from_logits = the spec's entropy with targets=None: every row counts."""
+    logits, view, _, _, g_ent = _logits(p)
+    g_ent = torch.randn(p["lead"]) if g_ent is None else g_ent
+    outs = []
+    spec = lambda x, **k: logprobs_from_logits_ref(x, None, return_entropy=True, **k).entropy  # noqa: E731
+    folded = _folded_spec(p)
+    for fn, dtype in ((lambda x, **k: prefkern.entropy_from_logits(x, backend=backend, **k),
+                       None), (spec, torch.float64), (spec, torch.float32),
+                      (lambda x, **k: folded(x, None, return_entropy=True, **k).entropy,
+                       torch.float32)):
+        x = leaf(logits, dtype)
+        ent = fn(view(x), temperature=p["temperature_value"], logit_scale=p["logit_scale"])
+        (ent * g_ent.to(ent.dtype)).sum().backward()
+        outs.append((ent, x.grad))
+    (ent, grad), (ref, ref_grad), *bases = outs
+    base, base_grad = _noisier_all((ref, ref_grad), *bases)
+    base_grad = platform_round(base_grad, p["dtype"], backend)
+    assert ent.shape == tuple(p["lead"]) and grad.dtype == p["dtype"]
+    assert_rule(ent, ref, base, "entropy", reduction=p["vocab"])
+    assert_rule(grad, ref_grad, base_grad, "dlogits", reduction=p["vocab"])
+
+
+@budget(40)
+@given(p=logits_problems(max_dims=2, max_dim=4, max_vocab=200))
+def test_entropy_from_logits(p):
+    check_entropy_from_logits(p, "torch")
+    check_entropy_from_logits(p, "triton")
 
 
 @budget(100)
@@ -193,7 +301,8 @@ def linear_problems(draw, max_n: int, max_h: int, max_v: int, dtypes=HALF_AND_SI
         dtype=draw(st.sampled_from(dtypes)), with_bias=draw(st.booleans()),
         kind=draw(st.sampled_from(kinds)),
         softcap=draw(st.one_of(st.none(), st.sampled_from([0.5, 30.0]), st.floats(1.0, 50.0))),
-        temperature=draw(temperatures), ignore_frac=draw(ignore_fracs),
+        temperature=draw(row_temperatures), logit_scale=draw(logit_scales),
+        ignore_frac=draw(ignore_fracs),
         return_entropy=return_entropy, return_lse=return_lse,
         grads=draw(st.lists(st.sampled_from(returned), min_size=1, unique=True)),
         trainable=trainable, seed=draw(seeds))
@@ -212,6 +321,7 @@ def _linear(p):
     bias = torch.randn(v) if p["with_bias"] else None
     targets = make_targets(lead, v, p["ignore_frac"])
     upstream = {k: torch.randn(lead) if k in p["grads"] else None for k in ("logp", "ent", "lse")}
+    p["temperature_value"] = resolve_temperature(p["temperature"], lead)
     cast = lambda t: None if t is None else t.to(p["dtype"])
     return cast(hidden), cast(weight), cast(bias), targets, upstream
 
@@ -220,8 +330,11 @@ def _run_linear(fn, tensors, targets, upstream, p, dtype=None):
     leaves = [None if t is None else (leaf(t, dtype) if name in p["trainable"]
                                       else t.detach().to(dtype or t.dtype))
               for name, t in zip(("hidden", "weight", "bias"), tensors, strict=True)]
-    out = fn(*leaves[:2], targets, leaves[2], temperature=p["temperature"],
-             softcap=p["softcap"], return_entropy=p["return_entropy"],
+    temperature = p["temperature_value"]
+    if isinstance(temperature, torch.Tensor) and targets.shape != temperature.shape:
+        temperature = temperature.reshape(targets.shape)  # the flattened spec of _contract_grads
+    out = fn(*leaves[:2], targets, leaves[2], temperature=temperature,
+             logit_scale=p["logit_scale"], softcap=p["softcap"], return_entropy=p["return_entropy"],
              return_lse=p["return_lse"])
     if not (p["return_entropy"] or p["return_lse"]):
         out = (out, None, None)
@@ -629,8 +742,8 @@ def test_normalize_rewards_running_moments(p):
 
 
 # The public surface this file covers: fail loudly when an op is added without a property.
-COVERED = {"logprobs_from_logits", "linear_logprobs", "gae", "group_advantages",
-           "kl_penalized_rewards", "normalize_rewards", "RunningMoments"}
+COVERED = {"logprobs_from_logits", "entropy_from_logits", "linear_logprobs", "gae",
+           "group_advantages", "kl_penalized_rewards", "normalize_rewards", "RunningMoments"}
 
 
 def test_every_public_op_has_a_property():

@@ -28,7 +28,8 @@ from torch import Tensor
 from prefkern import _checks
 from prefkern._autocast import autocast_dtype, without_autocast
 from prefkern.dispatch import resolve_backend
-from prefkern.ops import softmax_stats, torch_chunked
+from prefkern.ops import head as head_mod
+from prefkern.ops import multi_target, softmax_stats, torch_chunked
 from prefkern.outputs import LinearLogprobsOutput
 from prefkern.reference.logprobs import compute_dtype
 
@@ -59,72 +60,96 @@ def _impl(backend: str, mode: str, deterministic: bool):
 # The passes are torch.library custom ops so that torch.compile(fullgraph=True) sees opaque,
 # fake-able calls (no graph breaks on the kernel launches or the chunk loops).
 @torch.library.custom_op("prefkern::linear_logprobs_fwd", mutates_args=())
-def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str,
-            mode: str, deterministic: bool, inv_temp: float, softcap: float | None,
-            ignore_index: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (logp, entropy, lse), each (N,); entropy is zeros unless with_entropy (the torch
-    backend then skips it; the kernels compute it anyway, it costs them nothing).
-    ``deterministic`` only matters to the backward."""
+def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+            row_inv_temp: Tensor | None, backend: str, mode: str, deterministic: bool,
+            inv_temp: float, softcap: float | None, ignore_index: int,
+            with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (logp shaped like targets, (N,) or (N, K); entropy (N,); lse (N,)); entropy is zeros
+    unless with_entropy (the torch backend then skips it; the kernels compute it anyway, it
+    costs them nothing). ``deterministic`` only matters to the backward."""
     fwd, _ = _impl(backend, mode, False)
     extra = (with_entropy,) if backend == "torch" else ()
+    factor = inv_temp if row_inv_temp is None else row_inv_temp
+    multi = targets.dim() == 2
+    row_targets = multi_target.representative(targets, ignore_index) if multi else targets
     with without_autocast(hidden):
-        logp, entropy, lse = fwd(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
-                                 *extra)
+        logp, entropy, lse = fwd(hidden, weight, bias, row_targets, factor, softcap,
+                                 ignore_index, *extra)
+        if multi:
+            ids, valid = multi_target.safe_ids(targets, ignore_index)
+            picked = multi_target.linear_picked_logits(hidden, weight, bias, ids, factor,
+                                                       softcap)
+            logp = torch.where(valid, picked - lse.unsqueeze(-1), 0).to(lse.dtype)
     if not with_entropy or entropy is None:
-        entropy = torch.zeros_like(logp)
+        entropy = torch.zeros_like(lse)
     return logp, entropy, lse
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, bias, targets, backend, mode, deterministic, inv_temp, softcap,
-      ignore_index, with_entropy):
+def _(hidden, weight, bias, targets, row_inv_temp, backend, mode, deterministic, inv_temp,
+      softcap, ignore_index, with_entropy):
     dtype = compute_dtype(hidden.dtype)
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=dtype) for _ in range(3))
+    n = hidden.shape[0]
+    return (hidden.new_empty(targets.shape, dtype=dtype),
+            *(hidden.new_empty(n, dtype=dtype) for _ in range(2)))
 
 
 @torch.library.custom_op("prefkern::linear_logprobs_bwd", mutates_args=())
-def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
-            entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, g_lse: Tensor | None,
-            backend: str, mode: str, deterministic: bool, inv_temp: float,
-            softcap: float | None, ignore_index: int, need_dh: bool, need_dw: bool,
-            need_db: bool) -> list[Tensor]:
+def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+            row_inv_temp: Tensor | None, lse: Tensor, entropy: Tensor, g_logp: Tensor | None,
+            g_ent: Tensor | None, g_lse: Tensor | None, backend: str, mode: str,
+            deterministic: bool, inv_temp: float, softcap: float | None, ignore_index: int,
+            need_dh: bool, need_dw: bool, need_db: bool) -> list[Tensor]:
     """-> [dhidden if need_dh, dweight if need_dw, dbias if need_db]."""
     _, bwd = _impl(backend, mode, deterministic)
+    factor = inv_temp if row_inv_temp is None else row_inv_temp
+    multi = targets.dim() == 2
+    row_targets = targets
+    if multi:
+        row_targets = multi_target.representative(targets, ignore_index)
+        ids, valid = multi_target.safe_ids(targets, ignore_index)
+        if g_logp is not None:  # the softmax part of d logp_k goes through the lse gradient
+            g_lse = multi_target.lse_gradient(g_lse, g_logp, valid)
     with without_autocast(hidden):
-        grads = bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-                    softcap, ignore_index, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+        grads = bwd(hidden, weight, bias, row_targets, lse, entropy,
+                    None if multi else g_logp, g_ent, g_lse, factor, softcap, ignore_index,
+                    need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+        if multi and g_logp is not None:
+            multi_target.linear_picked_grads_(*grads, hidden, weight, bias, ids, valid, g_logp,
+                                              factor, softcap)
     return [g for g, needed in zip(grads, (need_dh, need_dw, need_db), strict=True) if needed]
 
 
 @_bwd_op.register_fake
-def _(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, backend, mode,
-      deterministic, inv_temp, softcap, ignore_index, need_dh, need_dw, need_db):
+def _(hidden, weight, bias, targets, row_inv_temp, lse, entropy, g_logp, g_ent, g_lse, backend,
+      mode, deterministic, inv_temp, softcap, ignore_index, need_dh, need_dw, need_db):
     return [torch.empty_like(t) for t, needed in zip((hidden, weight, bias),
                                                      (need_dh, need_dw, need_db), strict=True)
             if needed]
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, *options = inputs
+    hidden, weight, bias, targets, row_inv_temp, *options = inputs
     *ctx.options, ctx.with_entropy = options  # backend, mode, deterministic, inv_temp,
     # softcap, ignore_index
-    ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[1])
+    ctx.save_for_backward(hidden, weight, bias, targets, row_inv_temp, output[2], output[1])
 
 
 def _backward(ctx, g_logp, g_ent, g_lse):
-    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    hidden, weight, bias, targets, row_inv_temp, lse, entropy = ctx.saved_tensors
     backend, mode, deterministic, inv_temp, softcap, ignore_index = ctx.options
     need = list(ctx.needs_input_grad[:3])
     need[2] = need[2] and bias is not None
-    no_grads = (None,) * 8  # targets and the options
+    no_grads = (None,) * 9  # targets, row_inv_temp and the options
     if not ctx.with_entropy:
         g_ent = None  # the caller never saw the entropy: any gradient for it is zeros
     if not any(need) or all(g is None for g in (g_logp, g_ent, g_lse)):
         return (None, None, None, *no_grads)
     g_logp, g_ent, g_lse = (None if g is None else g.to(lse.dtype).contiguous()
                             for g in (g_logp, g_ent, g_lse))
-    grads = iter(_bwd_op(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
-                         backend, mode, deterministic, inv_temp, softcap, ignore_index, *need))
+    grads = iter(_bwd_op(hidden, weight, bias, targets, row_inv_temp, lse, entropy, g_logp,
+                         g_ent, g_lse, backend, mode, deterministic, inv_temp, softcap,
+                         ignore_index, *need))
     dh, dw, db = (next(grads) if needed else None for needed in need)
     return (dh, dw, db, *no_grads)
 
@@ -132,10 +157,9 @@ def _backward(ctx, g_logp, g_ent, g_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(hidden, weight, targets, bias, temperature, softcap, mode):
+def _validate(hidden, weight, bias, mode):
     _checks.check_float("hidden", hidden)
     _checks.check_float("weight", weight)
-    _checks.check_index("targets", targets)
     if hidden.dim() < 1:
         raise ValueError("hidden must be (..., H)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
@@ -143,21 +167,15 @@ def _validate(hidden, weight, targets, bias, temperature, softcap, mode):
                          f"and V > 0, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = "
-                         f"{tuple(hidden.shape[:-1])}")
     if bias is not None:
         _checks.check_float("bias", bias)
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-    _checks.check_positive("temperature", temperature)
-    if softcap is not None:
-        _checks.check_positive("softcap", softcap)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return _checks.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    return _checks.check_same_device(hidden=hidden, weight=weight, bias=bias)
 
 
 def _autocast_inputs(hidden, weight, bias):
@@ -171,21 +189,30 @@ def _autocast_inputs(hidden, weight, bias):
                  for t in (hidden, weight, bias))
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    bias: torch.Tensor | None = None, *, temperature: float = 1.0,
-                    ignore_index: int = -100, softcap: float | None = None,
-                    return_entropy: bool = False, return_lse: bool = False, mode: str = "auto",
-                    deterministic: bool = False, backend: str | None = "auto"):
-    """Per-token log-prob of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / T)``.
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None,
+                    bias: torch.Tensor | None = None, *, temperature: float | Tensor = 1.0,
+                    logit_scale: float | None = None, ignore_index: int = -100,
+                    softcap: float | None = None, return_entropy: bool = False,
+                    return_lse: bool = False, mode: str = "auto", deterministic: bool = False,
+                    backend: str | None = "auto"):
+    """Per-token log-prob of ``targets`` under ``softmax(softcap(s * (h @ W.T + b)) / T)``.
 
-    ``z = softcap * tanh((hidden @ weight.T + bias).float() / softcap) / T;
+    ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias).float() / softcap) / T;
     logp = z.log_softmax(-1).gather(-1, targets[..., None])[..., 0]``, entropy
     ``-(p * log p).sum(-1)``, lse ``z.logsumexp(-1)`` -- without materializing z.
 
     Args:
         hidden: (..., H) bf16/fp16/fp32 (fp64 on the torch backend). weight: (V, H), same dtype.
-        targets: (...) ids in [0, V) or ``ignore_index`` (0 output, 0 gradient).
+        targets: (...) ids in [0, V) or ``ignore_index`` (0 output, 0 gradient); (..., K) for
+            K log-probs per row from one softmax (``z.log_softmax(-1).gather(-1, targets)``,
+            e.g. a teacher's top-k ids); or None when only entropy/lse are wanted (every row
+            counts). Entropy and lse are 0 on rows whose targets are all ignored.
         bias: (V,) or None. softcap: None or c > 0 (Gemma-style ``c * tanh(x / c)``).
+        logit_scale: None or s > 0, applied before the softcap (Cohere ``logit_scale``,
+            Granite ``1 / logits_scaling``, Falcon-H1 ``lm_head_multiplier``; see
+            :func:`prefkern.integrations.hf_head_config`).
+        temperature: a float > 0, or a tensor shaped like the rows (``hidden.shape[:-1]``)
+            with one temperature per row (values > 0; not read on the host).
         mode: "fast" (bounded logits-slice buffer, cuBLAS GEMMs), "min_memory" (fused tiles,
             no logits buffer), or "auto" (= fast). The torch backend always runs chunked.
         deterministic: min_memory mode only: no atomics (lower parallelism in backward).
@@ -194,30 +221,37 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     class), then everything runs with autocast off: the backward is the exact gradient of the
     forward wherever it runs.
     Returns:
-        fp32 (...) log-probs; with ``return_entropy``/``return_lse`` a
-        ``LinearLogprobsOutput(logprobs, entropy, lse)`` with None for what was not asked.
-        Gradients flow to hidden, weight and bias from any upstream gradient on each output,
-        in the input dtype with fp32 accumulation.
+        fp32 log-probs shaped like ``targets``; with ``return_entropy``/``return_lse`` (or
+        targets None) a ``LinearLogprobsOutput(logprobs, entropy, lse)`` with None for what was
+        not asked. Gradients flow to hidden, weight and bias from any upstream gradient on each
+        output, in the input dtype with fp32 accumulation.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    device = _validate(hidden, weight, targets, bias, temperature, softcap, mode)
-    vocab = weight.shape[0]
-    targets, bad = _checks.screen_targets(targets, vocab, ignore_index, "linear_logprobs")
+    device = _validate(hidden, weight, bias, mode)
+    lead = hidden.shape[:-1]
+    head_mod.check_temperature(temperature, lead, device)
+    head_mod.check_logit_scale(logit_scale)
+    if softcap is not None:
+        _checks.check_positive("softcap", softcap)
+    if targets is None and not (return_entropy or return_lse):
+        raise ValueError("targets=None computes no log-prob: ask for return_entropy or return_lse")
+    flat, out_shape, bad, bad_rows = multi_target.prepare(
+        targets, lead, weight.shape[0], ignore_index, "linear_logprobs", device)
     fp64 = hidden.dtype == torch.float64
     name = resolve_backend("linear_logprobs", backend, device,
                            ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
+    head = head_mod.fold(temperature, logit_scale, softcap, compute_dtype(hidden.dtype))
 
-    lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
     logp, entropy, lse = _fwd_op(
-        hidden2d, weight.contiguous(), bias, targets.reshape(-1), name,
-        "fast" if mode == "auto" else mode, bool(deterministic), 1.0 / float(temperature),
-        None if softcap is None else float(softcap), int(ignore_index), bool(return_entropy))
-    logp = _checks.poison(logp.view(lead), bad)
-    if not (return_entropy or return_lse):
+        hidden2d, weight.contiguous(), bias, flat, head.row_inv_temp, name,
+        "fast" if mode == "auto" else mode, bool(deterministic), head.inv_temp, head.softcap,
+        int(ignore_index), bool(return_entropy))
+    logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
+    if targets is not None and not (return_entropy or return_lse):
         return logp
-    return LinearLogprobsOutput(logp,
-                                _checks.poison(entropy.view(lead), bad) if return_entropy else None,
-                                _checks.poison(lse.view(lead), bad) if return_lse else None)
+    return LinearLogprobsOutput(
+        logp, _checks.poison(entropy.view(lead), bad_rows) if return_entropy else None,
+        _checks.poison(lse.view(lead), bad_rows) if return_lse else None)

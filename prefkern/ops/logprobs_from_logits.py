@@ -13,7 +13,8 @@ from torch import Tensor
 from prefkern import _checks
 from prefkern._autocast import without_autocast
 from prefkern.dispatch import resolve_backend
-from prefkern.ops import torch_chunked
+from prefkern.ops import head as head_mod
+from prefkern.ops import multi_target, torch_chunked
 from prefkern.outputs import LogprobsEntropy
 from prefkern.reference.logprobs import compute_dtype
 
@@ -53,96 +54,138 @@ def _as_rows(logits: Tensor) -> Tensor:
 
 # torch.library custom ops: opaque to torch.compile(fullgraph=True), with fake shapes.
 @torch.library.custom_op("prefkern::logprobs_from_logits_fwd", mutates_args=())
-def _fwd_op(logits: Tensor, targets: Tensor, backend: str, inv_temp: float, ignore_index: int,
+def _fwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, backend: str,
+            inv_temp: float, ignore_index: int,
             with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (logp, entropy, lse), each (N,); entropy is zeros unless with_entropy."""
+    """-> (logp shaped like targets, (N,) or (N, K); entropy (N,), zeros unless with_entropy;
+    lse (N,))."""
     fwd, _ = _impl(backend)
+    factor = inv_temp if row_inv_temp is None else row_inv_temp
+    multi = targets.dim() == 2
+    row_targets = multi_target.representative(targets, ignore_index) if multi else targets
     with without_autocast(logits):
-        logp, entropy, lse = fwd(logits, targets, inv_temp, ignore_index, with_entropy)
-    return logp, torch.zeros_like(logp) if entropy is None else entropy, lse
+        logp, entropy, lse = fwd(logits, row_targets, factor, ignore_index, with_entropy)
+        if multi:
+            ids, valid = multi_target.safe_ids(targets, ignore_index)
+            picked = multi_target.logits_picked(logits, ids, factor)
+            logp = torch.where(valid, picked - lse.unsqueeze(-1), 0).to(lse.dtype)
+    return logp, torch.zeros_like(lse) if entropy is None else entropy, lse
 
 
 @_fwd_op.register_fake
-def _(logits, targets, backend, inv_temp, ignore_index, with_entropy):
+def _(logits, targets, row_inv_temp, backend, inv_temp, ignore_index, with_entropy):
     dtype = compute_dtype(logits.dtype)
-    return tuple(logits.new_empty(logits.shape[:-1].numel(), dtype=dtype) for _ in range(3))
+    n = logits.shape[:-1].numel()
+    return (logits.new_empty(targets.shape, dtype=dtype),
+            *(logits.new_empty(n, dtype=dtype) for _ in range(2)))
 
 
 @torch.library.custom_op("prefkern::logprobs_from_logits_bwd", mutates_args=())
-def _bwd_op(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor | None,
-            g_ent: Tensor | None, backend: str, inv_temp: float, ignore_index: int) -> Tensor:
+def _bwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, lse: Tensor,
+            entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, backend: str,
+            inv_temp: float, ignore_index: int) -> Tensor:
     _, bwd = _impl(backend)
+    factor = inv_temp if row_inv_temp is None else row_inv_temp
+    if targets.dim() == 1:
+        with without_autocast(logits):
+            return bwd(logits, targets, lse, entropy, g_logp, g_ent, None, factor, ignore_index)
+    ids, valid = multi_target.safe_ids(targets, ignore_index)
+    row_targets = multi_target.representative(targets, ignore_index)
+    g_lse = None if g_logp is None else multi_target.lse_gradient(None, g_logp, valid)
     with without_autocast(logits):
-        return bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, ignore_index)
+        grad = bwd(logits, row_targets, lse, entropy, None, g_ent, g_lse, factor, ignore_index)
+        if g_logp is not None:
+            multi_target.logits_picked_grad_(grad.view(-1, grad.shape[-1]), logits,
+                                             ids, valid, lse, entropy, g_logp, g_ent, factor)
+    return grad
 
 
 @_bwd_op.register_fake
-def _(logits, targets, lse, entropy, g_logp, g_ent, backend, inv_temp, ignore_index):
+def _(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, backend, inv_temp,
+      ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, targets, *options = inputs
+    logits, targets, row_inv_temp, *options = inputs
     *ctx.options, ctx.with_entropy = options  # backend, inv_temp, ignore_index
-    ctx.save_for_backward(logits, targets, output[2], output[1])
+    ctx.save_for_backward(logits, targets, row_inv_temp, output[2], output[1])
 
 
 def _backward(ctx, g_logp, g_ent, g_lse):
     # lse is internal (never returned to the user): its gradient is always None/zero
-    logits, targets, lse, entropy = ctx.saved_tensors
+    logits, targets, row_inv_temp, lse, entropy = ctx.saved_tensors
+    no_grads = (None,) * 6
     if not ctx.with_entropy:
         g_ent = None  # the caller never saw the entropy: any gradient for it is zeros
     if g_logp is None and g_ent is None:
-        return None, None, None, None, None, None
+        return (None, *no_grads)
     g_logp, g_ent = (None if g is None else g.to(lse.dtype).contiguous() for g in (g_logp, g_ent))
-    grad = _bwd_op(logits, targets, lse, entropy, g_logp, g_ent, *ctx.options)
-    return grad, None, None, None, None, None
+    grad = _bwd_op(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, *ctx.options)
+    return (grad, *no_grads)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
+                         temperature: float | Tensor = 1.0, logit_scale: float | None = None,
                          ignore_index: int = -100, return_entropy: bool = False,
                          backend: str | None = "auto"):
-    """Per-token log-prob of ``targets`` under ``softmax(logits / temperature)``.
+    """Per-token log-prob of ``targets`` under ``softmax(logit_scale * logits / temperature)``.
 
-    ``logp = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None])[..., 0]``
+    ``logp = (logits.float() * s / T).log_softmax(-1).gather(-1, targets[..., None])[..., 0]``
     and, with ``return_entropy``, ``entropy = -(p * p.log()).sum(-1)``.
 
     Args:
         logits: (..., V) bf16/fp16/fp32 (fp64 on the torch backend).
-        targets: (...) integer ids in [0, V), or ``ignore_index`` (those give 0 and 0 gradient).
+        targets: (...) integer ids in [0, V), or ``ignore_index`` (those give 0 and 0 gradient);
+            (..., K) for K log-probs per row from one softmax; None for the entropy alone
+            (:func:`entropy_from_logits`). Entropy is 0 on rows whose targets are all ignored.
+        temperature: a float > 0 or one value per row (a tensor shaped like logits.shape[:-1]).
+        logit_scale: None or s > 0 (a model's logit multiplier, see :func:`linear_logprobs`).
         backend: "auto" | "triton" | "cuda" | "torch" (None: $PREFKERN_BACKEND).
     Autocast: nothing is cast (the softmax is computed in fp32 from any input dtype, as
     autocast does for log_softmax); the result is the same inside and outside autocast.
     Returns:
-        fp32 (...) log-probs, or ``LogprobsEntropy(logprobs, entropy)`` with ``return_entropy``.
-        Both are differentiable for any upstream gradient; the logits' gradient has their dtype.
+        fp32 log-probs shaped like targets, or ``LogprobsEntropy(logprobs, entropy)`` with
+        ``return_entropy`` (logprobs None without targets). Both are differentiable for any
+        upstream gradient; the logits' gradient has their dtype.
     """
     _checks.check_float("logits", logits)
-    _checks.check_index("targets", targets)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be (..., V) with V > 0, got shape {tuple(logits.shape)}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits.shape[:-1] = "
-                         f"{tuple(logits.shape[:-1])}")
-    device = _checks.check_same_device(logits=logits, targets=targets)
-    _checks.check_positive("temperature", temperature)
+    device = logits.device
+    lead = logits.shape[:-1]
+    head_mod.check_temperature(temperature, lead, device)
+    head_mod.check_logit_scale(logit_scale)
+    if targets is None and not return_entropy:
+        raise ValueError("targets=None computes no log-prob: pass return_entropy=True "
+                         "(or call entropy_from_logits)")
     vocab = logits.shape[-1]
-    targets, bad = _checks.screen_targets(targets, vocab, ignore_index, "logprobs_from_logits")
+    flat, out_shape, bad, bad_rows = multi_target.prepare(
+        targets, lead, vocab, ignore_index, "logprobs_from_logits", device)
     implemented = ("torch",) if logits.dtype == torch.float64 else ("triton", "cuda", "torch")
     name = resolve_backend("logprobs_from_logits", backend, device, implemented,
                            AUTO_ORDER if logits.dtype != torch.float64 else ())
+    head = head_mod.fold(temperature, logit_scale, None, compute_dtype(logits.dtype))
 
-    lead = logits.shape[:-1]
     if name == "triton" and logits.dim() == 3 and (logits.stride(-1) == 1 or vocab == 1):
         rows = logits  # (B, T) rows indexed in place: logits[:, :-1] needs no copy
     else:
         rows = _as_rows(logits)
-    logp, entropy, _ = _fwd_op(rows, targets.reshape(-1), name, 1.0 / float(temperature),
+    logp, entropy, _ = _fwd_op(rows, flat, head.row_inv_temp, name, head.inv_temp,
                                int(ignore_index), bool(return_entropy))
-    logp = _checks.poison(logp.view(lead), bad)
+    logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
     if return_entropy:
-        return LogprobsEntropy(logp, _checks.poison(entropy.view(lead), bad))
+        return LogprobsEntropy(logp, _checks.poison(entropy.view(lead), bad_rows))
     return logp
+
+
+def entropy_from_logits(logits: torch.Tensor, *, temperature: float | Tensor = 1.0,
+                        logit_scale: float | None = None, backend: str | None = "auto"):
+    """``-(p * p.log()).sum(-1)`` with ``p = (logits.float() * s / T).softmax(-1)``: fp32 (...),
+    differentiable, one pass over the logits and no fp32 copy (what the trainers'
+    ``entropy_from_logits`` computes with a full softmax)."""
+    return logprobs_from_logits(logits, None, temperature=temperature, logit_scale=logit_scale,
+                                return_entropy=True, backend=backend).entropy

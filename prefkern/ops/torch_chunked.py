@@ -26,6 +26,16 @@ def _rows_per_chunk(width: int, device: torch.device) -> int:
     return max(1, budget // max(width, 1))
 
 
+def rows_factor(inv_temp, rows: slice):
+    """The temperature factor of ``rows``: the float, or the (n, 1) column of a per-row (N,)
+    tensor, to broadcast over a chunk's vocabulary."""
+    return inv_temp[rows, None] if isinstance(inv_temp, torch.Tensor) else inv_temp
+
+
+def _is_unit(factor) -> bool:
+    return not isinstance(factor, torch.Tensor) and factor == 1.0
+
+
 def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
     """dL/dz for one chunk, computed in z's storage: z (n, C); local_y (n,) target column in
     this chunk (may be out of range); lse, entropy and upstream grads (n,) or None:
@@ -62,9 +72,9 @@ def full_row_stats(z, y, valid, with_entropy: bool = True):
 # From materialized logits
 # ---------------------------------------------------------------------------------------------
 
-def logits_forward(logits, targets, inv_temp: float, ignore_index: int,
-                   with_entropy: bool = True):
-    """logits (N, V), targets (N,) -> (logp, entropy or None, lse) in the compute dtype."""
+def logits_forward(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True):
+    """logits (N, V), targets (N,) -> (logp, entropy or None, lse) in the compute dtype.
+    inv_temp: a float or (N,) per-row factors."""
     n, v = logits.shape
     cdt = compute_dtype(logits.dtype)
     valid = targets != ignore_index
@@ -74,8 +84,9 @@ def logits_forward(logits, targets, inv_temp: float, ignore_index: int,
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
         z = logits[rows].to(cdt)  # full_row_stats reads z only: no copy for fp32 at T = 1
-        if inv_temp != 1.0:
-            z = z * inv_temp
+        factor = rows_factor(inv_temp, rows)
+        if not _is_unit(factor):
+            z = z * factor
         parts = full_row_stats(z, targets[rows], valid[rows], with_entropy)
         for out, part in zip(outs, parts, strict=True):
             if out is not None:
@@ -83,7 +94,8 @@ def logits_forward(logits, targets, inv_temp: float, ignore_index: int,
     return tuple(outs)
 
 
-def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, ignore_index):
+def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
+                    ignore_index):
     """-> dlogits (N, V) in the logits dtype."""
     n, v = logits.shape
     cdt = compute_dtype(logits.dtype)
@@ -92,12 +104,13 @@ def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, igno
     step = _rows_per_chunk(v, logits.device)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
-        z = logits[rows].to(cdt, copy=True).mul_(inv_temp)
+        factor = rows_factor(inv_temp, rows)
+        z = logits[rows].to(cdt, copy=True).mul_(factor)
         ent = entropy[rows] if g_ent is not None else None
-        gl = None if g_logp is None else torch.where(valid[rows], g_logp[rows], 0)
-        ge = None if g_ent is None else torch.where(valid[rows], g_ent[rows], 0)
-        dz = grad_logits(z, targets[rows].long(), lse[rows], ent, gl, ge, None)
-        dz = dz.mul_(inv_temp).masked_fill_(~valid[rows, None], 0)  # ignored: p is meaningless
+        gl, ge, gs = (None if g is None else torch.where(valid[rows], g[rows], 0)
+                      for g in (g_logp, g_ent, g_lse))
+        dz = grad_logits(z, targets[rows].long(), lse[rows], ent, gl, ge, gs)
+        dz = dz.mul_(factor).masked_fill_(~valid[rows, None], 0)  # ignored: p is meaningless
         grad[rows] = dz
     return grad
 
@@ -109,13 +122,26 @@ def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, igno
 VOCAB_CHUNK = 4096
 
 
-def capped_logits(h, w, b, inv_temp: float, softcap: float | None):
-    """-> (z, tanh or None) for one chunk: z = softcap * tanh((h @ w.T + b) / softcap) / T."""
-    raw = h @ w.T if b is None else torch.addmm(b, h, w.T)
+def head_transform_(raw, inv_temp, softcap: float | None, with_grad: bool = False):
+    """-> (z, dcap or None): z = softcap * tanh(raw / softcap) * inv_temp, computed in raw's
+    storage when there is no softcap; inv_temp a float or per-row factors shaped to broadcast.
+    With ``with_grad`` and a softcap, dcap = 1 - tanh^2 = 4q / (1 + q)^2, q = exp(-2|x|)
+    (relatively accurate where tanh saturates, unlike 1 - t * t)."""
     if softcap is None:
-        return (raw if inv_temp == 1.0 else raw.mul_(inv_temp)), None
-    t = raw.div_(softcap).tanh_()
-    return t * (softcap * inv_temp), t
+        return (raw if _is_unit(inv_temp) else raw.mul_(inv_temp)), None
+    x = raw.div_(softcap)
+    dcap = None
+    if with_grad:
+        q = x.abs().mul_(-2.0).exp_()
+        dcap = q.mul(4.0).div_((q + 1.0).square_())
+    return x.tanh_().mul_(softcap * inv_temp), dcap
+
+
+def capped_logits(h, w, b, inv_temp, softcap: float | None, with_grad: bool = False):
+    """-> (z, dcap or None) for one chunk: z = softcap * tanh((h @ w.T + b) / softcap) / T;
+    inv_temp a float or the chunk's (n, 1) per-row factors (see head_transform_)."""
+    raw = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    return head_transform_(raw, inv_temp, softcap, with_grad)
 
 
 def _chunks(hidden, weight, bias):
@@ -141,7 +167,7 @@ def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_inde
                                        hidden.device, with_u=with_entropy)
     for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
         for rows, h32 in row_chunks:
-            z, _ = capped_logits(h32, w32, b32, inv_temp, softcap)
+            z, _ = capped_logits(h32, w32, b32, rows_factor(inv_temp, rows), softcap)
             stats.update(rows, z, cols.start, targets[rows])
     return stats.finish(valid)
 
@@ -168,14 +194,15 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, 
         dw_acc = torch.zeros_like(w32) if need_dw and len(row_chunks) != 1 else None
         db_acc = torch.zeros(w32.shape[0], dtype=cdt, device=w32.device) if need_db else None
         for rows, h32 in row_chunks:
-            z, t = capped_logits(h32, w32, b32, inv_temp, softcap)
+            factor = rows_factor(inv_temp, rows)
+            z, dcap = capped_logits(h32, w32, b32, factor, softcap, with_grad=True)
             local_y = targets[rows].long() - cols.start
             dz = grad_logits(z, local_y, lse[rows], entropy[rows] if ge is not None else None,
                              *(None if g is None else g[rows] for g in (gl, ge, gs)))
-            if t is not None:
-                dz.mul_(t.mul_(t).neg_().add_(1.0))
-            if inv_temp != 1.0:
-                dz.mul_(inv_temp)
+            if dcap is not None:
+                dz.mul_(dcap)
+            if not _is_unit(factor):
+                dz.mul_(factor)
             if db_acc is not None:
                 db_acc += dz.sum(0)
             dz_in = dz.to(hidden.dtype) if half else dz

@@ -12,44 +12,64 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _per_token(z: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """z (..., V) in the compute dtype -> (logp, entropy, lse), zero where ignored."""
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+def _per_row_temperature(temperature, z: torch.Tensor):
+    """A float, or one value per row (z.shape[:-1]) broadcast over the vocabulary."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature.to(z.dtype).unsqueeze(-1)
+    return temperature
+
+
+def _per_token(z: torch.Tensor, targets: torch.Tensor | None, ignore_index: int):
+    """z (..., V) in the compute dtype -> (logp, entropy, lse). targets (...) or (..., K) (logp
+    shaped like them; an ignored entry gives 0) or None (logp None, every row counts); entropy
+    and lse are 0 on rows whose targets are all ignored."""
     lse = torch.logsumexp(z, dim=-1)
     log_p = z - lse.unsqueeze(-1)
-    logp = log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     # -inf logits have p = 0: zero their log p so that 0 * log 0 = 0 (values and gradients)
     finite_log_p = torch.where(torch.isfinite(log_p), log_p, torch.zeros_like(log_p))
     entropy = -(log_p.exp() * finite_log_p).sum(-1)
+    if targets is None:
+        return None, entropy, lse
+    multi = targets.dim() == z.dim()
+    y = targets if multi else targets.unsqueeze(-1)
+    valid = y != ignore_index
+    logp = log_p.gather(-1, torch.where(valid, y, 0).long())
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    row_valid = valid.any(-1)
     zero = torch.zeros_like(lse)
-    return (torch.where(valid, logp, zero), torch.where(valid, entropy, zero),
-            torch.where(valid, lse, zero))
+    return (logp if multi else logp.squeeze(-1), torch.where(row_valid, entropy, zero),
+            torch.where(row_valid, lse, zero))
 
 
 def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-100,
-                             return_entropy=False):
-    """``z = logits.float() / T; logp = z.log_softmax(-1).gather(-1, y[..., None])[..., 0]``,
-    entropy ``-(p * log p).sum(-1)``; ignored tokens give 0."""
-    z = logits.to(compute_dtype(logits.dtype)) / temperature
+                             logit_scale=None, return_entropy=False):
+    """``z = logits.float() * logit_scale / T; logp = z.log_softmax(-1).gather(-1, y[..., None])
+    [..., 0]``, entropy ``-(p * log p).sum(-1)``; ignored tokens give 0. ``targets`` (...),
+    (..., K) (K log-probs per row) or None (entropy only); T a float or one value per row."""
+    z = logits.to(compute_dtype(logits.dtype))
+    if logit_scale is not None:
+        z = z * logit_scale
+    z = z / _per_row_temperature(temperature, z)
     logp, entropy, _ = _per_token(z, targets, ignore_index)
     return LogprobsEntropy(logp, entropy) if return_entropy else logp
 
 
 def linear_logprobs_ref(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
-                        softcap=None, return_entropy=False, return_lse=False):
+                        softcap=None, logit_scale=None, return_entropy=False, return_lse=False):
     """``logits = hidden.float() @ weight.float().T + bias.float()``: accumulated in fp32 (fp64
     for fp64 inputs) and never rounded to the input dtype (prefkern's numerics contract; an
-    eager bf16 LM head would round them), then ``z = softcap * tanh(logits / softcap) / T`` and
-    the per-token outputs of :func:`logprobs_from_logits_ref`, plus ``lse = z.logsumexp(-1)``.
-    Gradients flow back to the inputs in their dtype."""
+    eager bf16 LM head would round them), then ``z = softcap * tanh(logit_scale * logits /
+    softcap) / T`` and the per-token outputs of :func:`logprobs_from_logits_ref`, plus
+    ``lse = z.logsumexp(-1)``. Gradients flow back to the inputs in their dtype."""
     cdt = compute_dtype(hidden.dtype)
     z = hidden.to(cdt) @ weight.to(cdt).T
     if bias is not None:
         z = z + bias.to(cdt)
+    if logit_scale is not None:
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    z = z / _per_row_temperature(temperature, z)
     logp, entropy, lse = _per_token(z, targets, ignore_index)
     if not (return_entropy or return_lse):
         return logp

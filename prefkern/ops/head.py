@@ -1,0 +1,63 @@
+"""The LM-head transform every log-prob op applies before its softmax, and its folding into the
+two numbers the kernels take.
+
+``z = softcap(logit_scale * (hidden @ weight.T + bias)) / T`` with ``softcap(x) = c * tanh(x / c)``
+(the order of TRL's chunked LM head; Cohere multiplies by ``logit_scale``, Granite divides by
+``logits_scaling``, Falcon-H1 multiplies by ``lm_head_multiplier``, Gemma 2/3 softcap).
+
+A positive scale folds exactly into the kernels' ``z = c' * tanh(raw / c') * inv_temp``:
+``c * tanh(s * raw / c) / T = (c / s) * tanh(raw / (c / s)) * (s / T)``, so ``c' = c / s`` and
+``inv_temp = s / T`` (without softcap, ``z = raw * s / T``). T may be one value per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prefkern import _checks
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the kernels take: ``z = softcap * tanh(raw / softcap) * inv_temp`` (no tanh when
+    softcap is None), where ``inv_temp`` is ``row_inv_temp[row]`` when that is given."""
+
+    inv_temp: float
+    softcap: float | None
+    row_inv_temp: Tensor | None  # (N,) fp32 contiguous, or None
+
+
+def check_temperature(temperature, rows_shape: torch.Size, device: torch.device) -> None:
+    """A float > 0, or a floating tensor shaped like the rows (one value per row). Values of a
+    tensor are not read (no host sync); they must be > 0, as for a float."""
+    if isinstance(temperature, Tensor):
+        _checks.check_float("temperature", temperature)
+        if temperature.shape != rows_shape:
+            raise ValueError(f"a temperature tensor must have one value per row, shape "
+                             f"{tuple(rows_shape)}, got {tuple(temperature.shape)}")
+        if temperature.device != device:
+            raise ValueError(f"temperature is on {temperature.device}, the inputs on {device}")
+        if temperature.requires_grad:
+            raise ValueError("temperature takes no gradient: pass temperature.detach()")
+        return
+    _checks.check_positive("temperature", temperature)
+
+
+def check_logit_scale(logit_scale) -> None:
+    if logit_scale is not None:
+        _checks.check_positive("logit_scale", logit_scale)
+
+
+def fold(temperature, logit_scale: float | None, softcap: float | None,
+         dtype: torch.dtype = torch.float32) -> Head:
+    """-> the kernels' Head for ``softcap(logit_scale * raw) / temperature`` (validated inputs);
+    per-row factors in ``dtype`` (the compute dtype), divided in fp64 as a float would be."""
+    scale = 1.0 if logit_scale is None else float(logit_scale)
+    cap = None if softcap is None else float(softcap) / scale
+    if isinstance(temperature, Tensor):
+        row = (scale / temperature.detach().reshape(-1).to(torch.float64)).to(dtype)
+        return Head(1.0, cap, row.contiguous())
+    return Head(scale / float(temperature), cap, None)
