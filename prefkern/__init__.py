@@ -5,6 +5,7 @@ Never imports transformers/trl/verl; Triton and the CUDA extension load lazily o
 
 from prefkern import (
     _torch_floor,  # noqa: F401  (first: a clear error on a too old torch)
+    integrations,
     nn,
     reference,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "available_backends",
     "entropy_from_logits",
     "gae",
+    "integrations",
     "group_advantages",
     "kl_penalized_rewards",
     "linear_logprobs",
