@@ -123,12 +123,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(
   }
 }
 
+// grad may be logits itself (in-place backward): neither pointer is __restrict__; each thread
+// reads its elements before it writes them.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(
-    const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ targets,
+    const T* logits, int64_t row_stride, const int64_t* __restrict__ targets,
     const float* __restrict__ lse_in, const float* __restrict__ entropy,
     const float* __restrict__ g_logp, const float* __restrict__ g_ent,
-    const float* __restrict__ g_lse, T* __restrict__ grad, int64_t grad_row_stride,
+    const float* __restrict__ g_lse, T* grad, int64_t grad_row_stride,
     int64_t vocab, float inv_temp_all, const float* __restrict__ inv_temp_rows,
     int64_t ignore_index) {
   const int64_t row = blockIdx.x;

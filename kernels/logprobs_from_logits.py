@@ -49,7 +49,7 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr,
     g_ent_ptr, g_lse_ptr,
-    grad_ptr, stride_grad_row, V, inv_temp, inv_temp_ptr, ignore_index,
+    grad_ptr, grad_stride_outer, grad_stride_inner, V, inv_temp, inv_temp_ptr, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
     ROW_TEMP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -62,7 +62,7 @@ def _logprobs_bwd_kernel(
         HAS_G_LSE)
     v_read = tl.where(valid, V, 0)
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
-    out_ptr = grad_ptr + row * stride_grad_row
+    out_ptr = grad_ptr + (row // inner) * grad_stride_outer + (row % inner) * grad_stride_inner
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
@@ -114,17 +114,20 @@ def logprobs_fwd(logits, targets, inv_temp, ignore_index: int, with_entropy: boo
 
 @on_tensor_device
 def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-                 ignore_index: int):
-    """-> dlogits, contiguous, shaped and typed like logits. g_logp / g_ent / g_lse (N,) fp32
-    or None; entropy is needed only with g_ent."""
+                 ignore_index: int, inplace: bool = False):
+    """-> dlogits shaped and typed like logits: a new contiguous tensor, or (inplace) logits
+    itself, overwritten (each element is read before it is written, by the same program).
+    g_logp / g_ent / g_lse (N,) fp32 or None; entropy is needed only with g_ent."""
     n, v, stride_outer, stride_inner, inner = _rows_layout(logits, targets)
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype,
+                                              device=logits.device)
+    _, _, grad_outer, grad_inner, _ = _rows_layout(grad, targets)
     if n > 0:
         _logprobs_bwd_kernel[(n,)](
             logits, stride_outer, stride_inner, inner, targets, lse,
             entropy if g_ent is not None else lse,
             *(lse if g is None else g for g in (g_logp, g_ent, g_lse)),
-            grad, v, v, ignore_index=ignore_index,
+            grad, grad_outer, grad_inner, v, ignore_index=ignore_index,
             HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
             HAS_G_LSE=g_lse is not None, BLOCK_V=_block_v(v), num_warps=8,
             **temperature_args(inv_temp, lse),

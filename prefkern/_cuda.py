@@ -56,10 +56,13 @@ def logprobs_fwd(logits, targets, inv_temp, ignore_index: int, with_entropy: boo
 
 
 @on_tensor_device
-def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp, ignore_index: int):
+def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp, ignore_index: int,
+                 inplace: bool = False):
+    """-> dlogits (N, V): a new tensor, or (inplace) logits itself, overwritten (each thread
+    reads its elements before it writes them)."""
     n, v = logits.shape
     targets = targets.to(torch.int64).contiguous()
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    grad = logits if inplace else torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     _ext().logprobs_from_logits_bwd(
         _ptr(logits), logits.stride(0), _ptr(targets), _ptr(lse), _ptr(entropy), _ptr(g_logp),
         _ptr(g_ent), _ptr(g_lse), _ptr(grad), grad.stride(0), n, v, *_temperature(inv_temp),

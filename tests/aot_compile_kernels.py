@@ -64,7 +64,8 @@ INT_EXAMPLES = {
     "V": 128256,              # vocabulary size (see above)
     "stride_inner": 128256,   # logits rows are contiguous along V: row stride = V
     "stride_outer": 0,        #   the op passes (N, V) logits, for which the launcher passes 0
-    "stride_grad_row": 128256,  # the gradient is allocated contiguous: V
+    "grad_stride_inner": 128256,  # the gradient: a new contiguous (N, V) tensor, or the
+    "grad_stride_outer": 0,       #   logits themselves (inplace_backward): their layout
     "C": 16384,               # fast-mode slice width: all of V, or a multiple of 128
     "stride_row": 16384,      #   (linear_sliced._slice_width); slices are contiguous: = C
     "stride_dz_row": 16384,   #   and so is the slice's gradient buffer

@@ -40,8 +40,8 @@ def _impl(backend: str):
     def fwd(logits, targets, inv_temp, ignore_index, with_entropy):
         return fwd2d(_as_rows(logits), targets, inv_temp, ignore_index, with_entropy)
 
-    def bwd(logits, targets, *args):
-        return bwd2d(_as_rows(logits), targets, *args).view(logits.shape)
+    def bwd(logits, targets, *args, **kw):
+        return bwd2d(_as_rows(logits), targets, *args, **kw).view(logits.shape)
 
     return fwd, bwd
 
@@ -55,8 +55,8 @@ def _as_rows(logits: Tensor) -> Tensor:
 # torch.library custom ops: opaque to torch.compile(fullgraph=True), with fake shapes.
 @torch.library.custom_op("prefkern::logprobs_from_logits_fwd", mutates_args=())
 def _fwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, backend: str,
-            inv_temp: float, ignore_index: int,
-            with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+            inv_temp: float, ignore_index: int, with_entropy: bool,
+            inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (logp shaped like targets, (N,) or (N, K); entropy (N,), zeros unless with_entropy;
     lse (N,))."""
     fwd, _ = _impl(backend)
@@ -73,31 +73,46 @@ def _fwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, backen
 
 
 @_fwd_op.register_fake
-def _(logits, targets, row_inv_temp, backend, inv_temp, ignore_index, with_entropy):
+def _(logits, targets, row_inv_temp, backend, inv_temp, ignore_index, with_entropy,
+      inplace_backward):
     dtype = compute_dtype(logits.dtype)
     n = logits.shape[:-1].numel()
     return (logits.new_empty(targets.shape, dtype=dtype),
             *(logits.new_empty(n, dtype=dtype) for _ in range(2)))
 
 
-@torch.library.custom_op("prefkern::logprobs_from_logits_bwd", mutates_args=())
-def _bwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, lse: Tensor,
-            entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, backend: str,
-            inv_temp: float, ignore_index: int) -> Tensor:
+def _backward_into(grad_or_none, logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent,
+                   backend, inv_temp, ignore_index):
+    """The backward of one backend into a new tensor (grad_or_none None, returned) or into the
+    logits themselves."""
     _, bwd = _impl(backend)
     factor = inv_temp if row_inv_temp is None else row_inv_temp
+    inplace = grad_or_none is not None
     if targets.dim() == 1:
         with without_autocast(logits):
-            return bwd(logits, targets, lse, entropy, g_logp, g_ent, None, factor, ignore_index)
+            return bwd(logits, targets, lse, entropy, g_logp, g_ent, None, factor, ignore_index,
+                       inplace=inplace)
     ids, valid = multi_target.safe_ids(targets, ignore_index)
     row_targets = multi_target.representative(targets, ignore_index)
     g_lse = None if g_logp is None else multi_target.lse_gradient(None, g_logp, valid)
     with without_autocast(logits):
-        grad = bwd(logits, row_targets, lse, entropy, None, g_ent, g_lse, factor, ignore_index)
+        picked = None
+        if g_logp is not None and inplace:  # read the target logits before they are overwritten
+            picked = multi_target.logits_picked(logits, ids, factor)
+        grad = bwd(logits, row_targets, lse, entropy, None, g_ent, g_lse, factor, ignore_index,
+                   inplace=inplace)
         if g_logp is not None:
-            multi_target.logits_picked_grad_(grad.view(-1, grad.shape[-1]), logits,
-                                             ids, valid, lse, entropy, g_logp, g_ent, factor)
+            multi_target.logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp,
+                                             g_ent, factor, picked=picked)
     return grad
+
+
+@torch.library.custom_op("prefkern::logprobs_from_logits_bwd", mutates_args=())
+def _bwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, lse: Tensor,
+            entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, backend: str,
+            inv_temp: float, ignore_index: int) -> Tensor:
+    return _backward_into(None, logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent,
+                          backend, inv_temp, ignore_index)
 
 
 @_bwd_op.register_fake
@@ -106,23 +121,41 @@ def _(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, backend, inv_t
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("prefkern::logprobs_from_logits_bwd_inplace", mutates_args=("logits",))
+def _bwd_inplace_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, lse: Tensor,
+                    entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, backend: str,
+                    inv_temp: float, ignore_index: int) -> None:
+    """Overwrites logits with d loss / d logits (inplace_backward)."""
+    _backward_into(logits, logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, backend,
+                   inv_temp, ignore_index)
+
+
+@_bwd_inplace_op.register_fake
+def _(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, backend, inv_temp,
+      ignore_index):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     logits, targets, row_inv_temp, *options = inputs
-    *ctx.options, ctx.with_entropy = options  # backend, inv_temp, ignore_index
+    *ctx.options, ctx.with_entropy, ctx.inplace = options  # backend, inv_temp, ignore_index
     ctx.save_for_backward(logits, targets, row_inv_temp, output[2], output[1])
 
 
 def _backward(ctx, g_logp, g_ent, g_lse):
     # lse is internal (never returned to the user): its gradient is always None/zero
     logits, targets, row_inv_temp, lse, entropy = ctx.saved_tensors
-    no_grads = (None,) * 6
+    no_grads = (None,) * 7
     if not ctx.with_entropy:
         g_ent = None  # the caller never saw the entropy: any gradient for it is zeros
     if g_logp is None and g_ent is None:
         return (None, *no_grads)
     g_logp, g_ent = (None if g is None else g.to(lse.dtype).contiguous() for g in (g_logp, g_ent))
-    grad = _bwd_op(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, *ctx.options)
-    return (grad, *no_grads)
+    args = (logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, *ctx.options)
+    if ctx.inplace:
+        _bwd_inplace_op(*args)
+        return (logits, *no_grads)
+    return (_bwd_op(*args), *no_grads)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -131,7 +164,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
                          temperature: float | Tensor = 1.0, logit_scale: float | None = None,
                          ignore_index: int = -100, return_entropy: bool = False,
-                         backend: str | None = "auto"):
+                         inplace_backward: bool = False, backend: str | None = "auto"):
     """Per-token log-prob of ``targets`` under ``softmax(logit_scale * logits / temperature)``.
 
     ``logp = (logits.float() * s / T).log_softmax(-1).gather(-1, targets[..., None])[..., 0]``
@@ -144,6 +177,12 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
             (:func:`entropy_from_logits`). Entropy is 0 on rows whose targets are all ignored.
         temperature: a float > 0 or one value per row (a tensor shaped like logits.shape[:-1]).
         logit_scale: None or s > 0 (a model's logit multiplier, see :func:`linear_logprobs`).
+        inplace_backward: the backward writes d loss / d logits into the logits' own storage
+            and returns it as their gradient, saving an (N, V) buffer (2 GiB at 8192 x 128256
+            bf16; what verl asks of flash-attn's cross entropy). The logits' values are gone
+            after backward: only for logits nothing else reads in backward. (The torch and
+            cuda backends copy logits that are not viewable as (N, V) rows, e.g.
+            ``logits[:, :-1]``, in forward already; the gradient then lives in that copy.)
         backend: "auto" | "triton" | "cuda" | "torch" (None: $PREFKERN_BACKEND).
     Autocast: nothing is cast (the softmax is computed in fp32 from any input dtype, as
     autocast does for log_softmax); the result is the same inside and outside autocast.
@@ -175,7 +214,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
     else:
         rows = _as_rows(logits)
     logp, entropy, _ = _fwd_op(rows, flat, head.row_inv_temp, name, head.inv_temp,
-                               int(ignore_index), bool(return_entropy))
+                               int(ignore_index), bool(return_entropy), bool(inplace_backward))
     logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
     if return_entropy:
         return LogprobsEntropy(logp, _checks.poison(entropy.view(lead), bad_rows))

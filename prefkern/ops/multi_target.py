@@ -117,17 +117,21 @@ def logits_picked(logits, ids, inv_temp):
     return z * (inv_temp[:, None] if isinstance(inv_temp, torch.Tensor) else inv_temp)
 
 
-def logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp, g_ent, inv_temp):
-    """Overwrite the K target columns of ``grad`` (N, V), which holds the backend's gradient
-    for the lse gradient -S, with their exact value computed in fp32 (one rounding, as at every
-    other column): dz = G - p (S + g_ent (log p + entropy)), times inv_temp, where G sums g_logp
-    over the row's entries with that id."""
+def logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp, g_ent, inv_temp,
+                        picked=None):
+    """Overwrite the K target columns of ``grad`` (..., V) (N rows), which holds the backend's
+    gradient for the lse gradient -S, with their exact value computed in fp32 (one rounding, as
+    at every other column): dz = G - p (S + g_ent (log p + entropy)), times inv_temp, where G
+    sums g_logp over the row's entries with that id. ``picked``: z at the K targets, read
+    before ``grad`` overwrote the logits (in-place backward)."""
     cdt = compute_dtype(logits.dtype)
     g = torch.where(valid, g_logp.to(cdt), 0)
     same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & valid.unsqueeze(-2)  # (N, K, K)
     big_g = (same.to(cdt) @ g.unsqueeze(-1)).squeeze(-1)
     total = g.sum(-1, keepdim=True)
-    log_p = (logits_picked(logits, ids, inv_temp) - lse.unsqueeze(-1)).clamp(min=LOG_FLOOR)
+    if picked is None:  # (the caller passes them when grad overwrote the logits)
+        picked = logits_picked(logits, ids, inv_temp)
+    log_p = (picked - lse.unsqueeze(-1)).clamp(min=LOG_FLOOR)
     p = log_p.exp()
     coeff = total
     if g_ent is not None:
@@ -140,7 +144,8 @@ def logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp, g_ent, i
     cols = torch.where(valid, ids, ids.gather(-1, first))
     value = torch.where(valid, value, value.gather(-1, first))
     value = torch.where(valid.any(-1, keepdim=True), value, 0)
-    grad.scatter_(-1, cols, value.to(grad.dtype))
+    lead = (*grad.shape[:-1], cols.shape[-1])  # grad (..., V) may be a strided view
+    grad.scatter_(-1, cols.view(lead), value.to(grad.dtype).view(lead))
 
 
 # ------------------------------------------------------------------------------ public forms

@@ -95,12 +95,13 @@ def logits_forward(logits, targets, inv_temp, ignore_index: int, with_entropy: b
 
 
 def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-                    ignore_index):
-    """-> dlogits (N, V) in the logits dtype."""
+                    ignore_index, inplace: bool = False):
+    """-> dlogits (N, V) in the logits dtype: a new tensor, or (inplace) logits itself,
+    overwritten chunk by chunk after each chunk is read."""
     n, v = logits.shape
     cdt = compute_dtype(logits.dtype)
     valid = targets != ignore_index
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     step = _rows_per_chunk(v, logits.device)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
