@@ -398,3 +398,40 @@ def test_all_paths_compute_the_same_function():
         for field in ("logprobs", "entropy", "lse"):
             diff = (getattr(out, field) - getattr(first, field)).abs().max().item()
             assert diff <= 1e-4, f"{name} vs {first_name}: {field} differs by {diff:.2e}"
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("k", [None, 3])
+def test_skipping_ignored_rows_changes_nothing(backend, mode, k):
+    """Gathering the valid rows gives the results of computing every row, bit for bit, for the
+    outputs and every gradient (torch and fast mode). min_memory adapts its vocab and token
+    splits to the row count, so its sums run in another order: equal to rounding."""
+    hidden, weight, bias = make_problem(40, 32, 300, torch.bfloat16, with_bias=True)
+    targets = make_targets((40,) if k is None else (40, k), 300, 0.5)
+    temperature = row_temperatures(40)
+    results = []
+    for skip in (False, True):
+        h, w, b = leaf(hidden), leaf(weight), leaf(bias)
+        out = prefkern.linear_logprobs(h, w, targets, b, temperature=temperature, softcap=12.0,
+                                       return_entropy=True, return_lse=True, skip_ignored=skip,
+                                       backend=backend, mode=mode)
+        loss = (out.logprobs.sum() + out.entropy.square().sum() + out.lse.sum())
+        loss.backward()
+        results.append((*out, h.grad, w.grad, b.grad))
+    for name, a, b in zip(NAMES, *results, strict=True):
+        if mode == "min_memory":
+            tol = 1e-5 if a.dtype == torch.float32 else 2**-7
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_skipping_is_the_cpu_default_and_never_traced(monkeypatch):
+    from prefkern.ops import linear_logprobs as module
+
+    assert module._skips(None, torch.device("cpu"))
+    assert not module._skips(None, torch.device("cuda"))
+    assert module._skips(True, torch.device("cuda")) or not torch.cuda.is_available()
+    assert not module._skips(False, torch.device("cpu"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not module._skips(True, torch.device("cpu"))

@@ -28,14 +28,16 @@ class CountSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _linear(backend, mode, device="cpu"):
+def _linear(backend, mode, device="cpu", skip_ignored=False):
+    """skip_ignored=False: what an accelerator does by default (CPU tensors gather the valid
+    rows by default, which reads their count)."""
     hidden = torch.randn(16, 32, device=device, requires_grad=True)
     weight = torch.randn(64, 32, device=device, requires_grad=True)
     targets = make_targets((16,), 64, 0.25, device)
 
     def step():
         out = prefkern.linear_logprobs(hidden, weight, targets, return_entropy=True,
-                                       backend=backend, mode=mode)
+                                       skip_ignored=skip_ignored, backend=backend, mode=mode)
         (out.logprobs.sum() + out.entropy.sum()).backward()
     return step
 
@@ -100,6 +102,16 @@ def test_no_syncing_call_on_the_op_path(name, monkeypatch):
     with CountSyncs() as counter:
         step()
     assert counter.calls == [], f"{name}: syncing calls {counter.calls}"
+
+
+def test_skipping_ignored_rows_costs_exactly_one_sync(monkeypatch):
+    """skip_ignored=True reads the valid-row count: one nonzero, nothing else."""
+    monkeypatch.setenv(_checks.CHECKS_ENV, "lazy")  # what GPU tensors get by default
+    step = _linear("torch", "auto", skip_ignored=True)
+    step()
+    with CountSyncs() as counter:
+        step()
+    assert counter.calls == ["nonzero"]
 
 
 class _NoLaunch:
@@ -198,6 +210,24 @@ def test_gpu_cuda_graph_capture_fwd_bwd(name):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):  # warm up: compile kernels, create the lazy-check flags
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_skip_ignored_is_off_under_graph_capture():
+    """skip_ignored=True syncs once per call in eager mode, and not at all while a CUDA graph
+    is captured (it computes every row then)."""
+    step = _linear("triton", "fast", "cuda", skip_ignored=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()

@@ -189,12 +189,36 @@ def _autocast_inputs(hidden, weight, bias):
                  for t in (hidden, weight, bias))
 
 
+def _contiguous(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _skips(skip_ignored: bool | None, device: torch.device) -> bool:
+    """Whether to gather the valid rows: needs their count on the host, so never while
+    tracing or capturing (the shapes would be baked in), and by default only on CPU where the
+    read costs no sync."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda" and torch.cuda.is_available() and \
+            torch.cuda.is_current_stream_capturing():
+        return False
+    return device.type == "cpu" if skip_ignored is None else bool(skip_ignored)
+
+
+def _valid_rows(flat: Tensor, ignore_index: int) -> Tensor:
+    """Indices of the rows with at least one valid target (reads the count on the host)."""
+    valid = flat != ignore_index
+    if valid.dim() == 2:
+        valid = valid.any(-1)
+    return valid.nonzero().squeeze(1)
+
+
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None,
                     bias: torch.Tensor | None = None, *, temperature: float | Tensor = 1.0,
                     logit_scale: float | None = None, ignore_index: int = -100,
                     softcap: float | None = None, return_entropy: bool = False,
                     return_lse: bool = False, mode: str = "auto", deterministic: bool = False,
-                    backend: str | None = "auto"):
+                    skip_ignored: bool | None = None, backend: str | None = "auto"):
     """Per-token log-prob of ``targets`` under ``softmax(softcap(s * (h @ W.T + b)) / T)``.
 
     ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias).float() / softcap) / T;
@@ -216,6 +240,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         mode: "fast" (bounded logits-slice buffer, cuBLAS GEMMs), "min_memory" (fused tiles,
             no logits buffer), or "auto" (= fast). The torch backend always runs chunked.
         deterministic: min_memory mode only: no atomics (lower parallelism in backward).
+        skip_ignored: gather the rows with a valid target so that every GEMM runs on those
+            only (prompts and padding cost nothing). The row count is read on the host: one
+            device-to-host sync per call on an accelerator, so None (default) skips on CPU
+            only; True asks for it everywhere. Never under torch.compile or CUDA-graph capture.
         backend: "auto" | "triton" | "torch" (None: $PREFKERN_BACKEND).
     Autocast: hidden, weight and bias are cast to the autocast dtype (the GEMM's autocast
     class), then everything runs with autocast off: the backward is the exact gradient of the
@@ -243,12 +271,22 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     head = head_mod.fold(temperature, logit_scale, softcap, compute_dtype(hidden.dtype))
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    if not hidden2d.is_contiguous():
-        hidden2d = hidden2d.contiguous()
-    logp, entropy, lse = _fwd_op(
-        hidden2d, weight.contiguous(), bias, flat, head.row_inv_temp, name,
-        "fast" if mode == "auto" else mode, bool(deterministic), head.inv_temp, head.softcap,
-        int(ignore_index), bool(return_entropy))
+    options = (name, "fast" if mode == "auto" else mode, bool(deterministic), head.inv_temp,
+               head.softcap, int(ignore_index), bool(return_entropy))
+    rows = None
+    if targets is not None and _skips(skip_ignored, device):
+        rows = _valid_rows(flat, ignore_index)
+        if rows.numel() == flat.shape[0]:
+            rows = None
+    if rows is None:
+        logp, entropy, lse = _fwd_op(_contiguous(hidden2d), weight.contiguous(), bias, flat,
+                                     head.row_inv_temp, *options)
+    else:
+        row_inv_temp = None if head.row_inv_temp is None else head.row_inv_temp[rows]
+        outs = _fwd_op(hidden2d[rows], weight.contiguous(), bias, flat[rows], row_inv_temp,
+                       *options)
+        logp, entropy, lse = (torch.zeros((flat.shape[0], *o.shape[1:]), dtype=o.dtype,
+                                          device=o.device).index_copy(0, rows, o) for o in outs)
     logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
     if targets is not None and not (return_entropy or return_lse):
         return logp
