@@ -48,3 +48,49 @@ def test_logprobs_from_logits_fullgraph(backend):
     (d_compiled,) = torch.autograd.grad(compiled, logits)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(d_compiled, d_eager)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_head_options_fullgraph(backend):
+    """Per-row temperature, logit scale, softcap and (N, K) targets trace too; skip_ignored is
+    off while tracing (it would bake the valid-row count into the graph)."""
+    hidden = torch.randn(12, 32, requires_grad=True)
+    weight = (torch.randn(100, 32) / 6).requires_grad_(True)
+    targets = make_targets((12, 3), 100, 0.25)
+    temperature = torch.rand(12) + 0.5
+
+    def fn(h, w):
+        out = prefkern.linear_logprobs(h, w, targets, temperature=temperature, logit_scale=0.5,
+                                       softcap=8.0, return_entropy=True, skip_ignored=True,
+                                       backend=backend)
+        return out.logprobs.sum() - 0.1 * out.entropy.sum()
+
+    eager = fn(hidden, weight)
+    d_eager = torch.autograd.grad(eager, (hidden, weight))
+    compiled = _compiled(fn)(hidden, weight)
+    d_compiled = torch.autograd.grad(compiled, (hidden, weight))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(d_compiled, d_eager, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logits_head_options_fullgraph(backend, inplace):
+    logits = torch.randn(3, 5, 64, requires_grad=True)
+    targets = make_targets((3, 5, 4), 64, 0.25)
+    temperature = torch.rand(3, 5) + 0.5
+
+    def fn(x):
+        z = x * 1.0  # an intermediate, as a model's logits are: inplace_backward may reuse it
+        out = prefkern.logprobs_from_logits(z, targets, temperature=temperature,
+                                            logit_scale=2.0, return_entropy=True,
+                                            inplace_backward=inplace, backend=backend)
+        return out.logprobs.sum() + prefkern.entropy_from_logits(x, backend=backend).sum()
+
+    eager = fn(logits)
+    (d_eager,) = torch.autograd.grad(eager, logits)
+    compiled = _compiled(fn)(logits)
+    (d_compiled,) = torch.autograd.grad(compiled, logits)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(d_compiled, d_eager)
