@@ -13,6 +13,7 @@ from prefkern._checks import raise_on_bad_input
 from prefkern.dispatch import BACKENDS, BackendUnavailable, available_backends
 from prefkern.ops.gae import gae
 from prefkern.ops.group_advantages import group_advantages
+from prefkern.ops.kl_estimate import kl_estimate
 from prefkern.ops.linear_logprobs import linear_logprobs
 from prefkern.ops.logprobs_from_logits import entropy_from_logits, logprobs_from_logits
 from prefkern.ops.reward_shaping import RunningMoments, kl_penalized_rewards, normalize_rewards
@@ -31,6 +32,7 @@ __all__ = [
     "gae",
     "integrations",
     "group_advantages",
+    "kl_estimate",
     "kl_penalized_rewards",
     "linear_logprobs",
     "logprobs_from_logits",

@@ -41,6 +41,7 @@ from prefkern.outputs import LogprobsEntropy
 from prefkern.reference import (
     gae_ref,
     group_advantages_ref,
+    kl_estimate_ref,
     kl_penalized_rewards_ref,
     linear_logprobs_ref,
     logprobs_from_logits_ref,
@@ -742,8 +743,45 @@ def test_normalize_rewards_running_moments(p):
 
 
 # The public surface this file covers: fail loudly when an op is added without a property.
+# ------------------------------------------------------------------------------ kl_estimate
+@st.composite
+def kl_problems(draw):
+    kind = draw(st.sampled_from(["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"]))
+    return dict(
+        shape=tuple(draw(st.lists(st.integers(0, 6), max_size=3))),
+        kind=kind + ("+" if draw(st.booleans()) else ""),
+        dtypes=draw(st.sampled_from([(torch.float32,) * 2, (torch.bfloat16,) * 2,
+                                     (torch.float16, torch.float32), (torch.float64,) * 2])),
+        scale=draw(st.sampled_from([1e-3, 1.0, 5.0, 40.0])),
+        input_clamp=draw(st.sampled_from([None, 20.0, 1.0])),
+        output_clamp=draw(st.sampled_from(["auto", None, 10.0, 0.5])), seed=draw(seeds))
+
+
+@budget(60)
+@given(p=kl_problems())
+def test_kl_estimate(p):
+    torch.manual_seed(p["seed"])
+    logp = -torch.rand(p["shape"]) * 20
+    ref = logp + p["scale"] * torch.randn(p["shape"])
+    logp, ref = logp.to(p["dtypes"][0]), ref.to(p["dtypes"][1])
+    g = torch.randn(p["shape"])
+    kw = dict(input_clamp=p["input_clamp"], output_clamp=p["output_clamp"])
+    runs = []
+    for fn, dtype in ((prefkern.kl_estimate, None), (kl_estimate_ref, torch.float64),
+                      (kl_estimate_ref, None)):
+        a, b = leaf(logp, dtype), leaf(ref, dtype)
+        out = fn(a, b, p["kind"], **kw)
+        (out * g.to(out.dtype)).sum().backward()
+        runs.append((out, a.grad, b.grad))
+    ours, want, base = runs
+    assert ours[0].dtype == (torch.float64 if torch.float64 in p["dtypes"] else torch.float32)
+    for name, o, r, b in zip(("value", "dlogprobs", "dref"), ours, want, base, strict=True):
+        assert_rule(o, r, b, name)
+
+
 COVERED = {"logprobs_from_logits", "entropy_from_logits", "linear_logprobs", "gae",
-           "group_advantages", "kl_penalized_rewards", "normalize_rewards", "RunningMoments"}
+           "group_advantages", "kl_estimate", "kl_penalized_rewards", "normalize_rewards",
+           "RunningMoments"}
 
 
 def test_every_public_op_has_a_property():
@@ -751,6 +789,7 @@ def test_every_public_op_has_a_property():
                "available_backends", "integrations", "nn", "raise_on_bad_input", "reference"}
     assert set(prefkern.__all__) - not_ops == COVERED
     refs = {"logprobs_from_logits_ref", "linear_logprobs_ref", "gae_ref", "group_advantages_ref",
+            "kl_estimate_ref",
             "kl_penalized_rewards_ref", "normalize_rewards_ref", "masked_whiten_ref"}
     assert set(prefkern.reference.__all__) == refs
 
