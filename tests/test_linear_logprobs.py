@@ -435,3 +435,42 @@ def test_skipping_is_the_cpu_default_and_never_traced(monkeypatch):
     assert not module._skips(False, torch.device("cpu"))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not module._skips(True, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_no_targets_whatever_the_ignore_index(backend, mode):
+    """targets=None counts every row, also with ignore_index=0 (a common pad id)."""
+    hidden, weight, _ = make_problem(6, 16, 40, torch.float32)
+    outs = [prefkern.linear_logprobs(hidden, weight, None, ignore_index=ignore, return_lse=True,
+                                     return_entropy=True, backend=backend, mode=mode)
+            for ignore in (-100, 0)]
+    assert torch.equal(outs[0].lse, outs[1].lse) and (outs[1].lse != 0).all()
+    assert torch.equal(outs[0].entropy, outs[1].entropy)
+
+
+def test_zero_dim_temperature_tensor_is_one_for_every_row():
+    hidden, weight, _ = make_problem(6, 16, 40, torch.float32)
+    targets = make_targets((2, 3), 40, 0.0)
+    got = prefkern.linear_logprobs(hidden.view(2, 3, 16), weight, targets,
+                                   temperature=torch.tensor(0.75), backend="torch")
+    want = prefkern.linear_logprobs(hidden.view(2, 3, 16), weight, targets, temperature=0.75,
+                                    backend="torch")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
+def test_gpu_deterministic_with_k_targets(backend, mode):
+    """deterministic=True stays bitwise repeatable with (N, K) targets (the sparse dW term is
+    accumulated without atomics then)."""
+    hidden, weight, bias = make_problem(512, 256, 4099, torch.bfloat16, "cuda", with_bias=True)
+    targets = make_targets((512, 16), 50, 0.1, "cuda")  # few ids: many duplicates
+    runs = []
+    for _ in range(2):
+        h, w, b = leaf(hidden), leaf(weight), leaf(bias)
+        out = prefkern.linear_logprobs(h, w, targets, b, deterministic=True, backend=backend,
+                                       mode=mode)
+        out.sum().backward()
+        runs.append((out, h.grad, w.grad, b.grad))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

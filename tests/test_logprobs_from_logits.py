@@ -323,3 +323,20 @@ def test_inplace_backward(backend, k, sliced):
 @pytest.mark.parametrize("sliced", [False, True], ids=["contiguous", "sliced"])
 def test_gpu_inplace_backward(backend, k, sliced):
     check_inplace_backward(backend, k, sliced, "cuda", vocab=32_000)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_entropy_whatever_the_ignore_index(backend):
+    logits = make_logits((5,), 30)
+    outs = [prefkern.logprobs_from_logits(logits, None, ignore_index=ignore, return_entropy=True,
+                                          backend=backend).entropy for ignore in (-100, 0)]
+    assert torch.equal(outs[0], outs[1]) and (outs[1] != 0).all()
+
+
+def test_zero_dim_temperature_tensor():
+    logits = make_logits((2, 3), 30)
+    targets = make_targets((2, 3), 30, 0.0)
+    got = prefkern.logprobs_from_logits(logits, targets, temperature=torch.tensor(1.25),
+                                        backend="torch")
+    want = prefkern.logprobs_from_logits(logits, targets, temperature=1.25, backend="torch")
+    assert torch.equal(got, want)

@@ -30,7 +30,9 @@ from typing import NamedTuple
 
 
 class HeadConfig(NamedTuple):
-    """Keyword arguments for linear_logprobs / logprobs_from_logits (None: not applied)."""
+    """Keyword arguments for linear_logprobs (None: not applied), which applies them to
+    ``hidden @ lm_head.weight.T``. Not for logprobs_from_logits on ``model(...).logits``: the
+    model has applied them to those logits already."""
 
     logit_scale: float | None
     softcap: float | None

@@ -30,6 +30,13 @@ class Head:
     row_inv_temp: Tensor | None  # (N,) fp32 contiguous, or None
 
 
+def as_rows(temperature, rows_shape: torch.Size):
+    """A 0-d temperature tensor as one value per row (read without a host sync)."""
+    if isinstance(temperature, Tensor) and temperature.dim() == 0:
+        return temperature.expand(rows_shape)
+    return temperature
+
+
 def check_temperature(temperature, rows_shape: torch.Size, device: torch.device) -> None:
     """A float > 0, or a floating tensor shaped like the rows (one value per row). Values of a
     tensor are not read (no host sync); they must be > 0, as for a float."""

@@ -116,7 +116,7 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
                     need_dh=need_dh, need_dw=need_dw, need_db=need_db)
         if multi and g_logp is not None:
             multi_target.linear_picked_grads_(*grads, hidden, weight, bias, ids, valid, g_logp,
-                                              factor, softcap)
+                                              factor, softcap, deterministic)
     return [g for g, needed in zip(grads, (need_dh, need_dw, need_db), strict=True) if needed]
 
 
@@ -257,13 +257,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     device = _validate(hidden, weight, bias, mode)
     lead = hidden.shape[:-1]
+    temperature = head_mod.as_rows(temperature, lead)
     head_mod.check_temperature(temperature, lead, device)
     head_mod.check_logit_scale(logit_scale)
     if softcap is not None:
         _checks.check_positive("softcap", softcap)
     if targets is None and not (return_entropy or return_lse):
         raise ValueError("targets=None computes no log-prob: ask for return_entropy or return_lse")
-    flat, out_shape, bad, bad_rows = multi_target.prepare(
+    flat, out_shape, bad, bad_rows, op_ignore = multi_target.prepare(
         targets, lead, weight.shape[0], ignore_index, "linear_logprobs", device)
     fp64 = hidden.dtype == torch.float64
     name = resolve_backend("linear_logprobs", backend, device,
@@ -272,7 +273,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     options = (name, "fast" if mode == "auto" else mode, bool(deterministic), head.inv_temp,
-               head.softcap, int(ignore_index), bool(return_entropy))
+               head.softcap, int(op_ignore), bool(return_entropy))
     rows = None
     if targets is not None and _skips(skip_ignored, device):
         rows = _valid_rows(flat, ignore_index)

@@ -196,13 +196,14 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
         raise ValueError(f"logits must be (..., V) with V > 0, got shape {tuple(logits.shape)}")
     device = logits.device
     lead = logits.shape[:-1]
+    temperature = head_mod.as_rows(temperature, lead)
     head_mod.check_temperature(temperature, lead, device)
     head_mod.check_logit_scale(logit_scale)
     if targets is None and not return_entropy:
         raise ValueError("targets=None computes no log-prob: pass return_entropy=True "
                          "(or call entropy_from_logits)")
     vocab = logits.shape[-1]
-    flat, out_shape, bad, bad_rows = multi_target.prepare(
+    flat, out_shape, bad, bad_rows, op_ignore = multi_target.prepare(
         targets, lead, vocab, ignore_index, "logprobs_from_logits", device)
     implemented = ("torch",) if logits.dtype == torch.float64 else ("triton", "cuda", "torch")
     name = resolve_backend("logprobs_from_logits", backend, device, implemented,
@@ -214,7 +215,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
     else:
         rows = _as_rows(logits)
     logp, entropy, _ = _fwd_op(rows, flat, head.row_inv_temp, name, head.inv_temp,
-                               int(ignore_index), bool(return_entropy), bool(inplace_backward))
+                               int(op_ignore), bool(return_entropy), bool(inplace_backward))
     logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
     if return_entropy:
         return LogprobsEntropy(logp, _checks.poison(entropy.view(lead), bad_rows))

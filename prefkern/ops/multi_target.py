@@ -68,9 +68,27 @@ def linear_picked_logits(hidden, weight, bias, ids, inv_temp, softcap):
     return out
 
 
-def linear_picked_grads_(dh, dw, db, hidden, weight, bias, ids, valid, g, inv_temp, softcap):
+def _accumulate_rows_(acc, index, values, deterministic: bool):
+    """acc[index[i]] += values[i]; with ``deterministic``, in an order that does not change
+    from run to run (index_put_ with accumulate under torch's deterministic mode sorts the
+    indices on CUDA instead of using atomics)."""
+    if not deterministic or acc.device.type == "cpu":
+        acc.index_put_((index,), values, accumulate=True)
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        acc.index_put_((index,), values, accumulate=True)
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+
+
+def linear_picked_grads_(dh, dw, db, hidden, weight, bias, ids, valid, g, inv_temp, softcap,
+                         deterministic: bool = False):
     """Add the sparse term sum_k g[n, k] dz[n, ids[n, k]] / d(inputs) into dh (N, H), dw (V, H)
-    and db (V,) (each may be None), accumulated in fp32 and added once to each output."""
+    and db (V,) (each may be None), accumulated in fp32 and added to each output (for half
+    inputs: one more rounding of dw and db than the backend's own)."""
     n, k = ids.shape
     h_dim = hidden.shape[1]
     cdt = compute_dtype(hidden.dtype)
@@ -88,7 +106,8 @@ def linear_picked_grads_(dh, dw, db, hidden, weight, bias, ids, valid, g, inv_te
             dh[rows] = (dh[rows].to(cdt) + part).to(dh.dtype)
     flat_ids = ids.reshape(-1)
     if db is not None:
-        db32 = db.to(cdt).index_add_(0, flat_ids, coeff.reshape(-1))
+        db32 = db.to(cdt)
+        _accumulate_rows_(db32, flat_ids, coeff.reshape(-1), deterministic)
         db.copy_(db32)
     if dw is None:
         return
@@ -102,7 +121,8 @@ def linear_picked_grads_(dh, dw, db, hidden, weight, bias, ids, valid, g, inv_te
         for rows in _row_steps(n, k * h_dim, hidden.device):
             c = torch.where(inside[rows], coeff[rows], 0)
             contrib = c.unsqueeze(-1) * hidden[rows].to(cdt).unsqueeze(1)  # (n, K, H)
-            acc.index_add_(0, local[rows].reshape(-1), contrib.reshape(-1, h_dim))
+            _accumulate_rows_(acc, local[rows].reshape(-1), contrib.reshape(-1, h_dim),
+                              deterministic)
         dw[v0:v1] = acc
 
 
@@ -126,8 +146,11 @@ def logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp, g_ent, i
     before ``grad`` overwrote the logits (in-place backward)."""
     cdt = compute_dtype(logits.dtype)
     g = torch.where(valid, g_logp.to(cdt), 0)
-    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & valid.unsqueeze(-2)  # (N, K, K)
-    big_g = (same.to(cdt) @ g.unsqueeze(-1)).squeeze(-1)
+    n, k = ids.shape
+    big_g = torch.empty_like(g)
+    for rows in _row_steps(n, k * k, ids.device):  # (n, K, K) id matches, bounded
+        same = (ids[rows].unsqueeze(-1) == ids[rows].unsqueeze(-2)) & valid[rows].unsqueeze(-2)
+        big_g[rows] = (same.to(cdt) @ g[rows].unsqueeze(-1)).squeeze(-1)
     total = g.sum(-1, keepdim=True)
     if picked is None:  # (the caller passes them when grad overwrote the logits)
         picked = logits_picked(logits, ids, inv_temp)
@@ -153,15 +176,16 @@ def logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp, g_ent, i
 def prepare(targets, lead: torch.Size, vocab: int, ignore_index: int, op: str,
             device: torch.device):
     """Targets as a public op takes them -> (flat targets for the custom ops, logp shape or
-    None, bad entries or None, bad rows or None).
+    None, bad entries or None, bad rows or None, the ignore_index to pass them with).
 
     ``targets`` (...) gives (N,) flat ids; (..., K) gives (N, K) (K = 1 is flattened to (N,):
-    the same computation as the (...) form, bit for bit); None (no log-prob wanted) gives zeros,
-    so that every row counts. Ids are screened as :func:`prefkern._checks.screen_targets` does.
+    the same computation as the (...) form, bit for bit); None (no log-prob wanted) gives zeros
+    with ignore_index -1, so that every row counts whatever the caller's ignore_index. Ids are
+    screened as :func:`prefkern._checks.screen_targets` does.
     """
     n = lead.numel()
     if targets is None:
-        return torch.zeros(n, dtype=torch.int64, device=device), None, None, None
+        return torch.zeros(n, dtype=torch.int64, device=device), None, None, None, -1
     _checks.check_index("targets", targets)
     if targets.shape == lead:
         flat = targets.reshape(n)
@@ -177,4 +201,4 @@ def prepare(targets, lead: torch.Size, vocab: int, ignore_index: int, op: str,
         raise ValueError(f"targets are on {targets.device}, the inputs on {device}")
     flat, bad = _checks.screen_targets(flat, vocab, ignore_index, op)
     bad_rows = None if bad is None else (bad.any(-1) if bad.dim() == 2 else bad)
-    return flat, targets.shape, bad, bad_rows
+    return flat, targets.shape, bad, bad_rows, ignore_index
