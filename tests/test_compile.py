@@ -15,6 +15,17 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True, backend="aot_eager")
 
 
+def _assert_compiled_matches(fn, *inputs):
+    """fn and its fullgraph compilation give the same value and gradients to ``inputs``."""
+    eager = fn(*inputs)
+    d_eager = torch.autograd.grad(eager, inputs)
+    compiled = _compiled(fn)(*inputs)
+    d_compiled = torch.autograd.grad(compiled, inputs)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(d_compiled, d_eager, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_linear_logprobs_fullgraph(backend):
     hidden = torch.randn(12, 32, requires_grad=True)
@@ -25,13 +36,7 @@ def test_linear_logprobs_fullgraph(backend):
         out = prefkern.linear_logprobs(h, w, targets, return_entropy=True, backend=backend)
         return out.logprobs.sum() - 0.1 * out.entropy.sum()
 
-    eager = fn(hidden, weight)
-    d_eager = torch.autograd.grad(eager, (hidden, weight))
-    compiled = _compiled(fn)(hidden, weight)
-    d_compiled = torch.autograd.grad(compiled, (hidden, weight))
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(d_compiled, d_eager, strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_compiled_matches(fn, hidden, weight)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -42,12 +47,7 @@ def test_logprobs_from_logits_fullgraph(backend):
     def fn(x):
         return prefkern.logprobs_from_logits(x, targets, temperature=0.9, backend=backend).sum()
 
-    eager = fn(logits)
-    (d_eager,) = torch.autograd.grad(eager, logits)
-    compiled = _compiled(fn)(logits)
-    (d_compiled,) = torch.autograd.grad(compiled, logits)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(d_compiled, d_eager)
+    _assert_compiled_matches(fn, logits)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -65,13 +65,7 @@ def test_linear_head_options_fullgraph(backend):
                                        backend=backend)
         return out.logprobs.sum() - 0.1 * out.entropy.sum()
 
-    eager = fn(hidden, weight)
-    d_eager = torch.autograd.grad(eager, (hidden, weight))
-    compiled = _compiled(fn)(hidden, weight)
-    d_compiled = torch.autograd.grad(compiled, (hidden, weight))
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(d_compiled, d_eager, strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_compiled_matches(fn, hidden, weight)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -88,9 +82,4 @@ def test_logits_head_options_fullgraph(backend, inplace):
                                             inplace_backward=inplace, backend=backend)
         return out.logprobs.sum() + prefkern.entropy_from_logits(x, backend=backend).sum()
 
-    eager = fn(logits)
-    (d_eager,) = torch.autograd.grad(eager, logits)
-    compiled = _compiled(fn)(logits)
-    (d_compiled,) = torch.autograd.grad(compiled, logits)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(d_compiled, d_eager)
+    _assert_compiled_matches(fn, logits)

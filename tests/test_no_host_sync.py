@@ -205,7 +205,11 @@ def test_gpu_sync_debug_mode(name):
 @pytest.mark.parametrize("name", list(GPU_STEPS))
 def test_gpu_cuda_graph_capture_fwd_bwd(name):
     """A fwd+bwd step captured in a CUDA graph and replayed: capture raises on any sync."""
-    step = GPU_STEPS[name]()
+    _capture_and_replay(GPU_STEPS[name]())
+
+
+def _capture_and_replay(step):
+    """Warm ``step`` up on a side stream, capture it in a CUDA graph, replay it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -223,15 +227,4 @@ def test_gpu_cuda_graph_capture_fwd_bwd(name):
 def test_gpu_skip_ignored_is_off_under_graph_capture():
     """skip_ignored=True syncs once per call in eager mode, and not at all while a CUDA graph
     is captured (it computes every row then)."""
-    step = _linear("triton", "fast", "cuda", skip_ignored=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
+    _capture_and_replay(_linear("triton", "fast", "cuda", skip_ignored=True))
