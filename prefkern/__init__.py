@@ -14,16 +14,19 @@ from prefkern.dispatch import BACKENDS, BackendUnavailable, available_backends
 from prefkern.ops.gae import gae
 from prefkern.ops.group_advantages import group_advantages
 from prefkern.ops.kl_estimate import kl_estimate
+from prefkern.ops.linear_divergence import linear_divergence
 from prefkern.ops.linear_logprobs import linear_logprobs
+from prefkern.ops.logits_divergence import logits_divergence
 from prefkern.ops.logprobs_from_logits import entropy_from_logits, logprobs_from_logits
 from prefkern.ops.reward_shaping import RunningMoments, kl_penalized_rewards, normalize_rewards
-from prefkern.outputs import LinearLogprobsOutput, LogprobsEntropy
+from prefkern.outputs import DivergenceOutput, LinearLogprobsOutput, LogprobsEntropy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "DivergenceOutput",
     "LinearLogprobsOutput",
     "LogprobsEntropy",
     "RunningMoments",
@@ -34,7 +37,9 @@ __all__ = [
     "group_advantages",
     "kl_estimate",
     "kl_penalized_rewards",
+    "linear_divergence",
     "linear_logprobs",
+    "logits_divergence",
     "logprobs_from_logits",
     "normalize_rewards",
     "raise_on_bad_input",

@@ -20,3 +20,10 @@ class LinearLogprobsOutput(NamedTuple):
     logprobs: torch.Tensor | None
     entropy: torch.Tensor | None
     lse: torch.Tensor | None
+
+
+class DivergenceOutput(NamedTuple):
+    """Per-token divergence and the policy's target log-probs, both fp32."""
+
+    divergence: torch.Tensor
+    logprobs: torch.Tensor

@@ -95,7 +95,7 @@ def test_the_check_sees_an_inconsistent_backward(monkeypatch):
 
     from prefkern.ops import linear_logprobs as module
 
-    monkeypatch.setattr(module, "_autocast_inputs", lambda h, w, b: (h, w, b))
+    monkeypatch.setattr(module.head_mod, "autocast_inputs", lambda *tensors: tensors)
     monkeypatch.setattr(module, "without_autocast", lambda t: contextlib.nullcontext())
     # wrong values, or (the torch backend's out= GEMM) a dtype error under autocast
     with pytest.raises((AssertionError, RuntimeError)):

@@ -32,6 +32,7 @@ import pytest
 import torch
 from cases import make_logits, make_targets
 from compare import assert_rule, leaf
+from divergence_checks import check_linear, check_logits
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -742,6 +743,45 @@ def test_normalize_rewards_running_moments(p):
     check_normalize_rewards(p)
 
 
+# ------------------------------------------------------------------------------ divergences
+@st.composite
+def divergence_problems(draw, max_n: int, max_v: int):
+    kind = draw(st.sampled_from(["forward_kl", "reverse_kl", "jsd", "tv", "alpha"]))
+    # alpha in [0, 1]: outside it, sum p^alpha q^(1-alpha) grows like exp(|exponent|) and its
+    # relative error like |exponent| * eps, beyond the rule's floor (test_divergence covers
+    # alpha = -0.5 on moderate logits)
+    return dict(
+        kind=kind, beta=draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.01, 0.99))),
+        alpha=draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.01, 0.99))),
+        n=draw(st.integers(1, max_n)), h=draw(st.integers(1, 40)), v=draw(st.integers(1, max_v)),
+        dtype=draw(st.sampled_from(HALF_AND_SINGLE)), ignore_frac=draw(ignore_fracs),
+        temperature=draw(row_temperatures), ref_grad=draw(st.booleans()),
+        with_bias=draw(st.booleans()), softcap=draw(st.sampled_from([None, 5.0])),
+        logit_scale=draw(logit_scales), mixture=draw(st.booleans()), seed=draw(seeds))
+
+
+@budget(25)
+@given(p=divergence_problems(max_n=12, max_v=150))
+def test_linear_divergence(p):
+    torch.manual_seed(p["seed"])
+    temperature = resolve_temperature(p["temperature"], (p["n"],))
+    check_linear("torch", p["n"], p["h"], p["v"], p["dtype"], p["kind"], beta=p["beta"],
+                 alpha=p["alpha"], ignore_frac=p["ignore_frac"], temperature=temperature,
+                 ref_grad=p["ref_grad"], with_bias=p["with_bias"], softcap=p["softcap"],
+                 logit_scale=p["logit_scale"], mixture=p["mixture"])
+
+
+@budget(25)
+@given(p=divergence_problems(max_n=12, max_v=150), dims=st.integers(1, 2))
+def test_logits_divergence(p, dims):
+    torch.manual_seed(p["seed"])
+    shape = (p["n"],) if dims == 1 else (2, p["n"])
+    temperature = resolve_temperature(p["temperature"], shape)
+    check_logits("torch", shape, p["v"], p["dtype"], torch.float32, p["kind"], beta=p["beta"],
+                 alpha=p["alpha"], temperature=temperature, ref_grad=p["ref_grad"],
+                 ignore_frac=p["ignore_frac"])
+
+
 # The public surface this file covers: fail loudly when an op is added without a property.
 # ------------------------------------------------------------------------------ kl_estimate
 @st.composite
@@ -780,16 +820,18 @@ def test_kl_estimate(p):
 
 
 COVERED = {"logprobs_from_logits", "entropy_from_logits", "linear_logprobs", "gae",
+           "linear_divergence", "logits_divergence",
            "group_advantages", "kl_estimate", "kl_penalized_rewards", "normalize_rewards",
            "RunningMoments"}
 
 
 def test_every_public_op_has_a_property():
-    not_ops = {"BACKENDS", "BackendUnavailable", "LinearLogprobsOutput", "LogprobsEntropy",
+    not_ops = {"BACKENDS", "BackendUnavailable", "DivergenceOutput", "LinearLogprobsOutput",
+               "LogprobsEntropy",
                "available_backends", "integrations", "nn", "raise_on_bad_input", "reference"}
     assert set(prefkern.__all__) - not_ops == COVERED
     refs = {"logprobs_from_logits_ref", "linear_logprobs_ref", "gae_ref", "group_advantages_ref",
-            "kl_estimate_ref",
+            "kl_estimate_ref", "linear_divergence_ref", "logits_divergence_ref",
             "kl_penalized_rewards_ref", "normalize_rewards_ref", "masked_whiten_ref"}
     assert set(prefkern.reference.__all__) == refs
 

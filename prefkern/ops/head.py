@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from prefkern import _checks
+from prefkern._autocast import autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -68,3 +69,38 @@ def fold(temperature, logit_scale: float | None, softcap: float | None,
         row = (scale / temperature.detach().reshape(-1).to(torch.float64)).to(dtype)
         return Head(1.0, cap, row.contiguous())
     return Head(scale / float(temperature), cap, None)
+
+
+def check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                 names=("hidden", "weight", "bias")) -> torch.device:
+    """hidden (..., H), weight (V, H), bias (V,) or None, one float dtype, one device."""
+    h_name, w_name, b_name = names
+    _checks.check_float(h_name, hidden)
+    _checks.check_float(w_name, weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{h_name} must be (..., H)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{w_name} must be (V, H) with H = {h_name}.shape[-1] = "
+                         f"{hidden.shape[-1]} and V > 0, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w_name} dtype {weight.dtype} must match {h_name} dtype {hidden.dtype}")
+    if bias is not None:
+        _checks.check_float(b_name, bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{b_name} must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{b_name} dtype {bias.dtype} must match {h_name} dtype "
+                            f"{hidden.dtype}")
+    return _checks.check_same_device(**{h_name: hidden, w_name: weight, b_name: bias})
+
+
+def autocast_inputs(*tensors):
+    """Under autocast an LM-head GEMM takes the autocast dtype, as ``F.linear`` would: half and
+    single precision inputs are cast (fp64 and None are left alone, as autocast does)."""
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    dtype = None if first is None else autocast_dtype(first.device)
+    if dtype is None:
+        return tensors
+    cast = (torch.float16, torch.bfloat16, torch.float32)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in cast else t
+                 for t in tensors)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from prefkern import _checks
-from prefkern._autocast import autocast_dtype, without_autocast
+from prefkern._autocast import without_autocast
 from prefkern.dispatch import resolve_backend
 from prefkern.ops import head as head_mod
 from prefkern.ops import multi_target, softmax_stats, torch_chunked
@@ -157,38 +157,6 @@ def _backward(ctx, g_logp, g_ent, g_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(hidden, weight, bias, mode):
-    _checks.check_float("hidden", hidden)
-    _checks.check_float("weight", weight)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must be (..., H)")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]} "
-                         f"and V > 0, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if bias is not None:
-        _checks.check_float("bias", bias)
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return _checks.check_same_device(hidden=hidden, weight=weight, bias=bias)
-
-
-def _autocast_inputs(hidden, weight, bias):
-    """Under autocast the LM-head GEMM takes the autocast dtype, as ``F.linear`` would: half and
-    single precision inputs are cast (fp64 is left alone, as autocast does)."""
-    dtype = autocast_dtype(hidden.device) if isinstance(hidden, Tensor) else None
-    if dtype is None:
-        return hidden, weight, bias
-    cast = (torch.float16, torch.bfloat16, torch.float32)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in cast else t
-                 for t in (hidden, weight, bias))
-
-
 def _contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
@@ -254,8 +222,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         not asked. Gradients flow to hidden, weight and bias from any upstream gradient on each
         output, in the input dtype with fp32 accumulation.
     """
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    device = _validate(hidden, weight, bias, mode)
+    hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
+    device = head_mod.check_linear(hidden, weight, bias)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lead = hidden.shape[:-1]
     temperature = head_mod.as_rows(temperature, lead)
     head_mod.check_temperature(temperature, lead, device)

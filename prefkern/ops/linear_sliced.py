@@ -12,12 +12,10 @@ inputs) + the fp32 dh; C keeps the slices under SLICE_BYTES.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from prefkern._kernels import logits_slice
-from prefkern.ops import softmax_stats
+from prefkern.ops import gemm, softmax_stats
 
 SLICE_BYTES = 128 << 20
 
@@ -37,44 +35,9 @@ def _slices(n: int, vocab: int, dtype: torch.dtype):
         yield c0, min(vocab, c0 + width)
 
 
-def _fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32 without rounding the product to a's dtype: cuBLAS's fp32-output GEMM
-    (torch >= 2.8) on CUDA; elsewhere (the CPU interpreter) the operands are upcast."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.device.type == "cuda":
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
 def _logits_fp32(hidden, weight, bias, c0, c1):
-    z = _fp32_mm(hidden, weight[c0:c1].T)
+    z = gemm.fp32_mm(hidden, weight[c0:c1].T)
     return z if bias is None else z.add_(bias[c0:c1])
-
-
-@functools.cache
-def _inplace_fp32_addmm(device_type: str) -> bool:
-    """Whether addmm(out_dtype=fp32, out=acc) accumulates a half-precision product into acc
-    in place on this torch/device (no (N, H) temporary). Asked once on tiny constant tensors:
-    no RNG draw, no host sync."""
-    if device_type != "cuda":
-        return False
-    a = torch.ones(16, 16, device=device_type, dtype=torch.bfloat16)
-    acc = torch.zeros(16, 16, device=device_type)
-    try:
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-def _accumulate_mm(acc32, a, b):
-    """acc32 += a @ b with fp32 accumulation and no rounding of the product to a's dtype."""
-    if a.dtype == acc32.dtype:
-        return acc32.addmm_(a, b)
-    if _inplace_fp32_addmm(a.device.type):
-        return torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
-    return acc32.add_(_fp32_mm(a, b))
 
 
 def forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index):
@@ -101,7 +64,7 @@ def backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, 
         if need_dw:
             torch.mm(dz.T, hidden, out=dw[c0:c1])
         if need_dh:
-            _accumulate_mm(dh32, dz, weight[c0:c1])
+            gemm.accumulate_mm(dh32, dz, weight[c0:c1])
         if db is not None:
             db[c0:c1] = dz.sum(0, dtype=torch.float32).to(db.dtype)
     dh = None if dh32 is None else dh32.to(hidden.dtype)

@@ -11,9 +11,10 @@ from prefkern.reference.advantages import (
     masked_whiten_ref,
     normalize_rewards_ref,
 )
+from prefkern.reference.divergence import linear_divergence_ref, logits_divergence_ref
 from prefkern.reference.kl import kl_estimate_ref
 from prefkern.reference.logprobs import linear_logprobs_ref, logprobs_from_logits_ref
 
 __all__ = ["gae_ref", "group_advantages_ref", "kl_estimate_ref", "kl_penalized_rewards_ref",
-           "linear_logprobs_ref",
+           "linear_divergence_ref", "linear_logprobs_ref", "logits_divergence_ref",
            "logprobs_from_logits_ref", "masked_whiten_ref", "normalize_rewards_ref"]

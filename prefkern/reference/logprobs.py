@@ -19,6 +19,24 @@ def _per_row_temperature(temperature, z: torch.Tensor):
     return temperature
 
 
+def linear_logits(hidden, weight, bias=None):
+    """``hidden @ weight.T + bias`` accumulated in the compute dtype (fp32, fp64 for fp64),
+    never rounded to the input dtype."""
+    cdt = compute_dtype(hidden.dtype)
+    z = hidden.to(cdt) @ weight.to(cdt).T
+    return z if bias is None else z + bias.to(cdt)
+
+
+def head_logits(raw, temperature=1.0, logit_scale=None, softcap=None):
+    """``softcap * tanh(logit_scale * raw / softcap) / T`` (T a float or one value per row)."""
+    z = raw
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / _per_row_temperature(temperature, z)
+
+
 def _per_token(z: torch.Tensor, targets: torch.Tensor | None, ignore_index: int):
     """z (..., V) in the compute dtype -> (logp, entropy, lse). targets (...) or (..., K) (logp
     shaped like them; an ignored entry gives 0) or None (logp None, every row counts); entropy
@@ -46,10 +64,7 @@ def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-
     """``z = logits.float() * logit_scale / T; logp = z.log_softmax(-1).gather(-1, y[..., None])
     [..., 0]``, entropy ``-(p * log p).sum(-1)``; ignored tokens give 0. ``targets`` (...),
     (..., K) (K log-probs per row) or None (entropy only); T a float or one value per row."""
-    z = logits.to(compute_dtype(logits.dtype))
-    if logit_scale is not None:
-        z = z * logit_scale
-    z = z / _per_row_temperature(temperature, z)
+    z = head_logits(logits.to(compute_dtype(logits.dtype)), temperature, logit_scale)
     logp, entropy, _ = _per_token(z, targets, ignore_index)
     return LogprobsEntropy(logp, entropy) if return_entropy else logp
 
@@ -61,15 +76,7 @@ def linear_logprobs_ref(hidden, weight, targets, bias=None, *, temperature=1.0, 
     eager bf16 LM head would round them), then ``z = softcap * tanh(logit_scale * logits /
     softcap) / T`` and the per-token outputs of :func:`logprobs_from_logits_ref`, plus
     ``lse = z.logsumexp(-1)``. Gradients flow back to the inputs in their dtype."""
-    cdt = compute_dtype(hidden.dtype)
-    z = hidden.to(cdt) @ weight.to(cdt).T
-    if bias is not None:
-        z = z + bias.to(cdt)
-    if logit_scale is not None:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / _per_row_temperature(temperature, z)
+    z = head_logits(linear_logits(hidden, weight, bias), temperature, logit_scale, softcap)
     logp, entropy, lse = _per_token(z, targets, ignore_index)
     if not (return_entropy or return_lse):
         return logp
