@@ -29,7 +29,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from prefkern._kernels import gae, linear_logprobs_fused, logits_slice  # noqa: E402
+from prefkern._kernels import divergence, gae, linear_logprobs_fused, logits_slice  # noqa: E402
 from prefkern._kernels import logprobs_from_logits as logits_kernels  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -48,6 +48,11 @@ POINTERS = {
     "db_ptr": "fp32", "inv_temp_ptr": "fp32", "logits_ptr": "elt", "grad_ptr": "elt",
     "raw_ptr": "elt", "dz_ptr": "elt",
     "h_ptr": "elt", "w_ptr": "elt", "b_ptr": "elt",
+    # divergence kernels: two rows of logits in, row statistics and gradients out
+    "zp_ptr": "elt", "zq_ptr": "elt", "dp_ptr": "elt", "dq_ptr": "elt", "div_ptr": "fp32",
+    "m_p_ptr": "fp32", "ls_p_ptr": "fp32", "m_q_ptr": "fp32", "ls_q_ptr": "fp32",
+    "c_p_ptr": "fp32", "c_q_ptr": "fp32", "g_div_ptr": "fp32", "inv_temp_p_ptr": "fp32",
+    "inv_temp_q_ptr": "fp32",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "i64": torch.int64, "i32": torch.int32, "u8": torch.uint8}
@@ -69,6 +74,10 @@ INT_EXAMPLES = {
     "C": 16384,               # fast-mode slice width: all of V, or a multiple of 128
     "stride_row": 16384,      #   (linear_sliced._slice_width); slices are contiguous: = C
     "stride_dz_row": 16384,   #   and so is the slice's gradient buffer
+    "zp_stride": 128256,      # divergence rows: whole rows of contiguous (N, V) logits
+    "zq_stride": 128256,
+    "dp_stride": 16384,       #   and their gradient: a slice of C columns (linear backward)
+    "dq_stride": 16384,
     "col0": 32768,            # slice start / dW wave start: multiples of the slice or wave width
     "row0": 4096,             # dh wave start: multiples of the wave, a multiple of BLOCK_N
     "col1": 8192,             # dW wave end: min(V, col0 + wave), a multiple of 16 with V's
@@ -81,7 +90,9 @@ INT_EXAMPLES = {
     "seq_len": 1000,          # GAE (B, T): T
     "ignore_index": -100,
 }
-FLOATS = {"inv_temp": 1.0, "softcap": 30.0, "gamma": 0.99, "lam": 0.95, "lam_critic": 1.0}
+FLOATS = {"inv_temp": 1.0, "softcap": 30.0, "gamma": 0.99, "lam": 0.95, "lam_critic": 1.0,
+          "inv_temp_p": 1.0, "inv_temp_q": 1.0, "softcap_p": 30.0, "softcap_q": 30.0,
+          "beta": 0.5, "alpha": 0.5}
 
 
 class AlignedPointer:
@@ -165,6 +176,16 @@ def _cases():
         yield (f"fused_dh[{elt}]", linear_logprobs_fused._fused_dh_kernel, elt, p, bwd, launch)
         yield (f"fused_dw[{elt}]", linear_logprobs_fused._fused_dw_kernel, elt, p,
                dict(bwd, NEED_DW=True, NEED_DB=True), launch)
+    # divergences: every kind is its own program; materialized bf16 logits forward (logits
+    # path), fp32 GEMM slices in with bf16 gradients out backward (linear path)
+    heads = dict(ROW_TEMP_P=True, ROW_TEMP_Q=True, SOFTCAP_P=True, SOFTCAP_Q=True)
+    for kind, kind_id in divergence.KIND_IDS.items():
+        yield (f"divergence_fwd[{kind}]", divergence._divergence_fwd_kernel, "bf16", _pointers(),
+               dict(KIND=kind_id, NEED_Q=True, BLOCK_V=2048, **heads), rows)
+        yield (f"divergence_bwd[{kind}]", divergence._divergence_bwd_kernel, "bf16",
+               _pointers(zp_ptr="fp32", zq_ptr="fp32"),
+               dict(KIND=kind_id, NEED_Q=True, HAS_G_DIV=True, HAS_G_LOGP=True, BLOCK_V=2048,
+                    **heads), rows)
     p = _pointers(r_ptr="fp32", v_ptr="fp32", m_ptr="u8", g_ptr="fp32", cu_ptr="i64",
                   boot_ptr="fp32", trunc_ptr="u8", adv_ptr="fp32", ret_ptr="fp32")
     yield ("gae", gae._gae_kernel, "fp32", p,

@@ -60,27 +60,33 @@ def value_magnitude(z_p, z_q, div) -> float:
 
 def _row_factor(temperature, logit_scale, n):
     """An upper bound of |dz / draw| per row: logit_scale / T (the softcap's slope is <= 1)."""
-    t = temperature.double() if isinstance(temperature, torch.Tensor) else \
+    t = temperature.double().cpu() if isinstance(temperature, torch.Tensor) else \
         torch.full((n,), float(temperature), dtype=torch.float64)
     return (1.0 if logit_scale is None else logit_scale) / t.reshape(-1, 1)
 
 
 def _linear_scales(dz_mag, hidden, weight, with_bias):
     """Magnitudes of dh, dW (and db) built from d-logit terms of magnitude dz_mag."""
-    h, w = hidden.double().abs(), weight.double().abs()
+    h, w, dz_mag = hidden.double().abs().cpu(), weight.double().abs().cpu(), dz_mag.cpu()
     out = [(dz_mag @ w).max().item(), (dz_mag.T @ h).max().item()]
     return out + ([dz_mag.sum(0).max().item()] if with_bias else [])
 
 
 def check_linear(backend, n, h, v, dtype, kind="forward_kl", *, ignore_frac=0.25,
                  temperature=1.0, ref_grad=False, with_bias=False, softcap=None, mixture=False,
-                 logit_scale=None, extreme=False, **kind_kw):
+                 logit_scale=None, extreme=False, device="cpu", **kind_kw):
     hidden, weight = heads(n, h, v, dtype, 300.0 if extreme else 3.0)
     ref_hidden, ref_weight = heads(n, h + 3, v, dtype, 300.0 if extreme else 3.0)
     bias = torch.randn(v).to(dtype) if with_bias else None
     targets = make_targets((n,), v, ignore_frac)
     g_div, g_logp = torch.randn(n), torch.randn(n)
     coeff = torch.rand(n) + 0.25
+    hidden, weight, ref_hidden, ref_weight, targets, g_div, g_logp, coeff = (
+        t.to(device) for t in (hidden, weight, ref_hidden, ref_weight, targets, g_div, g_logp,
+                               coeff))
+    bias = None if bias is None else bias.to(device)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(device)
 
     def run(fn, dt, g_scale):
         pol = [leaf(t, dt) for t in (hidden, weight)] + ([leaf(bias, dt)] if with_bias else [])
@@ -113,12 +119,13 @@ def check_linear(backend, n, h, v, dtype, kind="forward_kl", *, ignore_frac=0.25
     z_p = head_logits(linear_logits(h64, w64, b64), temperature, logit_scale, softcap)
     z_q = head_logits(raw_q, temperature)
     div = resolve_kind(kind, **kind_kw)
-    mag_p, mag_q = term_magnitudes(z_p, z_q, targets, div, g_div.double(), g_logp.double())
+    mag_p, mag_q = (m.cpu() for m in term_magnitudes(z_p, z_q, targets, div, g_div.double(),
+                                                      g_logp.double()))
     scales = [value_magnitude(z_p, z_q, div), None,
               *_linear_scales(mag_p * factor, hidden, weight, with_bias)]
     if ref_grad:
         dz_q = mag_q * _row_factor(temperature, None, n)
-        scales += _linear_scales(dz_q * (coeff.double()[:, None] if mixture else 1),
+        scales += _linear_scales(dz_q * (coeff.double().cpu()[:, None] if mixture else 1),
                                  ref_hidden, ref_weight, False)
         if mixture:
             scales += _linear_scales(dz_q * 0.5, hidden, weight, False)
@@ -134,11 +141,15 @@ def check_linear(backend, n, h, v, dtype, kind="forward_kl", *, ignore_frac=0.25
 
 
 def check_logits(backend, shape, v, dtype, ref_dtype, kind, *, temperature=1.0, ref_grad=True,
-                 ignore_frac=0.25, **kind_kw):
+                 ignore_frac=0.25, device="cpu", **kind_kw):
     logits = (torch.randn(*shape, v) * 3).to(dtype)
     ref_logits = (torch.randn(*shape, v) * 3).to(ref_dtype)
     targets = make_targets(shape, v, ignore_frac)
     g_div, g_logp = torch.randn(shape), torch.randn(shape)
+    logits, ref_logits, targets, g_div, g_logp = (
+        t.to(device) for t in (logits, ref_logits, targets, g_div, g_logp))
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(device)
 
     def run(fn, dts, g_dt):
         z, zr = leaf(logits, dts[0]), leaf(ref_logits, dts[1]).requires_grad_(ref_grad)
@@ -152,7 +163,7 @@ def check_logits(backend, shape, v, dtype, ref_dtype, kind, *, temperature=1.0, 
     ref = run(logits_divergence_ref, (torch.float64, torch.float64), torch.float64)
     base = run(logits_divergence_ref, (dtype, ref_dtype), torch.float32)
     names = ["divergence", "logprobs", "dlogits", "dref"][:len(ours)]
-    factor = _row_factor(temperature, None, logits[..., 0].numel()).view(*shape, 1)
+    factor = _row_factor(temperature, None, logits[..., 0].numel()).view(*shape, 1).to(device)
     z_p, z_q = logits.double() * factor, ref_logits.double() * factor
     div = resolve_kind(kind, **kind_kw)
     mags = term_magnitudes(z_p, z_q, targets, div, g_div.double(), g_logp.double())

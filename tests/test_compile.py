@@ -83,3 +83,35 @@ def test_logits_head_options_fullgraph(backend, inplace):
         return out.logprobs.sum() + prefkern.entropy_from_logits(x, backend=backend).sum()
 
     _assert_compiled_matches(fn, logits)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_divergence_fullgraph(backend):
+    """Both sides take gradients; a mixture reference with a per-row coefficient and bias."""
+    hidden = torch.randn(10, 24, requires_grad=True)
+    weight = (torch.randn(90, 24) / 5).requires_grad_(True)
+    ref_hidden = torch.randn(10, 16, requires_grad=True)
+    ref_weight = (torch.randn(90, 16) / 4).requires_grad_(True)
+    coeff, ref_bias = torch.rand(10) + 0.5, torch.randn(90)
+    targets = make_targets((10,), 90, 0.25)
+
+    def fn(h, w, rh, rw):
+        out = prefkern.linear_divergence(
+            h, w, [(rh, rw, coeff, ref_bias), (h.detach(), w.detach(), 0.5)], None, targets,
+            kind="jsd", beta=0.3, temperature=0.8, return_logprobs=True, backend=backend)
+        return out.divergence.sum() + 0.1 * out.logprobs.sum()
+
+    _assert_compiled_matches(fn, hidden, weight, ref_hidden, ref_weight)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_divergence_fullgraph(backend):
+    logits = torch.randn(3, 5, 64, requires_grad=True)
+    ref_logits = torch.randn(3, 5, 64, requires_grad=True)
+    temperature = torch.rand(3, 5) + 0.5
+
+    def fn(x, r):
+        return prefkern.logits_divergence(x, r, kind="reverse_kl", temperature=temperature,
+                                          backend=backend).sum()
+
+    _assert_compiled_matches(fn, logits, ref_logits)

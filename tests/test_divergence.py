@@ -9,7 +9,7 @@ from divergence_checks import KIND_IDS, KINDS, check_linear, check_logits, heads
 
 import prefkern
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,3 +153,19 @@ def test_the_checks_fail_a_slightly_wrong_value(monkeypatch):
             check_linear("torch", 24, 40, 300, torch.float32, kind, **kw)
         with pytest.raises(AssertionError, match="divergence"):
             check_logits("torch", (24,), 300, torch.float32, torch.float32, kind, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kind,kw", KINDS, ids=KIND_IDS)
+def test_gpu_divergences(backend, kind, kw):
+    """Both ops on a GPU: aligned and ragged shapes, a vocabulary > 65536, bf16 and fp32, the
+    head options, mixtures and reference-side gradients."""
+    for dtype in (torch.bfloat16, torch.float32):
+        check_linear(backend, 256, 512, 1024, dtype, kind, temperature=0.7, device="cuda", **kw)
+    check_linear(backend, 37, 129, 70000, torch.bfloat16, kind, device="cuda", **kw)
+    check_linear(backend, 33, 48, 260, torch.bfloat16, kind, temperature=torch.rand(33) + 0.4,
+                 softcap=6.0, logit_scale=1.5, with_bias=True, mixture=True, ref_grad=True,
+                 device="cuda", **kw)
+    check_logits(backend, (4, 33), 50000, torch.bfloat16, torch.bfloat16, kind, device="cuda",
+                 **kw)

@@ -760,26 +760,46 @@ def divergence_problems(draw, max_n: int, max_v: int):
         logit_scale=draw(logit_scales), mixture=draw(st.booleans()), seed=draw(seeds))
 
 
-@budget(25)
-@given(p=divergence_problems(max_n=12, max_v=150))
-def test_linear_divergence(p):
+def check_linear_divergence(p, backend):
     torch.manual_seed(p["seed"])
     temperature = resolve_temperature(p["temperature"], (p["n"],))
-    check_linear("torch", p["n"], p["h"], p["v"], p["dtype"], p["kind"], beta=p["beta"],
+    check_linear(backend, p["n"], p["h"], p["v"], p["dtype"], p["kind"], beta=p["beta"],
                  alpha=p["alpha"], ignore_frac=p["ignore_frac"], temperature=temperature,
                  ref_grad=p["ref_grad"], with_bias=p["with_bias"], softcap=p["softcap"],
                  logit_scale=p["logit_scale"], mixture=p["mixture"])
 
 
-@budget(25)
-@given(p=divergence_problems(max_n=12, max_v=150), dims=st.integers(1, 2))
-def test_logits_divergence(p, dims):
+def check_logits_divergence(p, dims, backend):
     torch.manual_seed(p["seed"])
     shape = (p["n"],) if dims == 1 else (2, p["n"])
     temperature = resolve_temperature(p["temperature"], shape)
-    check_logits("torch", shape, p["v"], p["dtype"], torch.float32, p["kind"], beta=p["beta"],
+    check_logits(backend, shape, p["v"], p["dtype"], torch.float32, p["kind"], beta=p["beta"],
                  alpha=p["alpha"], temperature=temperature, ref_grad=p["ref_grad"],
                  ignore_frac=p["ignore_frac"])
+
+
+@budget(25)
+@given(p=divergence_problems(max_n=12, max_v=150))
+def test_linear_divergence_torch(p):
+    check_linear_divergence(p, "torch")
+
+
+@budget(6)
+@given(p=divergence_problems(max_n=8, max_v=80))
+def test_linear_divergence_triton(p):
+    check_linear_divergence(p, "triton")
+
+
+@budget(25)
+@given(p=divergence_problems(max_n=12, max_v=150), dims=st.integers(1, 2))
+def test_logits_divergence_torch(p, dims):
+    check_logits_divergence(p, dims, "torch")
+
+
+@budget(6)
+@given(p=divergence_problems(max_n=8, max_v=80), dims=st.integers(1, 2))
+def test_logits_divergence_triton(p, dims):
+    check_logits_divergence(p, dims, "triton")
 
 
 # The public surface this file covers: fail loudly when an op is added without a property.

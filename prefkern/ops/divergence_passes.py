@@ -60,7 +60,8 @@ def _raw(side: Side, rows: slice, cols: slice, cdt: torch.dtype) -> Tensor:
     return z
 
 
-def _mixed(sides, rows, cols, cdt) -> Tensor:
+def mixed_logits(sides, rows, cols, cdt) -> Tensor:
+    """Raw logits of one side, or of a mixture (sum of its members' coeff * raw), rows x cols."""
     z = _raw(sides[0], rows, cols, cdt)
     for side in sides[1:]:
         z += _raw(side, rows, cols, cdt)
@@ -69,7 +70,7 @@ def _mixed(sides, rows, cols, cdt) -> Tensor:
 
 def _logits(sides, head: HeadArgs, rows, cols, cdt, with_grad=False):
     """-> (z, dz/draw or None) of a side (or a mixture) on rows x cols."""
-    return head_transform_(_mixed(sides, rows, cols, cdt), rows_factor(head.factor, rows),
+    return head_transform_(mixed_logits(sides, rows, cols, cdt), rows_factor(head.factor, rows),
                            head.softcap, with_grad)
 
 
@@ -157,7 +158,7 @@ def _vocab_slices(n: int, vocab: int, device: torch.device):
     return (slice(c0, min(vocab, c0 + width)) for c0 in range(0, vocab, width))
 
 
-class _Grads:
+class SideGrads:
     """dh (fp32 accumulated), dW and db of one side, filled slice by slice."""
 
     def __init__(self, side: Side, need: tuple[bool, bool, bool]):
@@ -204,8 +205,8 @@ def backward(policy: Side, refs: list[Side], targets: Tensor, head_p: HeadArgs,
     cdt = compute_dtype(policy.hidden.dtype)
     valid = targets != ignore_index
     gd, gl = (None if g is None else torch.where(valid, g.to(cdt), 0) for g in (g_div, g_logp))
-    grads_p = _Grads(policy, need_p)
-    grads_q = [_Grads(side, (True, True, True)) for side in refs] if need_ref else []
+    grads_p = SideGrads(policy, need_p)
+    grads_q = [SideGrads(side, (True, True, True)) for side in refs] if need_ref else []
     every = slice(None)
     for cols in _vocab_slices(n, v, policy.hidden.device):
         z_p, dcap_p = _logits([policy], head_p, every, cols, cdt, with_grad=True)

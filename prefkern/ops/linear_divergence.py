@@ -25,8 +25,17 @@ from prefkern.outputs import DivergenceOutput
 from prefkern.reference.divergence import resolve_kind
 from prefkern.reference.logprobs import compute_dtype
 
-AUTO_ORDER: tuple[str, ...] = ()
+AUTO_ORDER = ("triton",)
 MODES = ("auto", "fast")
+
+
+def _impl(backend: str):
+    """The passes of a backend: forward/backward with divergence_passes' signatures."""
+    if backend == "triton":
+        from prefkern.ops import divergence_triton
+
+        return divergence_triton
+    return passes
 
 
 def _full_biases(ref_biases, ref_bias_at, k):
@@ -69,8 +78,9 @@ def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
     head_p, head_q = _heads(row_inv_temp, ref_row_inv_temp, inv_temp, softcap, ref_inv_temp,
                             ref_softcap)
     with without_autocast(hidden):
-        return list(passes.forward(policy, refs, targets, head_p, head_q,
-                                   resolve_kind(kind, beta, alpha), ignore_index, need_q))
+        return list(_impl(backend).forward(policy, refs, targets, head_p, head_q,
+                                           resolve_kind(kind, beta, alpha), ignore_index,
+                                           need_q))
 
 
 @_fwd_op.register_fake
@@ -97,9 +107,9 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
     head_p, head_q = _heads(row_inv_temp, ref_row_inv_temp, inv_temp, softcap, ref_inv_temp,
                             ref_softcap)
     with without_autocast(hidden):
-        grads = passes.backward(policy, refs, targets, head_p, head_q,
-                                resolve_kind(kind, beta, alpha), ignore_index, stats, g_div,
-                                g_logp, (need_dh, need_dw, need_db), need_ref)
+        grads = _impl(backend).backward(policy, refs, targets, head_p, head_q,
+                                        resolve_kind(kind, beta, alpha), ignore_index, stats,
+                                        g_div, g_logp, (need_dh, need_dw, need_db), need_ref)
     return [g for g in grads if g is not None]
 
 
@@ -262,7 +272,10 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
         temperature: a float > 0 or one value per row, dividing both sides (TRL GKD, Liger).
         softcap / logit_scale: the policy's head; ref_softcap / ref_logit_scale: the
             reference's (see prefkern.integrations.hf_head_config).
-        mode: "auto" / "fast". backend: "auto" | "torch" (None: $PREFKERN_BACKEND).
+        mode: "auto" / "fast": chunks of rows forward, vocabulary slices backward (cuBLAS
+            GEMMs + Triton row kernels on the Triton backend). A fused-tile min_memory mode
+            like linear_logprobs' does not exist for divergences yet.
+        backend: "auto" | "triton" | "torch" (None: $PREFKERN_BACKEND).
     Returns:
         the divergence (...) fp32, or ``DivergenceOutput(divergence, logprobs)`` with
         ``return_logprobs``. Gradients flow to hidden, weight and bias for any upstream
@@ -292,8 +305,8 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
     flat, _, bad, _, op_ignore = multi_target.prepare(targets, lead, weight.shape[0],
                                                       ignore_index, "linear_divergence", device)
     fp64 = hidden.dtype == torch.float64
-    name = resolve_backend("linear_divergence", backend, device, ("torch",),
-                           () if fp64 else AUTO_ORDER)
+    name = resolve_backend("linear_divergence", backend, device,
+                           ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
     cdt = compute_dtype(hidden.dtype)
     head_p = head_mod.fold(temperature, logit_scale, softcap, cdt)
     head_q = head_mod.fold(temperature, ref_logit_scale, ref_softcap, cdt)

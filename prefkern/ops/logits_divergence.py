@@ -21,7 +21,7 @@ from prefkern.ops.torch_chunked import _is_unit, _rows_per_chunk, rows_factor
 from prefkern.outputs import DivergenceOutput
 from prefkern.reference.divergence import resolve_kind
 
-AUTO_ORDER: tuple[str, ...] = ()
+AUTO_ORDER = ("triton",)
 
 
 def _compute_dtype(logits: Tensor, ref_logits: Tensor) -> torch.dtype:
@@ -54,6 +54,12 @@ def _fwd_op(logits: Tensor, ref_logits: Tensor, targets: Tensor, row_inv_temp: T
         f = rows_factor(factor, rows)
         return _scaled(logits, rows, f, cdt), _scaled(ref_logits, rows, f, cdt)
 
+    if backend == "triton":
+        from prefkern._kernels import divergence as kernels
+
+        head = (factor, None)
+        return kernels.divergence_fwd(logits, ref_logits, targets, head, head, kind, beta,
+                                      alpha, ignore_index, need_q)
     with without_autocast(logits):
         return passes.forward_rows(n, _row_chunks(n, v, logits.device), logits_of, targets,
                                    resolve_kind(kind, beta, alpha), ignore_index, need_q, cdt,
@@ -81,6 +87,13 @@ def _bwd_op(logits: Tensor, ref_logits: Tensor, targets: Tensor, row_inv_temp: T
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     ref_grad = torch.empty(ref_logits.shape, dtype=ref_logits.dtype,
                            device=ref_logits.device) if need_ref else None
+    if backend == "triton":
+        from prefkern._kernels import divergence as kernels
+
+        head = (factor, None)
+        kernels.divergence_bwd(logits, ref_logits, 0, targets, stats, g_div, g_logp, head, head,
+                               kind, beta, alpha, ignore_index, grad, ref_grad)
+        return [grad] if ref_grad is None else [grad, ref_grad]
     with without_autocast(logits):
         for rows in _row_chunks(n, v, logits.device):
             f = rows_factor(factor, rows)
@@ -139,7 +152,8 @@ def logits_divergence(logits: Tensor, ref_logits: Tensor, targets: Tensor | None
         logits, ref_logits: (..., V), any float dtypes (fp32 math inside; never copied whole).
         targets: (...) ids or None; ``ignore_index`` rows give 0 and take no gradient.
         temperature: a float > 0 or one value per row, dividing both sides.
-        backend: "auto" | "torch" (None: $PREFKERN_BACKEND).
+        backend: "auto" | "triton" | "torch" (None: $PREFKERN_BACKEND). The Triton kernels
+            read each row twice forward and once backward, in the logits' own dtype.
     Returns:
         the divergence (...) fp32, or ``DivergenceOutput(divergence, logprobs)``. Gradients to
         ``logits`` (and to ``ref_logits`` when it requires grad) in their dtypes.
@@ -163,11 +177,12 @@ def logits_divergence(logits: Tensor, ref_logits: Tensor, targets: Tensor | None
     flat, _, bad, _, op_ignore = multi_target.prepare(targets, lead, v, ignore_index,
                                                       "logits_divergence", device)
     fp64 = torch.float64 in (logits.dtype, ref_logits.dtype)
-    name = resolve_backend("logits_divergence", backend, device, ("torch",),
-                           () if fp64 else AUTO_ORDER)
+    name = resolve_backend("logits_divergence", backend, device,
+                           ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
     head = head_mod.fold(temperature, None, None, _compute_dtype(logits, ref_logits))
     need_q = torch.is_grad_enabled() and ref_logits.requires_grad
-    out = _fwd_op(logits.reshape(-1, v), ref_logits.reshape(-1, v), flat, head.row_inv_temp,
+    rows2d = lambda t: t.reshape(-1, v) if t.stride(-1) == 1 else t.contiguous().view(-1, v)  # noqa: E731
+    out = _fwd_op(rows2d(logits), rows2d(ref_logits), flat, head.row_inv_temp,
                   name, div.kind, div.beta, div.alpha, head.inv_temp, int(op_ignore), need_q)
     divergence = _checks.poison(out[0].view(lead), bad)
     if not return_logprobs:
