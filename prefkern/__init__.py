@@ -6,6 +6,7 @@ Never imports transformers/trl/verl; Triton and the CUDA extension load lazily o
 from prefkern import (
     _torch_floor,  # noqa: F401  (first: a clear error on a too old torch)
     integrations,
+    losses,
     nn,
     reference,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "entropy_from_logits",
     "gae",
     "integrations",
+    "losses",
     "group_advantages",
     "kl_estimate",
     "kl_penalized_rewards",

@@ -25,3 +25,34 @@ class LinearLogprobs(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearDistillLoss(torch.nn.Module):
+    """``module(hidden, weight, teacher_hidden, teacher_weight, labels, bias=None,
+    teacher_bias=None, num_items_in_batch=None)`` == ``prefkern.losses.linear_distill_loss``
+    with the options given at construction: the student's gradient is computed in the forward
+    pass (4 GEMMs in all). Returns (loss, metrics)."""
+
+    def __init__(self, *, kind: str = "jsd", beta: float = 0.5, alpha: float = 0.5,
+                 temperature: float = 1.0, weight_soft_loss: float = 1.0,
+                 weight_hard_loss: float = 0.0, reduction: str = "batchmean",
+                 ignore_index: int = -100, softcap: float | None = None,
+                 logit_scale: float | None = None, teacher_softcap: float | None = None,
+                 teacher_logit_scale: float | None = None, backend: str | None = "auto"):
+        super().__init__()
+        self.options = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature,
+                            weight_soft_loss=weight_soft_loss, weight_hard_loss=weight_hard_loss,
+                            reduction=reduction, ignore_index=ignore_index, softcap=softcap,
+                            logit_scale=logit_scale, teacher_softcap=teacher_softcap,
+                            teacher_logit_scale=teacher_logit_scale, backend=backend)
+
+    def forward(self, hidden, weight, teacher_hidden, teacher_weight, labels, bias=None,
+                teacher_bias=None, num_items_in_batch=None):
+        from prefkern.losses.distill import linear_distill_loss
+
+        return linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels,
+                                   bias=bias, teacher_bias=teacher_bias,
+                                   num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

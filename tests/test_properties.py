@@ -848,9 +848,11 @@ COVERED = {"logprobs_from_logits", "entropy_from_logits", "linear_logprobs", "ga
 def test_every_public_op_has_a_property():
     not_ops = {"BACKENDS", "BackendUnavailable", "DivergenceOutput", "LinearLogprobsOutput",
                "LogprobsEntropy",
-               "available_backends", "integrations", "nn", "raise_on_bad_input", "reference"}
+               "available_backends", "integrations", "losses", "nn", "raise_on_bad_input",
+               "reference"}
     assert set(prefkern.__all__) - not_ops == COVERED
-    refs = {"logprobs_from_logits_ref", "linear_logprobs_ref", "gae_ref", "group_advantages_ref",
+    refs = {"distill_loss_ref", "topk_forward_kl_ref", "logprobs_from_logits_ref",
+            "linear_logprobs_ref", "gae_ref", "group_advantages_ref",
             "kl_estimate_ref", "linear_divergence_ref", "logits_divergence_ref",
             "kl_penalized_rewards_ref", "normalize_rewards_ref", "masked_whiten_ref"}
     assert set(prefkern.reference.__all__) == refs

@@ -11,6 +11,7 @@ never rounded to the input dtype; only the d-logits fed to the gradient GEMMs ar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from prefkern.ops import divergence_passes as passes
 from prefkern.ops import head as head_mod
 from prefkern.ops import multi_target
 from prefkern.outputs import DivergenceOutput
-from prefkern.reference.divergence import resolve_kind
+from prefkern.reference.divergence import Divergence, resolve_kind
 from prefkern.reference.logprobs import compute_dtype
 
 AUTO_ORDER = ("triton",)
@@ -182,7 +183,7 @@ def _backward(ctx, grad_outputs):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _reference_sides(ref_hidden, ref_weight, ref_bias, lead, device, dtype):
+def reference_sides(ref_hidden, ref_weight, ref_bias, lead, device, dtype):
     """-> (hiddens, weights, biases, coeffs) of the reference side: one head, or a mixture
     given as a sequence of (hidden, weight, coeff[, bias])."""
     if isinstance(ref_hidden, Tensor):
@@ -238,6 +239,63 @@ def _coefficient(coeff, lead, device, k, dtype) -> Tensor:
     return torch.full((lead.numel(),), float(coeff), dtype=dtype, device=device)
 
 
+class Prepared(NamedTuple):
+    """A validated call: flat (N, H) / (N,) tensors, reference lists, folded heads."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    ref_hiddens: list[Tensor]
+    ref_weights: list[Tensor]
+    ref_biases: list[Tensor | None]
+    ref_coeffs: list[Tensor]
+    targets: Tensor
+    bad: Tensor | None
+    lead: torch.Size
+    div: Divergence
+    head_p: head_mod.Head
+    head_q: head_mod.Head
+    backend: str
+    ignore_index: int
+
+
+def prepare(hidden, weight, ref_hidden, ref_weight, targets, kind, beta, alpha, temperature,
+            ignore_index, bias, ref_bias, softcap, logit_scale, ref_softcap, ref_logit_scale,
+            backend, op: str) -> Prepared:
+    """Validation and argument folding shared by linear_divergence and the fused losses:
+    clear errors before any kernel, no host sync."""
+    hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
+    device = head_mod.check_linear(hidden, weight, bias)
+    div = resolve_kind(kind, beta, alpha)
+    lead = hidden.shape[:-1]
+    ref_hiddens, ref_weights, ref_biases, ref_coeffs = reference_sides(
+        ref_hidden, ref_weight, ref_bias, lead, device, hidden.dtype)
+    if any(w.shape[0] != weight.shape[0] for w in ref_weights):
+        raise ValueError(f"the reference vocabulary must match the policy's, V = "
+                         f"{weight.shape[0]}, got {[w.shape[0] for w in ref_weights]}")
+    temperature = head_mod.as_rows(temperature, lead)
+    head_mod.check_temperature(temperature, lead, device)
+    head_mod.check_logit_scale(logit_scale)
+    head_mod.check_logit_scale(ref_logit_scale)
+    for name, value in (("softcap", softcap), ("ref_softcap", ref_softcap)):
+        if value is not None:
+            _checks.check_positive(name, value)
+    if targets is not None and targets.shape != lead:
+        raise ValueError(f"targets must have the rows' shape {tuple(lead)}, got "
+                         f"{tuple(targets.shape)}")
+    flat, _, bad, _, op_ignore = multi_target.prepare(targets, lead, weight.shape[0],
+                                                      ignore_index, op, device)
+    fp64 = hidden.dtype == torch.float64
+    name = resolve_backend(op, backend, device,
+                           ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
+    cdt = compute_dtype(hidden.dtype)
+    return Prepared(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(), bias,
+                    ref_hiddens, ref_weights, ref_biases, ref_coeffs, flat, bad, lead, div,
+                    head_mod.fold(temperature, logit_scale, softcap, cdt),
+                    head_mod.fold(temperature, ref_logit_scale, ref_softcap, cdt), name,
+                    int(op_ignore))
+
+
 def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Tensor | None,
                       targets: Tensor | None = None, *, kind: str = "forward_kl",
                       beta: float = 0.5, alpha: float = 0.5, temperature: float | Tensor = 1.0,
@@ -281,44 +339,21 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
         ``return_logprobs``. Gradients flow to hidden, weight and bias for any upstream
         gradient on either output, and to the reference side's tensors that require grad.
     """
-    hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
-    device = head_mod.check_linear(hidden, weight, bias)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    div = resolve_kind(kind, beta, alpha)
-    lead = hidden.shape[:-1]
-    ref_hiddens, ref_weights, ref_biases, ref_coeffs = _reference_sides(
-        ref_hidden, ref_weight, ref_bias, lead, device, hidden.dtype)
-    if any(w.shape[0] != weight.shape[0] for w in ref_weights):
-        raise ValueError(f"the reference vocabulary must match the policy's, V = "
-                         f"{weight.shape[0]}, got {[w.shape[0] for w in ref_weights]}")
-    temperature = head_mod.as_rows(temperature, lead)
-    head_mod.check_temperature(temperature, lead, device)
-    head_mod.check_logit_scale(logit_scale)
-    head_mod.check_logit_scale(ref_logit_scale)
-    for name, value in (("softcap", softcap), ("ref_softcap", ref_softcap)):
-        if value is not None:
-            _checks.check_positive(name, value)
-    if targets is not None and targets.shape != lead:
-        raise ValueError(f"targets must have the rows' shape {tuple(lead)}, got "
-                         f"{tuple(targets.shape)}")
-    flat, _, bad, _, op_ignore = multi_target.prepare(targets, lead, weight.shape[0],
-                                                      ignore_index, "linear_divergence", device)
-    fp64 = hidden.dtype == torch.float64
-    name = resolve_backend("linear_divergence", backend, device,
-                           ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
-    cdt = compute_dtype(hidden.dtype)
-    head_p = head_mod.fold(temperature, logit_scale, softcap, cdt)
-    head_q = head_mod.fold(temperature, ref_logit_scale, ref_softcap, cdt)
+    c = prepare(hidden, weight, ref_hidden, ref_weight, targets, kind, beta, alpha, temperature,
+                ignore_index, bias, ref_bias, softcap, logit_scale, ref_softcap, ref_logit_scale,
+                backend, "linear_divergence")
     need_q = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (*ref_hiddens, *ref_weights, *ref_biases))
-    ref_bias_at = [k for k, b in enumerate(ref_biases) if b is not None]
-    out = _fwd_op(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(), bias,
-                  ref_hiddens, ref_weights, [ref_biases[k] for k in ref_bias_at], ref_bias_at,
-                  ref_coeffs, flat, head_p.row_inv_temp,
-                  head_q.row_inv_temp, name, div.kind, div.beta, div.alpha, head_p.inv_temp,
-                  head_p.softcap, head_q.inv_temp, head_q.softcap, int(op_ignore), need_q)
-    divergence = _checks.poison(out[0].view(lead), bad)
+        t is not None and t.requires_grad for t in (*c.ref_hiddens, *c.ref_weights,
+                                                    *c.ref_biases))
+    ref_bias_at = [k for k, b in enumerate(c.ref_biases) if b is not None]
+    out = _fwd_op(c.hidden, c.weight, c.bias, c.ref_hiddens, c.ref_weights,
+                  [c.ref_biases[k] for k in ref_bias_at], ref_bias_at, c.ref_coeffs, c.targets,
+                  c.head_p.row_inv_temp, c.head_q.row_inv_temp, c.backend, c.div.kind,
+                  c.div.beta, c.div.alpha, c.head_p.inv_temp, c.head_p.softcap,
+                  c.head_q.inv_temp, c.head_q.softcap, c.ignore_index, need_q)
+    divergence = _checks.poison(out[0].view(c.lead), c.bad)
     if not return_logprobs:
         return divergence
-    return DivergenceOutput(divergence, _checks.poison(out[1].view(lead), bad))
+    return DivergenceOutput(divergence, _checks.poison(out[1].view(c.lead), c.bad))
