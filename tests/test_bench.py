@@ -351,3 +351,44 @@ def test_peaked_inputs_ignore_a_stated_fraction():
     assert ((targets >= 0) & (targets < 1000)).sum() == 180
     _, _, again = peaked_problem(200, 64, 1000, torch.float32)
     assert (again >= 0).all()
+
+
+def test_divergence_gate_checks_scalar_losses_by_their_gradients():
+    """A provider returning only a batchmean loss is checked on dhidden and dweight; a wrong
+    beta or a gradient 1% off fails, a right scalar loss passes."""
+    from prefkern.bench.reference_check import linear_divergence_reference
+
+    n, h, v = 48, 32, 500
+    hidden, weight, targets = peaked_problem(n, h, v, torch.float32, ignore_frac=0.1)
+    t_hidden, t_weight, _ = peaked_problem(n, h, v, torch.float32, seed=1)
+    valid = targets != T_IGNORE
+    g = valid.float() / valid.sum()
+
+    def provider(beta, scale=1.0, per_token=False):
+        def fn(h_, w_):
+            d = prefkern.linear_divergence(h_, w_, t_hidden, t_weight, targets, kind="jsd",
+                                           beta=beta, backend="torch")
+            if per_token:
+                (d * g).sum().backward()
+                return (d.detach(),)
+            loss, _ = prefkern.losses.distill_loss(h_, w_, t_hidden, t_weight, targets,
+                                                   kind="jsd", beta=beta, backend="torch")
+            (scale * loss).backward()
+            return (None,)
+        return fn
+
+    fakes = {"per_token": provider(0.5, per_token=True), "scalar": provider(0.5),
+             "wrong_beta": provider(0.4), "grad_x1.01": provider(0.5, 1.01)}
+    cases = []
+    for name, fn in fakes.items():
+        hid, wt = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        cases.append(Case(name, lambda fn=fn, hid=hid, wt=wt: fn(hid, wt), 1.0, "TFLOP/s",
+                          (hid, wt)))
+    reference = linear_divergence_reference(hidden, weight, t_hidden, t_weight, targets,
+                                            kind="jsd", beta=0.5, upstream={"divergence": g})
+    problem = Problem("tiny", "fwd+bwd", "float32", cases, "per_token", reference=reference)
+    rows = {r["provider"]: r for r in run_problem("demo", problem, CPU, quick=True)}
+    assert _status(rows) == {"per_token": "ok", "scalar": "ok", "wrong_beta": "MISMATCH",
+                             "grad_x1.01": "MISMATCH"}
+    assert "divergence=" in rows["per_token"]["check"]
+    assert "divergence" not in rows["scalar"]["check"] and "dweight=" in rows["scalar"]["check"]

@@ -36,7 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-from prefkern.reference import linear_logprobs_ref, logprobs_from_logits_ref
+from prefkern.reference import (
+    linear_divergence_ref,
+    linear_logprobs_ref,
+    logprobs_from_logits_ref,
+)
 from prefkern.testing import rule_error
 
 # about the peak of one chunk's (rows, V) fp64 temporaries, per device type
@@ -110,12 +114,18 @@ class ChunkedReference:
     prefkern.reference function). ``row_inputs`` (name -> tensor whose rows are tokens, e.g.
     logits or hidden) are sliced by chunk; ``shared_inputs`` (e.g. the LM head) go whole and
     their gradients are summed over chunks. ``upstream`` (output name -> gradient or None) turns
-    the gradients on; they are named "d" + input name. :meth:`check` compares a provider."""
+    the gradients on; they are named "d" + input name. ``frozen_rows``: row inputs that take
+    no gradient (a teacher's hidden states). ``optional_outputs``: per-token outputs a provider
+    may leave out (None) when it returns a reduced loss only; its gradients are still checked.
+    :meth:`check` compares a provider."""
 
     def __init__(self, spec: Callable, row_inputs: dict, shared_inputs: dict,
                  targets: torch.Tensor, upstream: dict | None, output_names: tuple,
-                 vocab: int, chunk_rows: int | None = None, cache_bytes: int = CACHE_BYTES):
+                 vocab: int, chunk_rows: int | None = None, cache_bytes: int = CACHE_BYTES,
+                 frozen_rows: dict | None = None, optional_outputs: tuple = ()):
         self.spec, self.targets = spec, targets
+        self.frozen_rows = dict(frozen_rows or {})
+        self.optional_outputs = tuple(optional_outputs)
         self.row_inputs, self.shared_inputs = dict(row_inputs), dict(shared_inputs)
         self.upstream = {k: v for k, v in (upstream or {}).items() if v is not None}
         self.with_grad = upstream is not None
@@ -158,8 +168,9 @@ class ChunkedReference:
 
     def _eval(self, rows: slice, dtype: torch.dtype, shared: dict, base: bool) -> dict:
         leaves = self._leaves(self.row_inputs, rows, dtype)
+        frozen = {k: v[rows].detach().to(dtype) for k, v in self.frozen_rows.items()}
         with torch.set_grad_enabled(self.with_grad):
-            outs = self.spec(**leaves, **shared, targets=self.targets[rows])
+            outs = self.spec(**leaves, **frozen, **shared, targets=self.targets[rows])
             outs = dict(zip(self.output_names, outs, strict=True))
             if self.with_grad:
                 pairs = [(outs[k], g[rows].to(outs[k].dtype)) for k, g in self.upstream.items()]
@@ -217,7 +228,9 @@ class ChunkedReference:
             if name not in given:
                 continue  # a gradient not checked in this mode
             t = given[name]
-            if not isinstance(t, torch.Tensor):
+            if t is None and name in self.optional_outputs:
+                why[name] = "not returned"
+            elif not isinstance(t, torch.Tensor):
                 why[name] = "missing"
             elif tuple(t.shape) != shape:
                 why[name] = f"shape {tuple(t.shape)} != {shape}"
@@ -240,6 +253,8 @@ class ChunkedReference:
                 worst[name].add(None if out is None else out[blk], r[blk], self.reduction[name])
         results = []
         for name, w in worst.items():
+            if why.get(name) == "not returned":
+                continue
             base_err = self._base_err[name]
             err = math.inf if name in why else w.err
             results.append(TensorCheck(name, err, 2 * base_err + w.floor, base_err, w.ref_max,
@@ -284,3 +299,29 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     names = ("logprobs", "entropy") if with_entropy else ("logprobs",)
     return ChunkedReference(spec, {"hidden": hidden}, {"weight": weight}, targets, upstream,
                             names, weight.shape[0], **chunking)
+
+
+def linear_divergence_reference(hidden: torch.Tensor, weight: torch.Tensor,
+                                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                                targets: torch.Tensor, *, kind: str = "jsd", beta: float = 0.5,
+                                upstream: dict | None = None, temperature: float = 1.0,
+                                ignore_index: int = -100, **chunking) -> ChunkedReference:
+    """Gate for linear_divergence (and the distillation losses built on it) on a student
+    (hidden, weight) and a frozen teacher: the per-token divergence (which providers that
+    return a reduced loss only may leave out), and dhidden, dweight when ``upstream``
+    ({"divergence": g}) is given."""
+    teacher_weight = teacher_weight.detach()
+    cast = {}  # the teacher weight in each dtype the spec runs in, converted once
+
+    def spec(hidden, teacher_hidden, weight, targets):
+        if hidden.dtype not in cast:
+            cast[hidden.dtype] = teacher_weight.to(hidden.dtype)
+        return (linear_divergence_ref(hidden, weight, teacher_hidden, cast[hidden.dtype],
+                                      targets, kind=kind,
+                                      beta=beta, temperature=temperature,
+                                      ignore_index=ignore_index),)
+
+    return ChunkedReference(spec, {"hidden": hidden}, {"weight": weight}, targets, upstream,
+                            ("divergence",), weight.shape[0], frozen_rows={
+                                "teacher_hidden": teacher_hidden},
+                            optional_outputs=("divergence",), **chunking)
