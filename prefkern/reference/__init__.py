@@ -15,8 +15,10 @@ from prefkern.reference.divergence import linear_divergence_ref, logits_divergen
 from prefkern.reference.kl import kl_estimate_ref
 from prefkern.reference.logprobs import linear_logprobs_ref, logprobs_from_logits_ref
 from prefkern.reference.losses import distill_loss_ref, topk_forward_kl_ref
+from prefkern.reference.preference import cpo_loss_ref, orpo_loss_ref, preference_loss_ref
 
-__all__ = ["distill_loss_ref", "gae_ref", "group_advantages_ref", "kl_estimate_ref",
+__all__ = ["cpo_loss_ref", "distill_loss_ref", "gae_ref", "group_advantages_ref", "kl_estimate_ref",
            "kl_penalized_rewards_ref", "linear_divergence_ref", "linear_logprobs_ref",
            "logits_divergence_ref", "logprobs_from_logits_ref", "masked_whiten_ref",
-           "normalize_rewards_ref", "topk_forward_kl_ref"]
+           "normalize_rewards_ref", "orpo_loss_ref", "preference_loss_ref",
+           "topk_forward_kl_ref"]

@@ -1,0 +1,132 @@
+"""Reference preference losses: TRL's formulas (huggingface/trl f2cd577,
+trl/trainer/dpo_trainer.py ``_compute_loss``; trl/experimental/cpo and orpo), one expression
+per loss type, float64, gradients by autograd."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_LS = F.logsigmoid
+
+
+def _dpo_table(beta, ls, tau):
+    """loss type -> f(chosen, rejected, ref_chosen, ref_rejected, s_c, s_r, len_c, len_r)."""
+    def aot(ch, rj, rc, rr, sc, sr, lc, lr):
+        delta = torch.sort(ch - rj, 0)[0] - torch.sort(rc - rr, 0)[0]
+        return -_LS(beta * delta) * (1 - ls) - _LS(-beta * delta) * ls
+
+    def aot_unpaired(ch, rj, rc, rr, sc, sr, lc, lr):
+        delta = torch.sort(ch - rc, 0)[0] - torch.sort(rj - rr, 0)[0]
+        return -_LS(beta * delta) * (1 - ls) - _LS(-beta * delta) * ls
+
+    def discopop(ch, rj, rc, rr, sc, sr, lc, lr):
+        z = beta * (sc - sr)
+        m = torch.sigmoid(z / tau)
+        return -_LS(z) * (1 - m) + torch.exp(-z) * m
+
+    return {
+        "sigmoid": lambda ch, rj, rc, rr, sc, sr, lc, lr: -_LS(beta * (sc - sr)),
+        "hinge": lambda ch, rj, rc, rr, sc, sr, lc, lr: torch.relu(1 - beta * (sc - sr)),
+        "ipo": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            ((sc / lc.clamp(min=1) - sr / lr.clamp(min=1)) - 1 / (2 * beta)) ** 2,
+        "sigmoid_norm": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            -_LS(beta * (sc / lc.clamp(min=1) - sr / lr.clamp(min=1))),
+        "exo_pair": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            torch.sigmoid(beta * (sc - sr)) * (_LS(beta * (sc - sr)) - math.log(1 - ls))
+            + torch.sigmoid(-beta * (sc - sr)) * (_LS(-beta * (sc - sr)) - math.log(ls)),
+        "nca_pair": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            -_LS(beta * sc) - 0.5 * _LS(-beta * sc) - 0.5 * _LS(-beta * sr),
+        "robust": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            (-(1 - ls) * _LS(beta * (sc - sr)) + ls * _LS(-beta * (sc - sr))) / (1 - 2 * ls),
+        "bco_pair": lambda ch, rj, rc, rr, sc, sr, lc, lr: -_LS(beta * sc) - _LS(-beta * sr),
+        "sppo_hard": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            (sc - 0.5 / beta) ** 2 + (sr + 0.5 / beta) ** 2,
+        "aot": aot,
+        "aot_unpaired": aot_unpaired,
+        "apo_zero": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            1 - torch.sigmoid(beta * (ch - rc)) + torch.sigmoid(beta * (rj - rr)),
+        "apo_down": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            torch.sigmoid(beta * (ch - rc)) + 1 - torch.sigmoid(beta * (sc - sr)),
+        "discopop": discopop,
+        "sft": lambda ch, rj, rc, rr, sc, sr, lc, lr:
+            (-ch.sum() / lc.sum().clamp(min=1)).expand(ch.shape),
+    }
+
+
+def _score(x, f_divergence, f_alpha, dtype):
+    if f_divergence == "forward_kl":
+        return -torch.exp(-x)
+    if f_divergence == "js_divergence":
+        return _LS(x)
+    if f_divergence == "alpha_divergence" and abs(f_alpha - 1) >= 1e-6:
+        cap = 11.0 if dtype == torch.float16 else 80.0
+        return torch.exp(torch.clamp((f_alpha - 1) * x, max=cap)) / (f_alpha - 1)
+    return x
+
+
+def preference_loss_ref(chosen_logps, rejected_logps, ref_chosen_logps=None,
+                        ref_rejected_logps=None, *, loss_type="sigmoid", loss_weights=None,
+                        beta=0.1, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=0.5,
+                        discopop_tau=0.05, chosen_lengths=None, rejected_lengths=None,
+                        chosen_weights=None, rejected_weights=None, reduction="mean"):
+    """-> the loss of :func:`prefkern.losses.preference_loss` (metrics not included)."""
+    dtype = chosen_logps.dtype
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ch, rj = d64(chosen_logps), d64(rejected_logps)
+    rc = torch.zeros_like(ch) if ref_chosen_logps is None else d64(ref_chosen_logps)
+    rr = torch.zeros_like(rj) if ref_rejected_logps is None else d64(ref_rejected_logps)
+    sc, sr = (_score(x, f_divergence, f_alpha, dtype) for x in (ch - rc, rj - rr))
+    lc, lr = d64(chosen_lengths), d64(rejected_lengths)
+    kinds = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = loss_weights or [1.0] * len(kinds)
+    table = _dpo_table(beta, label_smoothing, discopop_tau)
+    total = 0
+    for kind, w in zip(kinds, weights, strict=True):
+        losses = table[kind](ch, rj, rc, rr, sc, sr, lc, lr)
+        if chosen_weights is not None:
+            losses = losses * (d64(chosen_weights) * d64(rejected_weights)).detach()
+        total = total + w * {"mean": losses.mean, "sum": losses.sum,
+                             "none": lambda losses=losses: losses}[reduction]()
+    return total
+
+
+def cpo_loss_ref(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *,
+                 loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0,
+                 cpo_alpha=1.0, reduction="mean"):
+    if loss_type == "alphapo":
+        loss_type, cpo_alpha = "simpo", 0.0
+    ch, rj = chosen_logps.double(), rejected_logps.double()
+    lc, lr = chosen_lengths.double(), rejected_lengths.double()
+    nll = -ch.sum() / lc.sum()
+    if loss_type in ("ipo", "simpo"):
+        ch, rj = ch / lc, rj / lr
+    if alpha != 0:
+        ch, rj = ((1 - torch.exp(x).pow(-alpha)) / alpha for x in (ch, rj))
+    z = ch - rj
+    ls = label_smoothing
+    if loss_type == "simpo":
+        z = z - simpo_gamma / beta
+    if loss_type in ("simpo", "sigmoid"):
+        losses = -_LS(beta * z) * (1 - ls) - _LS(-beta * z) * ls
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * z)
+    else:
+        losses = (z - 1 / (2 * beta)) ** 2
+    reduced = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+    return reduced + cpo_alpha * nll
+
+
+def orpo_loss_ref(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, beta=0.1,
+                  chosen_nll=None, reduction="mean"):
+    ch = chosen_logps.double() / chosen_lengths.double()
+    rj = rejected_logps.double() / rejected_lengths.double()
+    nll = (-chosen_logps.double().sum() / chosen_lengths.double().sum() if chosen_nll is None
+           else chosen_nll.double())
+    # log(1 - e^x) written the plain way, in float64
+    log_odds = (ch - rj) - (torch.log1p(-torch.exp(ch)) - torch.log1p(-torch.exp(rj)))
+    ratio = _LS(log_odds)
+    reduced = {"mean": ratio.mean(), "sum": ratio.sum(), "none": ratio}[reduction]
+    return nll - beta * reduced

@@ -1,0 +1,179 @@
+"""Preference losses on sequence log-probs against their float64 references (TRL f2cd577's
+formulas), and the sequence reductions they sit on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compare import assert_rule, leaf
+
+from prefkern.losses import (
+    cpo_loss,
+    ld_sequence_logps,
+    orpo_loss,
+    preference_loss,
+    sequence_reduce,
+    token_sums,
+)
+from prefkern.losses.preference import DPO_LOSS_TYPES
+from prefkern.reference import cpo_loss_ref, orpo_loss_ref, preference_loss_ref
+
+
+def _pairs(b=16, scale=30.0, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 200, (2, b), generator=gen)
+    per_token = -torch.rand(2, b, generator=gen) * 3 - 0.05  # mean log-prob per token
+    policy = per_token * lengths  # chosen, rejected
+    reference = policy + torch.randn(2, b, generator=gen) * scale / 10  # log-ratios ~ scale/10
+    logps = torch.cat([policy, reference])
+    return [t.to(dtype) for t in logps], lengths
+
+
+def _check(fn, ref_fn, logps, n_grad, reduction="mean", **kw):
+    """The loss and the gradients of the first n_grad inputs, against the fp64 reference."""
+    runs = []
+    for f, dtype in ((fn, None), (ref_fn, torch.float64), (ref_fn, None)):
+        xs = [leaf(t, dtype) if i < n_grad else t.to(dtype or t.dtype)
+              for i, t in enumerate(logps)]
+        out = f(*xs, reduction=reduction, **kw)
+        loss = out[0] if isinstance(out, tuple) else out
+        g = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape).to(loss.dtype)
+        (loss * g).sum().backward()
+        # an input the loss does not depend on (sft: the rejected side) has a zero gradient
+        grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in xs[:n_grad]]
+        runs.append([loss.float() if f is fn else loss, *grads])
+    for i, (o, r, b) in enumerate(zip(*runs, strict=True)):
+        assert_rule(o, r, b, f"output {i}", reduction=len(logps[0]))
+    return runs[0]
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+@pytest.mark.parametrize("f_divergence", ["reverse_kl", "forward_kl", "js_divergence",
+                                          "alpha_divergence"])
+def test_dpo_loss_types(loss_type, f_divergence):
+    logps, lengths = _pairs()
+    _check(preference_loss, preference_loss_ref, logps, 4, loss_type=loss_type, beta=0.1,
+           label_smoothing=0.1, f_divergence=f_divergence, chosen_lengths=lengths[0],
+           rejected_lengths=lengths[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mixtures_weights_reductions(reduction):
+    """A list of loss types with weights (TRL's loss_weights), WPO pair weights, fp16 inputs
+    (the alpha-divergence cap of 11), no reference (reference-free)."""
+    logps, lengths = _pairs(dtype=torch.float16, scale=5.0)
+    gen = torch.Generator().manual_seed(3)
+    w_c, w_r = torch.rand(2, 16, generator=gen)
+    kw = dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[1.0, 0.5, 0.2],
+              chosen_lengths=lengths[0], rejected_lengths=lengths[1], chosen_weights=w_c,
+              rejected_weights=w_r, f_divergence="alpha_divergence", f_alpha=0.3)
+    out = _check(preference_loss, preference_loss_ref, logps, 4, reduction, **kw)
+    assert out[0].shape == ((16,) if reduction == "none" else ())
+    _check(preference_loss, preference_loss_ref, logps[:2], 2, reduction, loss_type="hinge")
+
+
+def test_huge_log_ratios_stay_finite():
+    """Log-ratios of hundreds of nats (a policy far from its reference) give finite losses
+    and gradients for the bounded loss types."""
+    logps, lengths = _pairs(scale=3000.0)
+    for loss_type in ("sigmoid", "hinge", "robust", "nca_pair", "bco_pair", "apo_zero",
+                      "apo_down", "aot", "ipo", "sigmoid_norm", "exo_pair"):
+        xs = [leaf(t) for t in logps]
+        loss, metrics = preference_loss(*xs, loss_type=loss_type, label_smoothing=0.1,
+                                        chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+        loss.backward()
+        assert torch.isfinite(loss), loss_type
+        assert all(torch.isfinite(x.grad).all() for x in xs), loss_type
+
+
+def test_metrics_are_trls():
+    logps, lengths = _pairs()
+    _, m = preference_loss(*logps, f_divergence="forward_kl", beta=0.2)
+    c, r = logps[0] - logps[2], logps[1] - logps[3]
+    torch.testing.assert_close(m["rewards/chosen"], (0.2 * c).mean())  # raw log-ratios
+    torch.testing.assert_close(m["rewards/margins"], (0.2 * (c - r)).mean())
+    torch.testing.assert_close(m["rewards/accuracies"], (c > r).float().mean())
+    assert not any(v.requires_grad for v in m.values())
+
+
+@pytest.mark.parametrize("loss_type,alpha", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0),
+                                             ("simpo", 0.0), ("alphapo", 0.25),
+                                             ("sigmoid", 0.1)])
+def test_cpo_simpo_alphapo(loss_type, alpha):
+    logps, lengths = _pairs()
+    _check(cpo_loss, cpo_loss_ref, [logps[0], logps[1], lengths[0], lengths[1]], 2,
+           loss_type=loss_type, alpha=alpha, label_smoothing=0.05, simpo_gamma=0.7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_orpo(reduction):
+    logps, lengths = _pairs()
+    _check(orpo_loss, orpo_loss_ref, [logps[0], logps[1], lengths[0], lengths[1]], 2,
+           reduction, beta=0.2)
+
+
+def test_errors():
+    logps, lengths = _pairs(b=4)
+    with pytest.raises(ValueError, match="not one of"):
+        preference_loss(*logps, loss_type="dpo")
+    with pytest.raises(ValueError, match="need chosen_lengths"):
+        preference_loss(*logps, loss_type="ipo")
+    with pytest.raises(ValueError, match="label_smoothing > 0"):
+        preference_loss(*logps, loss_type="exo_pair")
+    with pytest.raises(ValueError, match="one weight per loss type"):
+        preference_loss(*logps, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match="undefined for aot"):
+        preference_loss(*logps, loss_type="aot", chosen_weights=torch.ones(4),
+                        rejected_weights=torch.ones(4))
+
+
+# ------------------------------------------------------------------------- sequence reductions
+
+def _ragged(b=5, t=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(b, t, generator=gen)
+    lengths = torch.tensor([0, 3, 12, 7, 1])[:b]
+    mask = torch.arange(t)[None] < lengths[:, None]
+    mask[2, :4] = False  # a prompt inside the row
+    return values, mask, lengths
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "constant"])
+def test_packed_equals_padded(reduction):
+    values, mask, lengths = _ragged()
+    x = leaf(values)
+    padded = sequence_reduce(x, mask, reduction=reduction, normalizer=10.0)
+    packed_values = torch.cat([values[i, :lengths[i]] for i in range(5)])
+    packed_mask = torch.cat([mask[i, :lengths[i]] for i in range(5)])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    y = leaf(packed_values)
+    packed = sequence_reduce(y, packed_mask, cu_seqlens=cu, reduction=reduction,
+                             normalizer=10.0)
+    torch.testing.assert_close(packed, padded)
+    g = torch.randn(5)
+    (padded * g).sum().backward()
+    (packed * g).sum().backward()
+    want = torch.cat([x.grad[i, :lengths[i]] for i in range(5)])
+    torch.testing.assert_close(y.grad, want)
+    counts = mask.sum(-1)
+    expected = torch.where(mask, values, 0).sum(-1)
+    if reduction == "mean":
+        expected = expected / counts.clamp(min=1)
+    elif reduction == "constant":
+        expected = expected / 10.0
+    torch.testing.assert_close(padded.detach(), expected)
+    assert torch.equal(token_sums(values, mask)[1], counts)
+
+
+def test_ld_split_is_trls():
+    """TRL's ld_alpha masks (f2cd577): pos = mask.cumsum(1), L = min(len_c, len_r)."""
+    values_c, mask_c, _ = _ragged(seed=1)
+    values_r, mask_r, _ = _ragged(seed=2)
+    mask_r = mask_r.flip(0)
+    chosen, rejected = ld_sequence_logps(values_c, mask_c, values_r, mask_r, 0.4)
+    shared = torch.minimum(mask_c.sum(1), mask_r.sum(1))[:, None]
+    for got, x, m in ((chosen, values_c, mask_c), (rejected, values_r, mask_r)):
+        pos = m.cumsum(1)
+        want = (x * ((pos > 0) & (pos <= shared) & m)).sum(1) + \
+            0.4 * (x * ((pos > shared) & m)).sum(1)
+        torch.testing.assert_close(got, want)
