@@ -56,3 +56,25 @@ class LinearDistillLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearPreferenceLoss(torch.nn.Module):
+    """``module(hidden, weight, targets, cu_seqlens=None, bias=None, ref_logps=None,
+    ref_hidden=None, ref_weight=None, ref_bias=None)`` ==
+    ``prefkern.losses.linear_preference_loss`` with the options given at construction
+    (family, loss_type, beta, ... and the head options). Returns (loss, metrics)."""
+
+    def __init__(self, family: str = "dpo", **options):
+        super().__init__()
+        self.options = dict(family=family, **options)
+
+    def forward(self, hidden, weight, targets, cu_seqlens=None, bias=None, ref_logps=None,
+                ref_hidden=None, ref_weight=None, ref_bias=None):
+        from prefkern.losses.linear_preference import linear_preference_loss
+
+        return linear_preference_loss(hidden, weight, targets, cu_seqlens=cu_seqlens, bias=bias,
+                                      ref_logps=ref_logps, ref_hidden=ref_hidden,
+                                      ref_weight=ref_weight, ref_bias=ref_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

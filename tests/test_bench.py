@@ -52,7 +52,9 @@ def test_bench_cli_tiny(tmp_path, capsys):
     assert {"logprobs=", "dlogits=", "dhidden=", "dweight=", "entropy="} <= {
         c.split("=")[0] + "=" for r in gated for c in r["check"].split()}
     assert data["inputs"] and all("logit_std" in i for i in data["inputs"])
-    assert all(0.05 < i["ignored_frac"] < 0.15 for i in data["inputs"] if i["op"] != "gae")
+    # the preference suite ignores its prompts (a quarter of each row) and ragged ends
+    assert all(0.05 < i["ignored_frac"] < 0.15 for i in data["inputs"]
+               if i["op"] not in ("gae", "preference"))
     (csv_path,) = tmp_path.glob("*_all_tiny.csv")
     with csv_path.open() as f:
         csv_rows = list(csv.DictReader(f))
@@ -392,3 +394,26 @@ def test_divergence_gate_checks_scalar_losses_by_their_gradients():
                              "grad_x1.01": "MISMATCH"}
     assert "divergence=" in rows["per_token"]["check"]
     assert "divergence" not in rows["scalar"]["check"] and "dweight=" in rows["scalar"]["check"]
+
+
+def test_preference_gate_fails_a_wrong_beta():
+    """The preference suite's gate (per-token upstream from the fp64 sequence loss) passes the
+    suite's providers and fails the same loss at beta 0.2."""
+    from prefkern.bench.suites import preference
+
+    (problem,) = preference.problems(CPU, "tiny")
+    hid, wt = problem.cases[0].grad_to_none
+    _, _, targets, ref_hidden = preference._batch(2, 32, 64, 1000, torch.float32, CPU)
+
+    def wrong():
+        loss, _ = prefkern.losses.linear_preference_loss(
+            hid.view(4, 32, 64), wt, targets, ref_hidden=ref_hidden, ref_weight=wt.detach(),
+            beta=0.2, backend="torch")
+        return loss
+
+    problem.cases.append(Case("beta_0.2", preference._as_step(wrong), 1.0, "TFLOP/s",
+                              (hid, wt)))
+    rows = {r["provider"]: r for r in run_problem("preference", problem, CPU, quick=True)
+            if "status" in r}
+    assert rows["torch_eager"]["status"] == "ok" and rows["prefkern"]["status"] == "ok"
+    assert rows["beta_0.2"]["status"] == "MISMATCH"

@@ -1,0 +1,80 @@
+"""Preference losses straight from hidden states and the LM head: per-token log-probs
+(prefkern.linear_logprobs, no (N, V) logits), sequence sums, then the loss.
+
+Layout: TRL's concatenated batch, the B chosen sequences first and the B rejected ones after:
+padded ``hidden`` (2B, T, H) with ``targets`` (2B, T) (``ignore_index`` on prompt and padding
+tokens), or packed ``hidden`` (N, H), ``targets`` (N,) with ``cu_seqlens`` (2B + 1,).
+The reference model's log-probs are given (``ref_logps``: (chosen (B,), rejected (B,))) or
+computed here under no_grad from ``ref_hidden`` / ``ref_weight``.
+
+The path is the two-pass one (DESIGN: a sequence-level loss's per-token gradient is known only
+once the whole sequence's log-prob is): forward GEMM for the log-probs, then a backward that
+recomputes the logits. FLOPs: reference forward 2NHV + policy 2NHV forward + 6NHV backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prefkern.losses.preference import cpo_loss, orpo_loss, preference_loss
+from prefkern.losses.sequence import token_sums
+from prefkern.ops.linear_logprobs import linear_logprobs
+
+FAMILIES = ("dpo", "cpo", "orpo")
+
+
+def _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head: dict):
+    """-> (sums (2B,), completion token counts (2B,)) of the targets' log-probs."""
+    logp = linear_logprobs(hidden, weight, targets, bias, **head)
+    mask = targets != head["ignore_index"]
+    return token_sums(logp, mask, cu_seqlens)
+
+
+def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
+    if t.shape[0] % 2:
+        raise ValueError(f"the batch must hold B chosen then B rejected sequences: got "
+                         f"{t.shape[0]} sequences")
+    return t[: t.shape[0] // 2], t[t.shape[0] // 2:]
+
+
+def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
+                           family: str = "dpo", cu_seqlens: Tensor | None = None,
+                           bias: Tensor | None = None,
+                           ref_logps: tuple[Tensor, Tensor] | None = None,
+                           ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
+                           ref_bias: Tensor | None = None, temperature: float = 1.0,
+                           ignore_index: int = -100, softcap: float | None = None,
+                           logit_scale: float | None = None, backend: str | None = "auto",
+                           **loss_kw):
+    """``family="dpo"``: :func:`prefkern.losses.preference_loss` (every TRL DPO loss type;
+    lengths are filled in from the targets); ``"cpo"``: :func:`cpo_loss` (CPO, SimPO,
+    AlphaPO; reference-free); ``"orpo"``: :func:`orpo_loss` (reference-free). ``loss_kw``
+    go to that function (loss_type, beta, label_smoothing, ...). The reference side of DPO:
+    ``ref_logps`` or ``ref_hidden`` + ``ref_weight`` (its head options are the policy's), or
+    neither (reference-free DPO). Returns (loss, metrics)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    head = dict(temperature=temperature, ignore_index=ignore_index, softcap=softcap,
+                logit_scale=logit_scale, backend=backend)
+    sums, counts = _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head)
+    (chosen, rejected), (len_c, len_r) = _halves(sums), _halves(counts)
+    if family != "dpo":
+        if ref_logps is not None or ref_hidden is not None:
+            raise ValueError(f"{family} is reference-free: pass no reference")
+        fn = cpo_loss if family == "cpo" else orpo_loss
+        return fn(chosen, rejected, len_c, len_r, **loss_kw)
+    ref_chosen = ref_rejected = None
+    if ref_logps is not None and ref_hidden is not None:
+        raise ValueError("pass ref_logps or ref_hidden / ref_weight, not both")
+    if ref_logps is not None:
+        ref_chosen, ref_rejected = ref_logps
+    elif ref_hidden is not None:
+        if ref_weight is None:
+            raise ValueError("ref_hidden needs ref_weight")
+        with torch.no_grad():
+            ref_sums, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
+                                          head)
+        ref_chosen, ref_rejected = _halves(ref_sums)
+    return preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths=len_c,
+                           rejected_lengths=len_r, **loss_kw)
