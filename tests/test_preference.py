@@ -265,3 +265,115 @@ def test_linear_preference_packed_equals_padded():
         grads.append(h.grad if packed else h.grad[:, keep].reshape(-1, 24))
     torch.testing.assert_close(losses[1], losses[0])
     torch.testing.assert_close(grads[1], grads[0])
+
+
+# ------------------------------------------------------ unpaired, TDPO, listwise, regression
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired", "bco", "npo", "simnpo"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_unpaired(loss_type, reduction):
+    from prefkern.losses import unpaired_loss
+    from prefkern.reference import unpaired_loss_ref
+
+    logps, lengths = _pairs()
+    desirable = torch.arange(16) % 3 != 0
+    kl_pol, kl_ref = logps[1] + 2.0, logps[3]
+    kw = dict(loss_type=loss_type, beta=0.2, desirable_weight=1.3, undesirable_weight=0.7,
+              lengths=lengths[0], delta=0.05)
+    if loss_type == "kto":
+        kw["kl_logps"] = (kl_pol, kl_ref)
+
+    def ours(x, ref, reduction):
+        return unpaired_loss(x, ref, desirable, reduction=reduction, **kw)
+
+    def spec(x, ref, reduction):
+        return unpaired_loss_ref(x, ref, desirable, reduction=reduction, **kw)
+
+    _check(ours, spec, [logps[0], logps[2]], 2, reduction)
+    if loss_type == "kto":  # z0 = the clamped mean of the mismatched pairs' log-ratios
+        _, m = unpaired_loss(logps[0], logps[2], desirable, **kw)
+        torch.testing.assert_close(m["kl"], (kl_pol - kl_ref).mean().clamp(min=0))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_tdpo(version):
+    from prefkern.losses import tdpo_loss
+    from prefkern.reference import tdpo_loss_ref
+
+    logps, _ = _pairs()
+    gen = torch.Generator().manual_seed(5)
+    kls = torch.rand(2, 16, generator=gen) * 20
+    _check(tdpo_loss, tdpo_loss_ref, [*logps, kls[0], kls[1]], 6, version=version, beta=0.1,
+           alpha=0.5)
+
+
+def test_hdpo_and_rpo_terms():
+    logps, lengths = _pairs()
+    _check(preference_loss, preference_loss_ref, logps, 4, hdpo_alpha=0.8, rpo_alpha=0.5,
+           chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+    plain, _ = preference_loss(*logps)
+    sharp, _ = preference_loss(*logps, hdpo_alpha=0.8)
+    assert not torch.equal(plain, sharp)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_listwise_and_regression(k):
+    from prefkern.losses import irepo_loss, lipo_lambda_loss, pro_loss, sppo_loss
+    from prefkern.reference import (
+        irepo_loss_ref,
+        lipo_lambda_loss_ref,
+        pro_loss_ref,
+        sppo_loss_ref,
+    )
+
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randn(6, k, generator=gen) * 2
+    labels = torch.randint(0, 4, (6, k), generator=gen).float()
+    _check(lambda s, reduction: pro_loss(s, temperature=0.7, sft_weight=0.1,
+                                         reduction=reduction),
+           lambda s, reduction: pro_loss_ref(s, temperature=0.7, sft_weight=0.1,
+                                             reduction=reduction), [scores], 1)
+    _check(lambda s, reduction: lipo_lambda_loss(s, labels, reduction=reduction),
+           lambda s, reduction: lipo_lambda_loss_ref(s, labels, reduction=reduction),
+           [scores], 1)
+    probs = torch.rand(6, k, generator=gen)
+    _check(lambda s, reduction: sppo_loss(s, probs, eta=2.0, reduction=reduction),
+           lambda s, reduction: sppo_loss_ref(s, probs, eta=2.0, reduction=reduction),
+           [scores], 1)
+    _check(lambda a, b, reduction: irepo_loss(a, b, probs[:, 0], reduction=reduction),
+           lambda a, b, reduction: irepo_loss_ref(a, b, probs[:, 0], reduction=reduction),
+           [scores[:, 0], scores[:, 1]], 2)
+    if k == 2:  # PRO on two responses is DPO's sigmoid loss on the scores
+        torch.testing.assert_close(pro_loss(scores),
+                                   -torch.nn.functional.logsigmoid(scores[:, 0] - scores[:, 1])
+                                   .mean())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_linear_tdpo(backend, version):
+    """TDPO from hidden states: SeqKL from the fused divergence, against the materialized
+    spec (both models' logits, full-vocabulary KL(ref || policy) per token)."""
+    from prefkern.reference import linear_divergence_ref, linear_logprobs_ref, tdpo_loss_ref
+
+    hidden, weight, targets, ref_hidden = _linear_batch(seed=version)
+    mask = targets != -100
+    runs = []
+    for fn, dt in (("ours", None), ("spec", torch.float64), ("spec", None)):
+        h, w = leaf(hidden, dt), leaf(weight, dt)
+        rh = ref_hidden.to(dt or hidden.dtype)
+        if fn == "ours":
+            loss, _ = linear_preference_loss(h, w, targets, family="tdpo", ref_hidden=rh,
+                                             ref_weight=weight, version=version,
+                                             backend=backend)
+        else:
+            logp = torch.where(mask, linear_logprobs_ref(h, w, targets), 0).sum(-1)
+            with torch.no_grad():
+                ref = torch.where(mask, linear_logprobs_ref(rh, w.detach(), targets), 0).sum(-1)
+            kl = linear_divergence_ref(h, w, rh, w.detach(), targets, kind="forward_kl").sum(-1)
+            loss = tdpo_loss_ref(logp[:3], logp[3:], ref[:3], ref[3:], kl[:3], kl[3:],
+                                 version=version)
+        loss.backward()
+        runs.append((loss, h.grad, w.grad))
+    for name, o, r, b in zip(("loss", "dhidden", "dweight"), *runs, strict=True):
+        assert_rule(o, r, b, name, reduction=120 * 20)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefkern.losses.preference import cpo_loss, orpo_loss, preference_loss
+from prefkern.losses.preference import cpo_loss, orpo_loss, preference_loss, tdpo_loss
 from prefkern.losses.sequence import token_sums
+from prefkern.ops.linear_divergence import linear_divergence
 from prefkern.ops.linear_logprobs import linear_logprobs
 
-FAMILIES = ("dpo", "cpo", "orpo")
+FAMILIES = ("dpo", "cpo", "orpo", "tdpo")
 
 
 def _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head: dict):
@@ -49,7 +50,10 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                            **loss_kw):
     """``family="dpo"``: :func:`prefkern.losses.preference_loss` (every TRL DPO loss type;
     lengths are filled in from the targets); ``"cpo"``: :func:`cpo_loss` (CPO, SimPO,
-    AlphaPO; reference-free); ``"orpo"``: :func:`orpo_loss` (reference-free). ``loss_kw``
+    AlphaPO; reference-free); ``"orpo"``: :func:`orpo_loss` (reference-free); ``"tdpo"``:
+    :func:`tdpo_loss` with each sequence's SeqKL = sum_t KL(ref || policy) from
+    prefkern.linear_divergence (needs ref_hidden / ref_weight; the policy's log-probs come
+    from the same pass). ``loss_kw``
     go to that function (loss_type, beta, label_smoothing, ...). The reference side of DPO:
     ``ref_logps`` or ``ref_hidden`` + ``ref_weight`` (its head options are the policy's), or
     neither (reference-free DPO). Returns (loss, metrics)."""
@@ -57,6 +61,9 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     head = dict(temperature=temperature, ignore_index=ignore_index, softcap=softcap,
                 logit_scale=logit_scale, backend=backend)
+    if family == "tdpo":
+        return _tdpo(hidden, weight, targets, cu_seqlens, bias, ref_hidden, ref_weight,
+                     ref_bias, head, loss_kw)
     sums, counts = _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head)
     (chosen, rejected), (len_c, len_r) = _halves(sums), _halves(counts)
     if family != "dpo":
@@ -78,3 +85,24 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         ref_chosen, ref_rejected = _halves(ref_sums)
     return preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths=len_c,
                            rejected_lengths=len_r, **loss_kw)
+
+
+def _tdpo(hidden, weight, targets, cu_seqlens, bias, ref_hidden, ref_weight, ref_bias, head,
+          loss_kw):
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("tdpo needs ref_hidden and ref_weight (its KL is over the vocabulary)")
+    out = linear_divergence(hidden, weight, ref_hidden, ref_weight, targets, kind="forward_kl",
+                            temperature=head["temperature"], ignore_index=head["ignore_index"],
+                            bias=bias, ref_bias=ref_bias, softcap=head["softcap"],
+                            logit_scale=head["logit_scale"], ref_softcap=head["softcap"],
+                            ref_logit_scale=head["logit_scale"], return_logprobs=True,
+                            backend=head["backend"])
+    mask = targets != head["ignore_index"]
+    kl_sums, _ = token_sums(out.divergence, mask, cu_seqlens)
+    sums, _ = token_sums(out.logprobs, mask, cu_seqlens)
+    with torch.no_grad():
+        ref_sums, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
+                                      head)
+    (chosen, rejected), (ref_c, ref_r) = _halves(sums), _halves(ref_sums)
+    kl_c, kl_r = _halves(kl_sums)
+    return tdpo_loss(chosen, rejected, ref_c, ref_r, kl_c, kl_r, **loss_kw)

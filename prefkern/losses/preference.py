@@ -106,6 +106,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
                     f_alpha: float = 0.5, discopop_tau: float = 0.05,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
                     chosen_weights: Tensor | None = None, rejected_weights: Tensor | None = None,
+                    hdpo_alpha: float = 1.0, rpo_alpha: float | None = None,
                     reduction: str = "mean"):
     """TRL's DPO loss family on sequence log-probs (sums over completion tokens), (B,) each.
 
@@ -129,7 +130,10 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
       sft           the chosen NLL per token: -sum(chosen) / sum(len_c)   (lengths required)
     ``loss_type`` a list: ``sum_i loss_weights[i] * reduce(loss_i)``. WPO (``use_weighting``):
     each pair's loss times ``chosen_weights * rejected_weights`` (detached; TRL's weight is
-    ``exp(mean_t(logp_t - log sum_v p_v^2))`` over the completion). ``reduction``: mean (TRL),
+    ``exp(mean_t(logp_t - log sum_v p_v^2))`` over the completion). ``hdpo_alpha`` (H-DPO,
+    Omura et al. 2024): c = alpha * chosen - ref_chosen (and r likewise; alpha < 1 sharpens).
+    ``rpo_alpha`` (RPO / IRPO, as TRL < 0.29 did): adds rpo_alpha times the chosen NLL per
+    token, -sum(chosen) / sum(len_c), to every pair's loss. ``reduction``: mean (TRL),
     sum or none (per pair). Returns (loss fp32, metrics) with TRL's metrics, detached:
     rewards/chosen = b c, rewards/rejected = b r (raw log-ratios), rewards/margins,
     rewards/accuracies, logps/chosen, logps/rejected (batch means).
@@ -147,7 +151,8 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if chosen_logps.shape != rejected_logps.shape or chosen_logps.dim() != 1:
         raise ValueError("chosen_logps and rejected_logps must both be (B,)")
-    needs_lengths = {"ipo", "sigmoid_norm", "sft"} & set(kinds)
+    needs_lengths = ({"ipo", "sigmoid_norm", "sft"} & set(kinds)) | (
+        {"rpo"} if rpo_alpha is not None else set())
     if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"loss types {sorted(needs_lengths)} need chosen_lengths and "
                          "rejected_lengths (completion token counts)")
@@ -160,7 +165,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
     zero = torch.zeros_like(chosen)
     ref_chosen = zero if ref_chosen_logps is None else _f64(ref_chosen_logps)
     ref_rejected = zero if ref_rejected_logps is None else _f64(ref_rejected_logps)
-    c, r = chosen - ref_chosen, rejected - ref_rejected
+    c, r = hdpo_alpha * chosen - ref_chosen, hdpo_alpha * rejected - ref_rejected
     s_c, s_r = (f_score(x, f_divergence, f_alpha, dtype) for x in (c, r))
     lengths = None if chosen_lengths is None else (_f64(chosen_lengths), _f64(rejected_lengths))
     sft_nll = None
@@ -174,6 +179,8 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
         losses = _dpo_losses(kind, c, r, s_c - s_r, s_c, s_r,
                              (chosen, rejected, ref_chosen, ref_rejected), beta,
                              label_smoothing, discopop_tau, lengths, sft_nll)
+        if rpo_alpha is not None:
+            losses = losses + rpo_alpha * sft_nll
         if pair_weight is not None:
             losses = losses * pair_weight
         term = weight * _reduce(losses, reduction)
@@ -275,3 +282,103 @@ def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tens
                "log_odds_chosen": log_odds.detach().mean().float(),
                "nll_loss": nll.detach().float()}
     return loss.float(), metrics
+
+
+UNPAIRED_LOSS_TYPES = ("kto", "apo_zero_unpaired", "bco", "npo", "simnpo")
+
+
+def unpaired_loss(logps: Tensor, ref_logps: Tensor | None, desirable: Tensor, *,
+                  loss_type: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
+                  undesirable_weight: float = 1.0, kl: Tensor | float | None = None,
+                  kl_logps: tuple[Tensor, Tensor] | None = None, delta: Tensor | float = 0.0,
+                  lengths: Tensor | None = None, simnpo_gamma: float = 0.0,
+                  reduction: str = "mean"):
+    """Losses on single responses labelled desirable (True) or undesirable, with Delta =
+    logps - ref_logps (sums over completion tokens):
+      kto                desirable: 1 - sigmoid(b (Delta - z0)); undesirable: 1 - sigmoid(b (z0 -
+                         Delta)); z0 = ``kl`` or, from ``kl_logps`` (policy and reference
+                         log-probs of mismatched prompt/completion pairs),
+                         ``(policy - ref).mean().clamp(min=0)``, detached (TRL KTOTrainer;
+                         Ethayarajh et al. 2024)
+      apo_zero_unpaired  desirable: 1 - sigmoid(b Delta); undesirable: sigmoid(b Delta)
+      bco                desirable: -logsigmoid(b Delta - delta); undesirable:
+                         -logsigmoid(-(b Delta - delta)); ``delta`` the running mean of the
+                         rewards b Delta, kept by the caller (e.g. prefkern.RunningMoments)
+      npo                every response is to forget: -(2 / b) logsigmoid(-b Delta)
+                         (Zhang et al. 2024)
+      simnpo             reference-free: -(2 / b) logsigmoid(-(b / |y|) logps - gamma)
+                         (Fan et al. 2024; ``lengths`` required)
+    Desirable and undesirable losses are scaled by their weights; ``reduction`` mean / sum /
+    none over the responses. Returns (loss fp32, metrics: rewards of each class, kl)."""
+    if loss_type not in UNPAIRED_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {UNPAIRED_LOSS_TYPES}, got {loss_type!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if desirable.shape != logps.shape or desirable.dtype != torch.bool:
+        raise ValueError("desirable must be a bool tensor shaped like logps")
+    x = _f64(logps)
+    delta_theta = x if ref_logps is None else x - _f64(ref_logps)
+    z0 = torch.zeros((), dtype=torch.float64, device=x.device)
+    if loss_type == "kto":
+        if kl_logps is not None:
+            z0 = (_f64(kl_logps[0]) - _f64(kl_logps[1])).mean().clamp(min=0)
+        elif kl is not None:
+            z0 = torch.as_tensor(kl, dtype=torch.float64, device=x.device)
+        z0 = z0.detach()
+        good = 1 - torch.sigmoid(beta * (delta_theta - z0))
+        bad = 1 - torch.sigmoid(beta * (z0 - delta_theta))
+    elif loss_type == "apo_zero_unpaired":
+        good = 1 - torch.sigmoid(beta * delta_theta)
+        bad = torch.sigmoid(beta * delta_theta)
+    elif loss_type == "bco":
+        shift = torch.as_tensor(delta, dtype=torch.float64, device=x.device).detach()
+        good = -F.logsigmoid(beta * delta_theta - shift)
+        bad = -F.logsigmoid(-(beta * delta_theta - shift))
+    elif loss_type == "npo":
+        good = bad = -(2 / beta) * F.logsigmoid(-beta * delta_theta)
+    else:
+        if lengths is None:
+            raise ValueError("simnpo needs lengths (completion token counts)")
+        mean = x / _f64(lengths).clamp(min=1)
+        good = bad = -(2 / beta) * F.logsigmoid(-beta * mean - simnpo_gamma)
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+    rewards = (beta * delta_theta).detach()
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    n_good, n_bad = desirable.sum().clamp(min=1), (~desirable).sum().clamp(min=1)
+    metrics = {"rewards/chosen": (torch.where(desirable, rewards, zero).sum() / n_good).float(),
+               "rewards/rejected": (torch.where(desirable, zero, rewards).sum() / n_bad).float(),
+               "kl": z0.float()}
+    return _reduce(losses, reduction).float(), metrics
+
+
+def tdpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
+              ref_rejected_logps: Tensor, chosen_seq_kl: Tensor, rejected_seq_kl: Tensor, *,
+              version: int = 2, beta: float = 0.1, alpha: float = 0.5, reduction: str = "mean"):
+    """TDPO (Zeng et al. 2024, "Token-level Direct Preference Optimization"; reference code
+    Vance0124/Token-level-Direct-Preference-Optimization trainers.py). With Delta_w, Delta_l
+    the sequence log-ratios and SeqKL(y) = sum_t KL(ref(.|s_t) || policy(.|s_t)) over the
+    response tokens (prefkern.linear_divergence kind="forward_kl", summed per sequence):
+      v1  -logsigmoid(b ((Delta_w - Delta_l) - (SeqKL_l - SeqKL_w)))
+      v2  -logsigmoid(b ((Delta_w - Delta_l) - alpha (SeqKL_l - sg(SeqKL_w))))
+    Returns (loss fp32, metrics: rewards b (Delta + SeqKL) of each side, detached, their
+    margin and accuracy, the mean SeqKL of each side)."""
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    d_w = _f64(chosen_logps) - _f64(ref_chosen_logps)
+    d_l = _f64(rejected_logps) - _f64(ref_rejected_logps)
+    kl_w, kl_l = _f64(chosen_seq_kl), _f64(rejected_seq_kl)
+    if version == 1:
+        logits = (d_w - d_l) - (kl_l - kl_w)
+    else:
+        logits = (d_w - d_l) - alpha * (kl_l - kl_w.detach())
+    losses = -F.logsigmoid(beta * logits)
+    rewards_c, rewards_r = (beta * (d_w + kl_w)).detach(), (beta * (d_l + kl_l)).detach()
+    metrics = {"rewards/chosen": rewards_c.mean().float(),
+               "rewards/rejected": rewards_r.mean().float(),
+               "rewards/margins": (rewards_c - rewards_r).mean().float(),
+               "rewards/accuracies": (rewards_c > rewards_r).float().mean(),
+               "kl/chosen": kl_w.detach().mean().float(),
+               "kl/rejected": kl_l.detach().mean().float()}
+    return _reduce(losses, reduction).float(), metrics

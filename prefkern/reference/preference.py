@@ -71,14 +71,16 @@ def preference_loss_ref(chosen_logps, rejected_logps, ref_chosen_logps=None,
                         ref_rejected_logps=None, *, loss_type="sigmoid", loss_weights=None,
                         beta=0.1, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=0.5,
                         discopop_tau=0.05, chosen_lengths=None, rejected_lengths=None,
-                        chosen_weights=None, rejected_weights=None, reduction="mean"):
+                        chosen_weights=None, rejected_weights=None, hdpo_alpha=1.0,
+                        rpo_alpha=None, reduction="mean"):
     """-> the loss of :func:`prefkern.losses.preference_loss` (metrics not included)."""
     dtype = chosen_logps.dtype
     d64 = lambda t: None if t is None else t.double()  # noqa: E731
     ch, rj = d64(chosen_logps), d64(rejected_logps)
     rc = torch.zeros_like(ch) if ref_chosen_logps is None else d64(ref_chosen_logps)
     rr = torch.zeros_like(rj) if ref_rejected_logps is None else d64(ref_rejected_logps)
-    sc, sr = (_score(x, f_divergence, f_alpha, dtype) for x in (ch - rc, rj - rr))
+    sc, sr = (_score(x, f_divergence, f_alpha, dtype)
+              for x in (hdpo_alpha * ch - rc, hdpo_alpha * rj - rr))
     lc, lr = d64(chosen_lengths), d64(rejected_lengths)
     kinds = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = loss_weights or [1.0] * len(kinds)
@@ -86,6 +88,8 @@ def preference_loss_ref(chosen_logps, rejected_logps, ref_chosen_logps=None,
     total = 0
     for kind, w in zip(kinds, weights, strict=True):
         losses = table[kind](ch, rj, rc, rr, sc, sr, lc, lr)
+        if rpo_alpha is not None:
+            losses = losses + rpo_alpha * (-ch.sum() / lc.sum().clamp(min=1))
         if chosen_weights is not None:
             losses = losses * (d64(chosen_weights) * d64(rejected_weights)).detach()
         total = total + w * {"mean": losses.mean, "sum": losses.sum,
@@ -130,3 +134,82 @@ def orpo_loss_ref(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
     ratio = _LS(log_odds)
     reduced = {"mean": ratio.mean(), "sum": ratio.sum(), "none": ratio}[reduction]
     return nll - beta * reduced
+
+
+def _reduced(losses, reduction):
+    return {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+
+
+def unpaired_loss_ref(logps, ref_logps, desirable, *, loss_type="kto", beta=0.1,
+                      desirable_weight=1.0, undesirable_weight=1.0, kl=None, kl_logps=None,
+                      delta=0.0, lengths=None, simnpo_gamma=0.0, reduction="mean"):
+    x = logps.double()
+    d = x if ref_logps is None else x - ref_logps.double()
+    if loss_type == "kto":
+        z0 = torch.zeros((), dtype=torch.float64)
+        if kl_logps is not None:
+            z0 = torch.clamp((kl_logps[0].double() - kl_logps[1].double()).mean(), min=0)
+        elif kl is not None:
+            z0 = torch.tensor(float(kl), dtype=torch.float64)
+        z0 = z0.detach()
+        good, bad = 1 - torch.sigmoid(beta * (d - z0)), 1 - torch.sigmoid(beta * (z0 - d))
+    elif loss_type == "apo_zero_unpaired":
+        good, bad = 1 - torch.sigmoid(beta * d), torch.sigmoid(beta * d)
+    elif loss_type == "bco":
+        good, bad = -_LS(beta * d - delta), -_LS(-(beta * d - delta))
+    elif loss_type == "npo":
+        good = bad = -(2 / beta) * _LS(-beta * d)
+    else:  # simnpo
+        good = bad = -(2 / beta) * _LS(-beta * x / lengths.double() - simnpo_gamma)
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+    return _reduced(losses, reduction)
+
+
+def tdpo_loss_ref(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_seq_kl, rejected_seq_kl, *, version=2, beta=0.1, alpha=0.5,
+                  reduction="mean"):
+    margin = (chosen_logps.double() - ref_chosen_logps.double()) - \
+        (rejected_logps.double() - ref_rejected_logps.double())
+    kl_w, kl_l = chosen_seq_kl.double(), rejected_seq_kl.double()
+    if version == 1:
+        logits = margin - (kl_l - kl_w)
+    else:
+        logits = margin - alpha * (kl_l - kl_w.detach())
+    return _reduced(-_LS(beta * logits), reduction)
+
+
+def pro_loss_ref(scores, *, temperature=1.0, sft_weight=0.0, reduction="mean"):
+    z = scores.double() / temperature
+    k = z.shape[1]
+    losses = sum(-(z[:, i] - torch.logsumexp(z[:, i:], -1)) for i in range(k - 1))
+    return _reduced(losses - sft_weight * scores.double()[:, 0], reduction)
+
+
+def lipo_lambda_loss_ref(scores, labels, *, reduction="mean"):
+    s, psi = scores.double(), labels.double()
+    b, k = s.shape
+    out = []
+    for row in range(b):
+        order = sorted(range(k), key=lambda i: -s[row, i].item())
+        tau = {i: order.index(i) + 1 for i in range(k)}
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(k):
+            for j in range(k):
+                if psi[row, i] > psi[row, j]:
+                    gain = abs((2 ** psi[row, i] - 1) - (2 ** psi[row, j] - 1))
+                    disc = abs(1 / math.log2(1 + tau[i]) - 1 / math.log2(1 + tau[j]))
+                    total = total + gain * disc * torch.log1p(torch.exp(-(s[row, i] - s[row, j])))
+        out.append(total)
+    return _reduced(torch.stack(out), reduction)
+
+
+def sppo_loss_ref(logratios, win_probs, *, eta=1000.0, reduction="mean"):
+    return _reduced((logratios.double() - eta * (win_probs.double() - 0.5)) ** 2, reduction)
+
+
+def irepo_loss_ref(chosen_logratios, rejected_logratios, pref_probs, *, beta=0.1, eps=1e-6,
+                   reduction="mean"):
+    p = torch.clamp(pref_probs.double(), eps, 1 - eps)
+    target = torch.log(p / (1 - p))
+    diff = chosen_logratios.double() - rejected_logratios.double()
+    return _reduced((beta * diff - target) ** 2, reduction)
