@@ -78,3 +78,24 @@ class LinearPreferenceLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearPolicyLoss(torch.nn.Module):
+    """``module(hidden, weight, targets, old_logprobs, advantages, mask=None, bias=None,
+    **per_call)`` == ``prefkern.losses.linear_policy_loss`` with the options given at
+    construction (loss_type, eps_low, agg, kl and entropy settings, head options). Per-call
+    keywords (ref_logprobs, is_weights, normalizer) override. Returns (loss, metrics)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, hidden, weight, targets, old_logprobs, advantages, mask=None, bias=None,
+                **per_call):
+        from prefkern.losses.policy import linear_policy_loss
+
+        return linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask=mask,
+                                  bias=bias, **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

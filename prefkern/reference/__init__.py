@@ -15,6 +15,7 @@ from prefkern.reference.divergence import linear_divergence_ref, logits_divergen
 from prefkern.reference.kl import kl_estimate_ref
 from prefkern.reference.logprobs import linear_logprobs_ref, logprobs_from_logits_ref
 from prefkern.reference.losses import distill_loss_ref, topk_forward_kl_ref
+from prefkern.reference.policy import agg_loss_ref, policy_loss_ref, value_loss_ref
 from prefkern.reference.preference import (
     cpo_loss_ref,
     irepo_loss_ref,
@@ -27,9 +28,10 @@ from prefkern.reference.preference import (
     unpaired_loss_ref,
 )
 
-__all__ = ["cpo_loss_ref", "distill_loss_ref", "gae_ref", "group_advantages_ref",
-           "irepo_loss_ref", "kl_estimate_ref", "kl_penalized_rewards_ref",
-           "linear_divergence_ref", "linear_logprobs_ref", "lipo_lambda_loss_ref",
-           "logits_divergence_ref", "logprobs_from_logits_ref", "masked_whiten_ref",
-           "normalize_rewards_ref", "orpo_loss_ref", "preference_loss_ref", "pro_loss_ref",
-           "sppo_loss_ref", "tdpo_loss_ref", "topk_forward_kl_ref", "unpaired_loss_ref"]
+__all__ = ["agg_loss_ref", "cpo_loss_ref", "distill_loss_ref", "gae_ref",
+           "group_advantages_ref", "irepo_loss_ref", "kl_estimate_ref",
+           "kl_penalized_rewards_ref", "linear_divergence_ref", "linear_logprobs_ref",
+           "lipo_lambda_loss_ref", "logits_divergence_ref", "logprobs_from_logits_ref",
+           "masked_whiten_ref", "normalize_rewards_ref", "orpo_loss_ref", "policy_loss_ref",
+           "preference_loss_ref", "pro_loss_ref", "sppo_loss_ref", "tdpo_loss_ref",
+           "topk_forward_kl_ref", "unpaired_loss_ref", "value_loss_ref"]

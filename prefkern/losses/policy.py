@@ -1,0 +1,212 @@
+"""Policy-gradient losses on per-token log-probs (padded (B, T) + mask), with verl's and TRL's
+semantics side by side (verl-project/verl core_algos.py ``compute_policy_loss_*`` and
+``agg_loss``; huggingface/trl f2cd577 grpo_trainer.py ``_compute_loss``). The aggregation
+normalizers that span gradient accumulation or data-parallel ranks are arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prefkern.ops.kl_estimate import kl_estimate
+
+SURROGATES = ("ppo", "gspo", "cispo", "sapo", "gpg")
+# TRL's loss_type names: the PPO surrogate with their aggregation
+TRL_ALIASES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean",
+               "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean"}
+AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                "seq-mean-token-sum-norm")
+FORCED_AGG = {"gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean"}
+
+
+def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean",
+              normalizer: float | Tensor | None = None,
+              loss_scale_factor: float | None = None) -> Tensor:
+    """verl's ``agg_loss`` on (B, T) per-token values (mask bool):
+      token-mean               sum(L m) / normalizer (default: the local token count, >= 1)
+      token-sum                sum(L m)
+      seq-mean-token-sum       sum_b sum_t L m / normalizer (default: B)
+      seq-mean-token-mean      sum_b (sum_t L m / max(n_b, 1)) / normalizer (default: B)
+      seq-mean-token-sum-norm  seq-mean-token-sum / loss_scale_factor (default: T), Dr.GRPO's
+                               sum / (B * max_completion_length)
+    ``normalizer``: the global token count (token-mean) or sequence count (seq-mean-*) when
+    the loss spans gradient accumulation or ranks (a number or a tensor: no host sync)."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    masked = torch.where(mask, loss_mat, 0)
+    if agg == "token-sum":
+        return masked.sum()
+    if agg == "token-mean":
+        count = mask.sum().clamp(min=1).to(masked.dtype) if normalizer is None else normalizer
+        return masked.sum() / count
+    seqs = loss_mat.shape[0] if normalizer is None else normalizer
+    per_seq = masked.sum(-1)
+    if agg == "seq-mean-token-mean":
+        per_seq = per_seq / mask.sum(-1).clamp(min=1).to(masked.dtype)
+    out = per_seq.sum() / seqs
+    if agg == "seq-mean-token-sum-norm":
+        out = out / (loss_mat.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return out
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                loss_type: str = "ppo", eps_low: float = 0.2, eps_high: float | None = None,
+                dual_clip: float | None = None, delta: float | None = None,
+                ratio_log_clamp: float | None = 20.0, gspo_form: str = "verl",
+                cispo_form: str = "verl", tau_pos: float = 1.0, tau_neg: float = 1.05,
+                agg: str | None = None, normalizer: float | Tensor | None = None,
+                loss_scale_factor: float | None = None, is_weights: Tensor | None = None,
+                ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                kl_input_clamp: float | None = 20.0, kl_output_clamp="auto",
+                entropy: Tensor | None = None, entropy_coef: float = 0.0):
+    """Per-token policy-gradient loss, aggregated. logprobs, old_logprobs, mask (B, T);
+    advantages (B, T) or per sequence (B,). With x = logp - old (clamped to
+    +-``ratio_log_clamp``: verl's and OpenRLHF's 20; None for TRL), r = exp(x), A the
+    advantages, eps_high defaulting to eps_low (GSPO never clamps x, in either trainer):
+      ppo (and TRL's grpo, bnpo, dr_grpo, dapo, which only pick the aggregation)
+          max(-A r, -A clamp(r, 1 - eps_low, 1 + eps_high)), r first capped at ``delta``
+          (TRL's two-sided clip); ``dual_clip`` c (verl clip_ratio_c, e.g. 3): where A < 0,
+          min(that, -A c)
+      gspo  sequence-level ratio s = exp(masked mean of x), PPO-clipped, aggregated by
+          seq-mean-token-mean; ``gspo_form="verl"``: log s_t = logp - sg(logp) + sg(mean x)
+          capped at 10 (the token's own gradient); ``"trl"`` (importance_sampling_level=
+          "sequence"): the gradient flows through the mean
+      cispo  -sg(w) A logp: ``cispo_form="verl"`` w = clamp(r, 1 - eps_low, 1 + eps_high);
+          ``"trl"`` w = min(r, eps_high), an absolute one-sided cap (TRL recommends 5)
+      sapo  -(4 / tau) sigmoid(tau (r - 1)) A, tau = tau_pos where A > 0 else tau_neg
+      gpg   -A logp (REINFORCE)
+    Then times ``is_weights`` ((B, T) or (B,), detached: rollout importance weights), plus
+    ``kl_coef * kl_estimate(logp, ref_logprobs, kl_kind, ...)`` per token, aggregated with
+    :func:`aggregate` (``agg`` None: the loss type's own), minus ``entropy_coef`` times the
+    aggregated ``entropy``.
+    Returns (loss, metrics): clip fractions (pg_clipfrac, pg_clipfrac_lower for the dual
+    clip), approx_kl = mean(old - logp), ratio mean/max/min, kl and entropy means; detached.
+    """
+    kind = loss_type
+    if kind in TRL_ALIASES:
+        agg = agg or TRL_ALIASES[kind]
+        kind = "ppo"
+    if kind not in SURROGATES:
+        raise ValueError(f"loss_type must be one of {SURROGATES + tuple(TRL_ALIASES)}, got "
+                         f"{loss_type!r}")
+    agg = agg or FORCED_AGG.get(kind, "token-mean")
+    if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
+        raise ValueError("logprobs, old_logprobs and mask must all be (B, T)")
+    if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
+        raise ValueError("advantages must be (B, T) or (B,)")
+    if gspo_form not in ("verl", "trl") or cispo_form not in ("verl", "trl"):
+        raise ValueError("gspo_form and cispo_form are 'verl' or 'trl'")
+    mask = mask.bool()
+    eps_high = eps_low if eps_high is None else eps_high
+    logp = logprobs.float()
+    old = old_logprobs.float().detach()
+    adv = advantages.float().detach()
+    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv
+    x = logp - old
+    if ratio_log_clamp is not None and kind != "gspo":  # GSPO's mean is of the raw log-ratio
+        x = x.clamp(-ratio_log_clamp, ratio_log_clamp)
+    metrics = {}
+    if kind == "gspo":
+        seq_x = torch.where(mask, x, 0).sum(-1, keepdim=True) / \
+            mask.sum(-1, keepdim=True).clamp(min=1)
+        if gspo_form == "verl":
+            log_s = (logp - logp.detach() + seq_x.detach()).clamp(max=10.0)
+        else:
+            log_s = seq_x.expand_as(logp)
+        x = log_s
+    ratio = torch.exp(x)
+    if kind in ("ppo", "gspo"):
+        if delta is not None:
+            ratio = ratio.clamp(max=delta)
+        loss1 = -adv * ratio
+        loss2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+        clipped = torch.maximum(loss1, loss2)
+        metrics["pg_clipfrac"] = _masked_mean((loss2 > loss1).float(), mask)
+        per_token = clipped
+        if dual_clip is not None:
+            loss3 = -adv * dual_clip
+            lower = torch.minimum(loss3, clipped)
+            per_token = torch.where(adv < 0, lower, clipped)
+            metrics["pg_clipfrac_lower"] = _masked_mean(
+                ((clipped > loss3) & (adv < 0)).float(), mask)
+    elif kind == "cispo":
+        weight = ratio.clamp(1 - eps_low, 1 + eps_high) if cispo_form == "verl" else \
+            ratio.clamp(max=eps_high)
+        per_token = -weight.detach() * adv * logp
+        metrics["pg_clipfrac"] = _masked_mean((weight != ratio).float(), mask)
+    elif kind == "sapo":
+        tau = torch.where(adv > 0, tau_pos, tau_neg)
+        per_token = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv
+    else:
+        per_token = -adv * logp
+    if is_weights is not None:
+        w = is_weights.float().detach()
+        per_token = per_token * (w[:, None] if w.dim() == 1 else w)
+    if ref_logprobs is not None and kl_coef != 0.0:
+        kl = kl_estimate(logprobs, ref_logprobs, kl_kind, input_clamp=kl_input_clamp,
+                         output_clamp=kl_output_clamp).float()
+        per_token = per_token + kl_coef * kl
+        metrics["kl"] = _masked_mean(kl.detach(), mask)
+    loss = aggregate(per_token, mask, agg, normalizer, loss_scale_factor)
+    if entropy is not None and entropy_coef != 0.0:
+        loss = loss - entropy_coef * aggregate(entropy.float(), mask, agg, normalizer,
+                                               loss_scale_factor)
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy.detach().float(), mask)
+    r = ratio.detach()
+    big = torch.finfo(r.dtype).max
+    metrics.update(approx_kl=_masked_mean((old - logp).detach(), mask),
+                   ratio_mean=_masked_mean(r, mask),
+                   ratio_max=torch.where(mask, r, -big).max(),
+                   ratio_min=torch.where(mask, r, big).min())
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
+               clip: float | None = 0.2, agg: str = "token-mean",
+               normalizer: float | Tensor | None = None,
+               loss_scale_factor: float | None = None):
+    """PPO's clipped value loss (verl compute_value_loss, OpenRLHF ValueLoss):
+    ``0.5 * agg(max((v - R)^2, (v_clip - R)^2))`` with ``v_clip = old + clamp(v - old, -clip,
+    clip)`` (clip None: the plain squared error). Returns (loss, {"vf_clipfrac"})."""
+    v, old, ret = values.float(), old_values.float().detach(), returns.float().detach()
+    mask = mask.bool()
+    err = (v - ret) ** 2
+    if clip is None:
+        per_token = err
+        frac = torch.zeros((), device=v.device)
+    else:
+        v_clip = old + (v - old).clamp(-clip, clip)
+        err_clip = (v_clip - ret) ** 2
+        per_token = torch.maximum(err, err_clip)
+        frac = _masked_mean((err_clip > err).float(), mask)
+    loss = 0.5 * aggregate(per_token, mask, agg, normalizer, loss_scale_factor)
+    return loss, {"vf_clipfrac": frac.detach()}
+
+
+
+def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor,
+                       advantages: Tensor, *, mask: Tensor | None = None,
+                       bias: Tensor | None = None, temperature: float = 1.0,
+                       ignore_index: int = -100, softcap: float | None = None,
+                       logit_scale: float | None = None, backend: str | None = "auto",
+                       **loss_kw):
+    """:func:`policy_loss` on log-probs (and, when the entropy bonus or its metric is on,
+    entropies) computed from hidden states (B, T, H) and the LM head by
+    prefkern.linear_logprobs: no logits. ``mask`` defaults to ``targets != ignore_index``.
+    The two-pass path (a recomputing backward); the gradient-in-the-forward path for
+    per-token losses is not implemented yet. Returns (loss, metrics)."""
+    from prefkern.ops.linear_logprobs import linear_logprobs
+
+    want_entropy = loss_kw.get("entropy_coef", 0.0) != 0.0
+    out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
+                          ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
+                          return_entropy=want_entropy, backend=backend)
+    logp, entropy = (out.logprobs, out.entropy) if want_entropy else (out, None)
+    mask = targets != ignore_index if mask is None else mask
+    return policy_loss(logp, old_logprobs, advantages, mask, entropy=entropy, **loss_kw)

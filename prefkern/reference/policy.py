@@ -1,0 +1,105 @@
+"""Reference policy-gradient and value losses, float64, transcribed from the trainers' code:
+verl-project/verl 1dda039 (verl/trainer/ppo/core_algos.py: compute_policy_loss_vanilla,
+_gspo, _cispo, _sapo, _gpg, agg_loss, compute_value_loss) and huggingface/trl f2cd577
+(trl/trainer/grpo_trainer.py ``_compute_loss``)."""
+
+from __future__ import annotations
+
+import torch
+
+from prefkern.reference.kl import kl_estimate_ref
+
+
+def agg_loss_ref(loss_mat, mask, mode, normalizer=None, loss_scale_factor=None):
+    m = mask.double()
+    if mode == "token-sum":
+        return (loss_mat * m).sum()
+    if mode == "token-mean":
+        return (loss_mat * m).sum() / (m.sum().clamp(min=1) if normalizer is None else normalizer)
+    b = loss_mat.shape[0] if normalizer is None else normalizer
+    seq = (loss_mat * m).sum(-1)
+    if mode == "seq-mean-token-mean":
+        seq = seq / m.sum(-1).clamp(min=1)
+    out = seq.sum() / b
+    if mode == "seq-mean-token-sum-norm":
+        out = out / (loss_mat.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return out
+
+
+def _defaults(loss_type, agg):
+    trl = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean",
+           "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean"}
+    if loss_type in trl:
+        return "ppo", agg or trl[loss_type]
+    return loss_type, agg or {"gspo": "seq-mean-token-mean",
+                              "sapo": "seq-mean-token-mean"}.get(loss_type, "token-mean")
+
+
+def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo", eps_low=0.2,
+                    eps_high=None, dual_clip=None, delta=None, ratio_log_clamp=20.0,
+                    gspo_form="verl", cispo_form="verl", tau_pos=1.0, tau_neg=1.05, agg=None,
+                    normalizer=None, loss_scale_factor=None, is_weights=None,
+                    ref_logprobs=None, kl_coef=0.0, kl_kind="k3", kl_input_clamp=20.0,
+                    kl_output_clamp="auto", entropy=None, entropy_coef=0.0):
+    """-> the loss of :func:`prefkern.losses.policy_loss` (metrics not included)."""
+    kind, agg = _defaults(loss_type, agg)
+    eps_high = eps_low if eps_high is None else eps_high
+    logp, old = logprobs.double(), old_logprobs.double().detach()
+    adv = advantages.double()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)
+    m = mask.double()
+    neg_kl = logp - old
+    if kind == "gspo":
+        seq = (neg_kl * m).sum(-1) / m.sum(-1).clamp(min=1)
+        if gspo_form == "verl":
+            log_ratio = torch.clamp(logp - logp.detach() + seq.detach().unsqueeze(-1), max=10.0)
+        else:
+            log_ratio = seq.unsqueeze(-1).expand_as(logp)
+    else:
+        log_ratio = neg_kl if ratio_log_clamp is None else torch.clamp(
+            neg_kl, min=-ratio_log_clamp, max=ratio_log_clamp)
+    ratio = torch.exp(log_ratio)
+    if kind in ("ppo", "gspo"):
+        if delta is not None:
+            ratio = torch.clamp(ratio, max=delta)
+        pg1 = -adv * ratio
+        pg2 = -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        clip1 = torch.maximum(pg1, pg2)
+        if dual_clip is None:
+            losses = clip1
+        else:
+            pg3 = -adv * dual_clip
+            losses = torch.where(adv < 0, torch.minimum(pg3, clip1), clip1)
+    elif kind == "cispo":
+        w = (torch.clamp(ratio, 1 - eps_low, 1 + eps_high) if cispo_form == "verl"
+             else torch.clamp(ratio, max=eps_high)).detach()
+        losses = -adv * w * logp
+    elif kind == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+        losses = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+    else:
+        losses = -adv * logp
+    if is_weights is not None:
+        w = is_weights.double().detach()
+        losses = losses * (w.unsqueeze(-1) if w.dim() == 1 else w)
+    if ref_logprobs is not None and kl_coef != 0.0:
+        losses = losses + kl_coef * kl_estimate_ref(logprobs.double(), ref_logprobs.double(),
+                                                    kl_kind, input_clamp=kl_input_clamp,
+                                                    output_clamp=kl_output_clamp)
+    loss = agg_loss_ref(losses, mask, agg, normalizer, loss_scale_factor)
+    if entropy is not None and entropy_coef != 0.0:
+        loss = loss - entropy_coef * agg_loss_ref(entropy.double(), mask, agg, normalizer,
+                                                  loss_scale_factor)
+    return loss
+
+
+def value_loss_ref(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
+                   normalizer=None, loss_scale_factor=None):
+    v, old, ret = values.double(), old_values.double(), returns.double()
+    if clip is None:
+        per_token = (v - ret) ** 2
+    else:
+        v_clip = old + torch.clamp(v - old, -clip, clip)
+        per_token = torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+    return 0.5 * agg_loss_ref(per_token, mask, agg, normalizer, loss_scale_factor)

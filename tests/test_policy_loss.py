@@ -1,0 +1,180 @@
+"""Policy-gradient and value losses against their float64 references (transcribed from verl
+1dda039 core_algos and TRL f2cd577 GRPOTrainer): the loss and its gradient to the log-probs
+(and the value loss's to the values), every surrogate, form and aggregation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compare import assert_rule, leaf
+
+from prefkern.losses import aggregate, policy_loss, value_loss
+from prefkern.losses.policy import AGGREGATIONS
+from prefkern.reference import agg_loss_ref, policy_loss_ref, value_loss_ref
+
+
+def _rollout(b=6, t=24, seed=0, spread=0.3, seq_adv=False):
+    gen = torch.Generator().manual_seed(seed)
+    old = -torch.rand(b, t, generator=gen) * 4
+    logp = old + spread * torch.randn(b, t, generator=gen)
+    ref = old + 0.2 * torch.randn(b, t, generator=gen)
+    lengths = torch.randint(1, t + 1, (b,), generator=gen)
+    lengths[1] = 0  # an all-masked row
+    mask = torch.arange(t)[None] < lengths[:, None]
+    adv = torch.randn(b, generator=gen) if seq_adv else torch.randn(b, t, generator=gen)
+    entropy = torch.rand(b, t, generator=gen) * 3
+    return logp, old, adv, mask, ref, entropy
+
+
+def _check(mask, *inputs, **kw):
+    logp, old, adv, ref, entropy = inputs
+    runs = []
+    for fn, dtype in ((policy_loss, None), (policy_loss_ref, torch.float64),
+                      (policy_loss_ref, None)):
+        x = leaf(logp, dtype)
+        out = fn(x, old.to(dtype or old.dtype), adv, mask, ref_logprobs=ref, entropy=entropy,
+                 **kw)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        runs.append((loss, x.grad))
+    for name, o, r, b in zip(("loss", "dlogprobs"), *runs, strict=True):
+        assert_rule(o, r, b, name, reduction=logp.numel())
+    assert (runs[0][1][~mask] == 0).all()
+    return runs[0]
+
+
+SURROGATES = [("ppo", {}), ("ppo", {"dual_clip": 3.0}), ("ppo", {"delta": 1.1}),
+              ("grpo", {"ratio_log_clamp": None}), ("bnpo", {}), ("dapo", {"normalizer": 97.0}),
+              ("dr_grpo", {"loss_scale_factor": 32.0}), ("gspo", {"gspo_form": "verl"}),
+              ("gspo", {"gspo_form": "trl"}), ("cispo", {"cispo_form": "verl"}),
+              ("cispo", {"cispo_form": "trl", "eps_high": 5.0}), ("sapo", {}), ("gpg", {})]
+IDS = ["ppo", "ppo-dual", "ppo-delta", "grpo", "bnpo", "dapo", "dr_grpo", "gspo-verl",
+       "gspo-trl", "cispo-verl", "cispo-trl", "sapo", "gpg"]
+
+
+@pytest.mark.parametrize("loss_type,kw", SURROGATES, ids=IDS)
+@pytest.mark.parametrize("seq_adv", [False, True], ids=["token-adv", "seq-adv"])
+def test_surrogates(loss_type, kw, seq_adv):
+    logp, old, adv, mask, ref, entropy = _rollout(seq_adv=seq_adv)
+    _check(mask, logp, old, adv, ref, entropy, loss_type=loss_type,
+           **{"eps_high": 0.28, **kw})
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_aggregations_kl_entropy_is_weights(agg):
+    logp, old, adv, mask, ref, entropy = _rollout(seed=1, spread=1.5)
+    is_w = torch.rand(6, 24) * 2
+    _check(mask, logp, old, adv, ref, entropy, agg=agg, kl_coef=0.05, entropy_coef=0.01,
+           is_weights=is_w, dual_clip=3.0)
+    _check(mask, logp, old, adv, ref, entropy, agg=agg, kl_coef=0.1, kl_kind="k3",
+           kl_input_clamp=None, kl_output_clamp=None, is_weights=is_w[:, 0])
+
+
+def test_sequence_advantages_equal_broadcast_token_advantages():
+    logp, old, adv, mask, ref, entropy = _rollout(seq_adv=True)
+    a, _ = policy_loss(logp, old, adv, mask, loss_type="grpo")
+    b, _ = policy_loss(logp, old, adv[:, None].expand(-1, 24), mask, loss_type="grpo")
+    torch.testing.assert_close(a, b)
+
+
+def test_trl_normalizers():
+    """dr_grpo: sum / (B * max_completion_length); dapo: sum / num_items_in_batch; grpo: the
+    mean over sequences of each sequence's token mean (TRL f2cd577 _compute_loss)."""
+    logp, old, adv, mask, _, _ = _rollout(seed=2)
+    per_token, _ = policy_loss(logp, old, adv, mask, loss_type="ppo", agg="token-sum",
+                               ratio_log_clamp=None)
+    coef = torch.exp(logp - old)
+    surrogate = -torch.minimum(coef * adv, coef.clamp(0.8, 1.2) * adv)
+    masked = torch.where(mask, surrogate, 0)
+    torch.testing.assert_close(per_token, masked.sum())
+    dr, _ = policy_loss(logp, old, adv, mask, loss_type="dr_grpo", loss_scale_factor=40,
+                        ratio_log_clamp=None)
+    torch.testing.assert_close(dr, masked.sum() / (6 * 40))
+    dapo, _ = policy_loss(logp, old, adv, mask, loss_type="dapo", normalizer=123.0,
+                          ratio_log_clamp=None)
+    torch.testing.assert_close(dapo, masked.sum() / 123.0)
+    grpo, _ = policy_loss(logp, old, adv, mask, loss_type="grpo", ratio_log_clamp=None)
+    want = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    torch.testing.assert_close(grpo, want)
+
+
+def test_metrics():
+    logp, old, adv, mask, _, entropy = _rollout(seed=3, spread=2.0)
+    _, m = policy_loss(logp, old, adv, mask, dual_clip=3.0, entropy=entropy)
+    assert 0 < m["pg_clipfrac"] < 1 and 0 <= m["pg_clipfrac_lower"] < 1
+    torch.testing.assert_close(m["approx_kl"], torch.where(mask, old - logp, 0).sum()
+                               / mask.sum())
+    assert not any(v.requires_grad for v in m.values())
+
+
+@pytest.mark.parametrize("clip", [0.2, None])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_value_loss(clip, agg):
+    gen = torch.Generator().manual_seed(4)
+    values, old, ret = (torch.randn(5, 16, generator=gen) for _ in range(3))
+    mask = torch.rand(5, 16, generator=gen) < 0.7
+    runs = []
+    for fn, dtype in ((value_loss, None), (value_loss_ref, torch.float64),
+                      (value_loss_ref, None)):
+        v = leaf(values, dtype)
+        out = fn(v, old, ret, mask, clip=clip, agg=agg)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        runs.append((loss, v.grad))
+    for name, o, r, b in zip(("loss", "dvalues"), *runs, strict=True):
+        assert_rule(o, r, b, name, reduction=80)
+
+
+def test_aggregate_is_verls_agg_loss():
+    gen = torch.Generator().manual_seed(5)
+    loss_mat = torch.randn(4, 10, generator=gen)
+    mask = torch.rand(4, 10, generator=gen) < 0.6
+    for agg in AGGREGATIONS:
+        for norm in (None, 7.0):
+            torch.testing.assert_close(aggregate(loss_mat, mask, agg, norm, 12.0),
+                                       agg_loss_ref(loss_mat, mask, agg, norm, 12.0).float())
+
+
+def test_errors():
+    logp, old, adv, mask, _, _ = _rollout()
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        policy_loss(logp, old, adv, mask, loss_type="ppo2")
+    with pytest.raises(ValueError, match="agg must be one of"):
+        policy_loss(logp, old, adv, mask, agg="mean")
+    with pytest.raises(ValueError, match="advantages must be"):
+        policy_loss(logp, old, adv[:, :3], mask)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_policy_loss(backend):
+    """From hidden states: loss and dhidden/dweight against the materialized computation, with
+    the entropy bonus and a KL term (GRPO with DAPO's token mean)."""
+    import prefkern
+    from prefkern.reference import linear_logprobs_ref
+
+    gen = torch.Generator().manual_seed(6)
+    b, t, h, v = 4, 16, 24, 100
+    hidden = torch.randn(b, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * 0.6
+    targets = torch.randint(0, v, (b, t), generator=gen)
+    targets[:, 12:] = -100
+    with torch.no_grad():
+        old = linear_logprobs_ref(hidden, weight, targets) + 0.1 * torch.randn(b, t,
+                                                                               generator=gen)
+    ref = old + 0.05
+    adv = torch.randn(b, generator=gen)
+    kw = dict(loss_type="dapo", kl_coef=0.04, entropy_coef=0.01, ref_logprobs=ref)
+    module = prefkern.nn.LinearPolicyLoss(backend=backend, **kw)
+    runs = []
+    for fn, dtype in (("ours", None), ("spec", torch.float64), ("spec", None)):
+        hh, ww = leaf(hidden, dtype), leaf(weight, dtype)
+        if fn == "ours":
+            loss, _ = module(hh, ww, targets, old, adv)
+        else:
+            out = linear_logprobs_ref(hh, ww, targets, return_entropy=True)
+            loss = policy_loss_ref(out.logprobs, old, adv, targets != -100, entropy=out.entropy,
+                                   **kw)
+        loss.backward()
+        runs.append((loss, hh.grad, ww.grad))
+    for name, o, r, bb in zip(("loss", "dhidden", "dweight"), *runs, strict=True):
+        assert_rule(o, r, bb, name, reduction=v * b * t)
