@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from prefkern.losses.reduction import reduce_tokens
+from prefkern.ops.grad_in_forward import GradientInForward
 from prefkern.ops.linear_divergence import linear_divergence
 from prefkern.ops.linear_logprobs import linear_logprobs
 
@@ -87,21 +88,6 @@ def distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weight:
     return loss, {"soft_loss": soft.detach(), "hard_loss": hard.detach()}
 
 
-class _GradientInForward(torch.autograd.Function):
-    """value with the gradients already computed for (hidden, weight, bias): backward scales
-    them by the incoming scalar."""
-
-    @staticmethod
-    def forward(ctx, value, dh, dw, db, hidden, weight, bias):
-        ctx.save_for_backward(dh, dw, db)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        scaled = [None if g is None else g * grad.to(g.dtype) for g in ctx.saved_tensors]
-        return (None, None, None, None, *scaled)
-
-
 def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
                         teacher_weight: Tensor | None, labels: Tensor, *, kind: str = "jsd",
                         beta: float = 0.5, alpha: float = 0.5, temperature: float = 1.0,
@@ -163,5 +149,5 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
         hard = -torch.where(mask, logp, 0).sum() / norm
         value = weight_soft_loss * soft + weight_hard_loss * hard
     dh = None if dh is None else dh.view(hidden.shape)
-    loss = _GradientInForward.apply(value, dh, dw, db, hidden, weight, bias)
+    loss = GradientInForward.apply(value, dh, dw, db, hidden, weight, bias)
     return loss, {"soft_loss": soft, "hard_loss": hard}

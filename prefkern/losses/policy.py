@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from prefkern.ops.kl_estimate import kl_estimate
+from prefkern.reference.logprobs import compute_dtype
 
 SURROGATES = ("ppo", "gspo", "cispo", "sapo", "gpg")
 # TRL's loss_type names: the PPO surrogate with their aggregation
@@ -20,34 +21,54 @@ AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token
 FORCED_AGG = {"gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean"}
 
 
-def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean",
-              normalizer: float | Tensor | None = None,
-              loss_scale_factor: float | None = None) -> Tensor:
-    """verl's ``agg_loss`` on (B, T) per-token values (mask bool):
-      token-mean               sum(L m) / normalizer (default: the local token count, >= 1)
-      token-sum                sum(L m)
-      seq-mean-token-sum       sum_b sum_t L m / normalizer (default: B)
-      seq-mean-token-mean      sum_b (sum_t L m / max(n_b, 1)) / normalizer (default: B)
-      seq-mean-token-sum-norm  seq-mean-token-sum / loss_scale_factor (default: T), Dr.GRPO's
+def aggregation_weights(mask: Tensor, agg: str = "token-mean",
+                        normalizer: float | Tensor | None = None,
+                        loss_scale_factor: float | None = None) -> Tensor:
+    """(B, T) weights w with ``aggregate(L, mask, agg, ...) == (w * L).sum()``: every mode is
+    linear in the per-token values (verl's ``agg_loss``):
+      token-mean               m / normalizer (default: the local token count, >= 1)
+      token-sum                m
+      seq-mean-token-sum       m / normalizer (default: B sequences)
+      seq-mean-token-mean      m / (max(n_b, 1) * normalizer) (default normalizer: B)
+      seq-mean-token-sum-norm  m / (normalizer * loss_scale_factor) (defaults: B, T): Dr.GRPO's
                                sum / (B * max_completion_length)
     ``normalizer``: the global token count (token-mean) or sequence count (seq-mean-*) when
     the loss spans gradient accumulation or ranks (a number or a tensor: no host sync)."""
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
-    masked = torch.where(mask, loss_mat, 0)
+    m = mask.to(torch.float32)
     if agg == "token-sum":
-        return masked.sum()
+        return m
     if agg == "token-mean":
-        count = mask.sum().clamp(min=1).to(masked.dtype) if normalizer is None else normalizer
-        return masked.sum() / count
-    seqs = loss_mat.shape[0] if normalizer is None else normalizer
-    per_seq = masked.sum(-1)
+        return m / (m.sum().clamp(min=1) if normalizer is None else normalizer)
+    w = m / (mask.shape[0] if normalizer is None else normalizer)
     if agg == "seq-mean-token-mean":
-        per_seq = per_seq / mask.sum(-1).clamp(min=1).to(masked.dtype)
-    out = per_seq.sum() / seqs
+        w = w / m.sum(-1, keepdim=True).clamp(min=1)
     if agg == "seq-mean-token-sum-norm":
-        out = out / (loss_mat.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-    return out
+        w = w / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return w
+
+
+def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean",
+              normalizer: float | Tensor | None = None,
+              loss_scale_factor: float | None = None) -> Tensor:
+    """verl's ``agg_loss`` on (B, T) per-token values: ``(aggregation_weights(...) *
+    loss_mat).sum()`` over the mask (see :func:`aggregation_weights` for each mode)."""
+    w = aggregation_weights(mask.bool(), agg, normalizer, loss_scale_factor)
+    return torch.where(mask.bool(), loss_mat * w, 0).sum()
+
+
+def resolve_loss_type(loss_type: str, agg: str | None) -> tuple[str, str]:
+    """-> (surrogate, aggregation): TRL's names are the PPO surrogate with their own
+    aggregation; gspo and sapo force seq-mean-token-mean (verl); else token-mean."""
+    kind = loss_type
+    if kind in TRL_ALIASES:
+        agg = agg or TRL_ALIASES[kind]
+        kind = "ppo"
+    if kind not in SURROGATES:
+        raise ValueError(f"loss_type must be one of {SURROGATES + tuple(TRL_ALIASES)}, got "
+                         f"{loss_type!r}")
+    return kind, agg or FORCED_AGG.get(kind, "token-mean")
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -63,7 +84,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                 loss_scale_factor: float | None = None, is_weights: Tensor | None = None,
                 ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
                 kl_input_clamp: float | None = 20.0, kl_output_clamp="auto",
-                entropy: Tensor | None = None, entropy_coef: float = 0.0):
+                entropy: Tensor | None = None, entropy_coef: float = 0.0,
+                token_weights: Tensor | None = None):
     """Per-token policy-gradient loss, aggregated. logprobs, old_logprobs, mask (B, T);
     advantages (B, T) or per sequence (B,). With x = logp - old (clamped to
     +-``ratio_log_clamp``: verl's and OpenRLHF's 20; None for TRL), r = exp(x), A the
@@ -83,18 +105,12 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     Then times ``is_weights`` ((B, T) or (B,), detached: rollout importance weights), plus
     ``kl_coef * kl_estimate(logp, ref_logprobs, kl_kind, ...)`` per token, aggregated with
     :func:`aggregate` (``agg`` None: the loss type's own), minus ``entropy_coef`` times the
-    aggregated ``entropy``.
+    aggregated ``entropy``. ``token_weights`` (B, T) replaces the aggregation by
+    ``sum(token_weights * L)`` (the fused path applies the loss chunk by chunk this way).
     Returns (loss, metrics): clip fractions (pg_clipfrac, pg_clipfrac_lower for the dual
     clip), approx_kl = mean(old - logp), ratio mean/max/min, kl and entropy means; detached.
     """
-    kind = loss_type
-    if kind in TRL_ALIASES:
-        agg = agg or TRL_ALIASES[kind]
-        kind = "ppo"
-    if kind not in SURROGATES:
-        raise ValueError(f"loss_type must be one of {SURROGATES + tuple(TRL_ALIASES)}, got "
-                         f"{loss_type!r}")
-    agg = agg or FORCED_AGG.get(kind, "token-mean")
+    kind, agg = resolve_loss_type(loss_type, agg)
     if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
         raise ValueError("logprobs, old_logprobs and mask must all be (B, T)")
     if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
@@ -152,10 +168,11 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                          output_clamp=kl_output_clamp).float()
         per_token = per_token + kl_coef * kl
         metrics["kl"] = _masked_mean(kl.detach(), mask)
-    loss = aggregate(per_token, mask, agg, normalizer, loss_scale_factor)
+    w = aggregation_weights(mask, agg, normalizer, loss_scale_factor) \
+        if token_weights is None else token_weights
+    loss = torch.where(mask, per_token * w, 0).sum()
     if entropy is not None and entropy_coef != 0.0:
-        loss = loss - entropy_coef * aggregate(entropy.float(), mask, agg, normalizer,
-                                               loss_scale_factor)
+        loss = loss - entropy_coef * torch.where(mask, entropy.float() * w, 0).sum()
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy.detach().float(), mask)
     r = ratio.detach()
@@ -192,21 +209,86 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor,
                        advantages: Tensor, *, mask: Tensor | None = None,
-                       bias: Tensor | None = None, temperature: float = 1.0,
+                       bias: Tensor | None = None, temperature: float | Tensor = 1.0,
                        ignore_index: int = -100, softcap: float | None = None,
-                       logit_scale: float | None = None, backend: str | None = "auto",
-                       **loss_kw):
-    """:func:`policy_loss` on log-probs (and, when the entropy bonus or its metric is on,
-    entropies) computed from hidden states (B, T, H) and the LM head by
-    prefkern.linear_logprobs: no logits. ``mask`` defaults to ``targets != ignore_index``.
-    The two-pass path (a recomputing backward); the gradient-in-the-forward path for
-    per-token losses is not implemented yet. Returns (loss, metrics)."""
-    from prefkern.ops.linear_logprobs import linear_logprobs
+                       logit_scale: float | None = None, fused: bool = True,
+                       backend: str | None = "auto", **loss_kw):
+    """:func:`policy_loss` on log-probs (and entropies, for the entropy bonus and its metric)
+    computed from hidden states (B, T, H) and the LM head, with targets (B, T): no logits.
+    ``mask`` defaults to ``targets != ignore_index``.
 
-    want_entropy = loss_kw.get("entropy_coef", 0.0) != 0.0
-    out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
-                          ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
-                          return_entropy=want_entropy, backend=backend)
-    logp, entropy = (out.logprobs, out.entropy) if want_entropy else (out, None)
-    mask = targets != ignore_index if mask is None else mask
-    return policy_loss(logp, old_logprobs, advantages, mask, entropy=entropy, **loss_kw)
+    ``fused=True`` (per-token surrogates: everything but gspo): the gradient is computed in the
+    forward pass, 3 GEMMs in all (prefkern.ops.policy_fused); the backward only scales it.
+    gspo, or ``fused=False``: the two-pass path (prefkern.linear_logprobs, a recomputing
+    backward). Returns (loss, metrics)."""
+    kind, _ = resolve_loss_type(loss_kw.get("loss_type", "ppo"), loss_kw.get("agg"))
+    mask = targets != ignore_index if mask is None else mask.bool()
+    if not fused or kind == "gspo":
+        from prefkern.ops.linear_logprobs import linear_logprobs
+
+        out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
+                              ignore_index=ignore_index, softcap=softcap,
+                              logit_scale=logit_scale, return_entropy=True, backend=backend)
+        return policy_loss(out.logprobs, old_logprobs, advantages, mask, entropy=out.entropy,
+                           **loss_kw)
+    return _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
+                              temperature, ignore_index, softcap, logit_scale, backend, loss_kw)
+
+
+def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
+                       temperature, ignore_index, softcap, logit_scale, backend, loss_kw):
+    from prefkern.dispatch import resolve_backend
+    from prefkern.ops import head as head_mod
+    from prefkern.ops import policy_fused
+    from prefkern.ops.divergence_passes import HeadArgs, Side
+    from prefkern.ops.grad_in_forward import GradientInForward
+
+    hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
+    device = head_mod.check_linear(hidden, weight, bias)
+    if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError("hidden must be (B, T, H) with targets (B, T)")
+    for name, t in (("old_logprobs", old_logprobs), ("mask", mask)):
+        if t.shape != targets.shape:
+            raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}")
+    lead = targets.shape
+    temperature = head_mod.as_rows(temperature, lead)
+    head_mod.check_temperature(temperature, lead, device)
+    fp64 = hidden.dtype == torch.float64
+    name = resolve_backend("linear_policy_loss", backend, device,
+                           ("torch",) if fp64 else ("triton", "torch"),
+                           () if fp64 else ("triton",))
+    folded = head_mod.fold(temperature, logit_scale, softcap, compute_dtype(hidden.dtype))
+    head = HeadArgs(folded.inv_temp if folded.row_inv_temp is None else folded.row_inv_temp,
+                    folded.softcap)
+    kind, agg = resolve_loss_type(loss_kw.pop("loss_type", "ppo"), loss_kw.pop("agg", None))
+    normalizer = loss_kw.pop("normalizer", None)
+    scale_factor = loss_kw.pop("loss_scale_factor", None)
+    weights = aggregation_weights(mask, agg, normalizer, scale_factor).reshape(-1)
+    adv = advantages if advantages.shape == lead else advantages[:, None].expand(lead)
+    per_token = {"ref_logprobs": loss_kw.pop("ref_logprobs", None),
+                 "is_weights": loss_kw.pop("is_weights", None)}
+    if per_token["is_weights"] is not None and per_token["is_weights"].dim() == 1:
+        per_token["is_weights"] = per_token["is_weights"][:, None].expand(lead)
+    flat = {k: None if t is None else t.reshape(-1) for k, t in
+            dict(old=old_logprobs, adv=adv, mask=mask, **per_token).items()}
+
+    def token_loss(rows, lp, ent):
+        col = {k: None if t is None else t[rows][:, None] for k, t in flat.items()}
+        loss, _ = policy_loss(lp[:, None], col["old"], col["adv"], col["mask"],
+                              loss_type=kind, token_weights=weights[rows][:, None],
+                              entropy=ent[:, None], ref_logprobs=col["ref_logprobs"],
+                              is_weights=col["is_weights"], **loss_kw)
+        return loss
+
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    with torch.no_grad():
+        logp, entropy, dh, dw, db = policy_fused.fused_policy(
+            Side(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
+                 None if bias is None else bias.detach()),
+            targets.reshape(-1), head, ignore_index, token_loss, name == "triton", need)
+        value, metrics = policy_loss(logp.view(lead), old_logprobs, advantages, mask,
+                                     loss_type=kind, agg=agg, normalizer=normalizer,
+                                     loss_scale_factor=scale_factor, entropy=entropy.view(lead),
+                                     **per_token, **loss_kw)
+    dh = None if dh is None else dh.view(hidden.shape)
+    return GradientInForward.apply(value, dh, dw, db, hidden, weight, bias), metrics
