@@ -52,9 +52,9 @@ def test_bench_cli_tiny(tmp_path, capsys):
     assert {"logprobs=", "dlogits=", "dhidden=", "dweight=", "entropy="} <= {
         c.split("=")[0] + "=" for r in gated for c in r["check"].split()}
     assert data["inputs"] and all("logit_std" in i for i in data["inputs"])
-    # the preference suite ignores its prompts (a quarter of each row) and ragged ends
+    # the preference and policy suites ignore their prompts (a quarter of each row) and ends
     assert all(0.05 < i["ignored_frac"] < 0.15 for i in data["inputs"]
-               if i["op"] not in ("gae", "preference"))
+               if i["op"] not in ("gae", "preference", "policy"))
     (csv_path,) = tmp_path.glob("*_all_tiny.csv")
     with csv_path.open() as f:
         csv_rows = list(csv.DictReader(f))

@@ -20,7 +20,6 @@ from prefkern.ops import gemm, softmax_stats
 from prefkern.ops.divergence_passes import HeadArgs, Side, mixed_logits
 from prefkern.ops.linear_sliced import SLICE_BYTES
 from prefkern.ops.torch_chunked import (
-    CHUNK_ELEMENTS,
     _is_unit,
     full_row_stats,
     grad_logits,
@@ -29,10 +28,14 @@ from prefkern.ops.torch_chunked import (
 )
 from prefkern.reference.logprobs import compute_dtype
 
+# the dW accumulation costs a pass over (V, H) per chunk: chunks of rows larger than the torch
+# backend's keep it small against the chunk's GEMMs
+FUSED_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
+
 
 def _row_chunks(n: int, v: int, device: torch.device, triton: bool):
     step = max(1, SLICE_BYTES // (6 * v)) if triton else \
-        max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // (3 * v))
+        max(1, FUSED_CHUNK_ELEMENTS.get(device.type, FUSED_CHUNK_ELEMENTS["cuda"]) // (3 * v))
     return [slice(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
 
 
