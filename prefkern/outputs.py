@@ -23,7 +23,7 @@ class LinearLogprobsOutput(NamedTuple):
 
 
 class DivergenceOutput(NamedTuple):
-    """Per-token divergence and the policy's target log-probs, both fp32."""
+    """Per-token divergence and the policy's target log-probs (None without targets), fp32."""
 
     divergence: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None

@@ -92,7 +92,7 @@ INT_EXAMPLES = {
 }
 FLOATS = {"inv_temp": 1.0, "softcap": 30.0, "gamma": 0.99, "lam": 0.95, "lam_critic": 1.0,
           "inv_temp_p": 1.0, "inv_temp_q": 1.0, "softcap_p": 30.0, "softcap_q": 30.0,
-          "beta": 0.5, "alpha": 0.5}
+          "beta": 0.5, "log1m_beta": -0.693, "log_beta": -0.693, "alpha": 0.5}
 
 
 class AlignedPointer:
@@ -181,7 +181,7 @@ def _cases():
     heads = dict(ROW_TEMP_P=True, ROW_TEMP_Q=True, SOFTCAP_P=True, SOFTCAP_Q=True)
     for kind, kind_id in divergence.KIND_IDS.items():
         yield (f"divergence_fwd[{kind}]", divergence._divergence_fwd_kernel, "bf16", _pointers(),
-               dict(KIND=kind_id, NEED_Q=True, BLOCK_V=2048, **heads), rows)
+               dict(KIND=kind_id, NEED_Q=True, BLOCK_V=divergence.FWD_BLOCK, **heads), rows)
         yield (f"divergence_bwd[{kind}]", divergence._divergence_bwd_kernel, "bf16",
                _pointers(zp_ptr="fp32", zq_ptr="fp32"),
                dict(KIND=kind_id, NEED_Q=True, HAS_G_DIV=True, HAS_G_LOGP=True, BLOCK_V=2048,

@@ -202,3 +202,28 @@ def test_topk_forward_kl(clamps):
     for name, o, r, b in zip(("loss", "dhidden", "dweight"), *runs, strict=True):
         assert_rule(o, r, b, name, reduction=v)
     assert runs[0][0][3] == 0 and (runs[0][0] >= 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_hard_head_and_ignored_rows_from_review(backend):
+    """The untempered hard term folds softcap and logit_scale like every head; ignored rows
+    with huge logits give finite gradients; the hard metric is 0 when the term is off."""
+    hidden, weight, bias, t_hidden, t_weight, labels = _problem(6, 8, 129, torch.float32)
+    hidden[1] *= 60.0
+    labels[1] = -100
+    kw = dict(temperature=2.0, weight_hard_loss=0.5, softcap=3.0, logit_scale=0.5,
+              backend=backend)
+    runs = []
+    for fn in (linear_distill_loss, distill_loss):
+        h, w = leaf(hidden), leaf(weight)
+        loss, metrics = fn(h, w, t_hidden, t_weight, labels, **kw)
+        loss.backward()
+        runs.append((loss, metrics["hard_loss"], h.grad, w.grad))
+    for ours, want in zip(*runs, strict=True):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+    _, metrics = linear_distill_loss(hidden, weight, t_hidden, t_weight, labels,
+                                     backend=backend)
+    assert metrics["hard_loss"] == 0
+    with pytest.raises(ValueError, match="reduced loss"):
+        linear_distill_loss(hidden, weight, t_hidden, t_weight, labels, reduction="bogus")

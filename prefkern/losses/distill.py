@@ -109,9 +109,9 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
     from prefkern.ops.divergence_passes import HeadArgs, Side
     from prefkern.ops.linear_divergence import prepare
 
-    if reduction == "none":
-        raise ValueError("linear_distill_loss needs a reduced loss (batchmean, mean or sum): "
-                         "use distill_loss for per-token losses")
+    if reduction not in ("batchmean", "mean", "sum"):
+        raise ValueError(f"linear_distill_loss needs a reduced loss (batchmean, mean or sum), "
+                         f"got {reduction!r}: use distill_loss for per-token losses")
     c = prepare(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta, alpha,
                 temperature, ignore_index, bias, teacher_bias, softcap, logit_scale,
                 teacher_softcap, teacher_logit_scale, backend, "linear_distill_loss")
@@ -133,8 +133,10 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
                                           strict=True)]
     head_hard = None
     if isinstance(temperature, Tensor) or temperature != 1.0:
-        head_hard = HeadArgs(1.0 if logit_scale is None else float(logit_scale),
-                             None if softcap is None else float(softcap))
+        from prefkern.ops.head import fold
+
+        hard = fold(1.0, logit_scale, softcap)  # the untempered student's head
+        head_hard = HeadArgs(hard.inv_temp, hard.softcap)
     hidden2d = c.hidden.detach()
     with torch.no_grad():
         d, logp, dh, dw, db = distill_fused.fused_distill(
@@ -147,6 +149,8 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
             c.backend == "triton", need)
         soft = torch.where(mask, d, 0).sum() / norm
         hard = -torch.where(mask, logp, 0).sum() / norm
+        if weight_hard_loss == 0:
+            hard = torch.zeros_like(hard)  # the term is off (as distill_loss reports it)
         value = weight_soft_loss * soft + weight_hard_loss * hard
     dh = None if dh is None else dh.view(hidden.shape)
     loss = GradientInForward.apply(value, dh, dw, db, hidden, weight, bias)

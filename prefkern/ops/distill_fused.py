@@ -49,7 +49,8 @@ def _chunk_torch(raw_p, raw_q, head_p, head_q, rows, targets, gd, gl, div, ignor
         dz.mul_(dcap)
     if not _is_unit(factor):
         dz.mul_(factor)
-    return out[0], out[1], dz
+    # ignored rows carry no statistics (their z is unnormalized): zero them before the GEMMs
+    return out[0], out[1], dz.masked_fill_(~(targets != ignore_index)[:, None], 0)
 
 
 def _chunk_triton(raw_p, raw_q, head_p, head_q, rows, targets, gd, gl, div, ignore_index):

@@ -36,6 +36,14 @@ def _weighted(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(weight == 0, 0, weight * x)
 
 
+def _alpha_weight(a, b, alpha: float) -> torch.Tensor:
+    """p^alpha q^(1 - alpha) = exp(alpha a + (1 - alpha) b), 0 where both p and q are 0 (for
+    alpha outside [0, 1] the exponent would be inf - inf there)."""
+    both_zero = torch.isneginf(a) & torch.isneginf(b)
+    exponent = torch.where(both_zero, 0, alpha * a + (1 - alpha) * b)
+    return torch.where(both_zero, 0, torch.exp(exponent))
+
+
 def terms(a: torch.Tensor, b: torch.Tensor, div: Divergence, need_q: bool):
     """a, b (n, C) log-probs -> (term, f_p, f_q or None), each (n, C) (table in module doc)."""
     p, q = a.exp(), b.exp()
@@ -55,7 +63,7 @@ def terms(a: torch.Tensor, b: torch.Tensor, div: Divergence, need_q: bool):
         f_p, f_q = tp.mul_(1 - beta), tq.mul_(beta)
         return f_p + f_q, f_p, f_q if need_q else None
     alpha = div.alpha
-    w = torch.exp(alpha * a + (1 - alpha) * b)
+    w = _alpha_weight(a, b, alpha)
     term = (p - w) / (alpha * (1 - alpha))
     return term, w / (alpha - 1), (w / -alpha) if need_q else None
 
@@ -75,7 +83,7 @@ def grads(a, b, c_p, c_q, div: Divergence, need_q: bool):
     c_p, c_q = c_p[:, None], (None if c_q is None else c_q[:, None])
     kind = div.kind
     if kind == "alpha":
-        _, f_p, f_q = terms(a, b, div, need_q)
+        _, f_p, f_q = terms(a, b, div, need_q)  # (p, q recomputed there)
         return (f_p.sub_(p.mul_(c_p)),
                 f_q.sub_(q.mul_(c_q)) if need_q else None)
     if kind == "forward_kl":  # sum f_p = sum (p - q) = 0 exactly

@@ -137,9 +137,10 @@ def grads_of_logits(z_p, z_q, col0: int, stats, rows: slice, targets, valid, gd,
     dz_p, dz_q = None, None
     if gd is not None:
         dz_p, dz_q = divergence_math.grads(a, b, c_p[:, 0], c_q[:, 0], div, need_q)
-        dz_p.mul_(gd[rows, None])
+        g = gd[rows, None]  # a zero upstream gradient adds nothing, even where D is infinite
+        dz_p = torch.where(g == 0, 0, dz_p.mul_(g))
         if dz_q is not None:
-            dz_q.mul_(gd[rows, None])
+            dz_q = torch.where(g == 0, 0, dz_q.mul_(g))
     if gl is not None:
         softmax_part = a.exp().mul_(gl[rows, None])
         dz_p = softmax_part.neg_() if dz_p is None else dz_p.sub_(softmax_part)

@@ -356,4 +356,5 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
     divergence = _checks.poison(out[0].view(c.lead), c.bad)
     if not return_logprobs:
         return divergence
-    return DivergenceOutput(divergence, _checks.poison(out[1].view(c.lead), c.bad))
+    logprobs = None if targets is None else _checks.poison(out[1].view(c.lead), c.bad)
+    return DivergenceOutput(divergence, logprobs)

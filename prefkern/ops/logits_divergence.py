@@ -187,4 +187,5 @@ def logits_divergence(logits: Tensor, ref_logits: Tensor, targets: Tensor | None
     divergence = _checks.poison(out[0].view(lead), bad)
     if not return_logprobs:
         return divergence
-    return DivergenceOutput(divergence, _checks.poison(out[1].view(lead), bad))
+    logprobs = None if targets is None else _checks.poison(out[1].view(lead), bad)
+    return DivergenceOutput(divergence, logprobs)

@@ -71,7 +71,9 @@ def divergence_from_logprobs_ref(a: torch.Tensor, b: torch.Tensor, div: Divergen
         return (beta * _weighted(q, b - log_m).sum(-1)
                 + (1 - beta) * _weighted(p, a - log_m).sum(-1))
     alpha = div.alpha
-    s = torch.exp(alpha * a + (1 - alpha) * b).sum(-1)
+    both_zero = torch.isneginf(a) & torch.isneginf(b)  # 0^alpha 0^(1 - alpha) = 0
+    exponent = torch.where(both_zero, 0, alpha * a + (1 - alpha) * b)
+    s = torch.where(both_zero, 0, torch.exp(exponent)).sum(-1)
     return (1 - s) / (alpha * (1 - alpha))
 
 

@@ -27,13 +27,25 @@ def linear_logits(hidden, weight, bias=None):
     return z if bias is None else z + bias.to(cdt)
 
 
+def _softcap(z, cap):
+    """``cap * tanh(z / cap)`` written so that autograd's derivative stays accurate where tanh
+    saturates: with q = exp(-2|x|), tanh|x| = (1 - q) / (1 + q) and its derivative is
+    4q / (1 + q)^2 (``1 - tanh^2``, autograd's form, is 0 in fp64 beyond |x| ~ 19 while the true
+    value is ~4e^(-2|x|))."""
+    x = z / cap
+    ax = torch.where(x < 0, -x, x)
+    q = torch.exp(-2 * ax)
+    t = (1 - q) / (1 + q)
+    return cap * torch.where(x < 0, -t, t)
+
+
 def head_logits(raw, temperature=1.0, logit_scale=None, softcap=None):
     """``softcap * tanh(logit_scale * raw / softcap) / T`` (T a float or one value per row)."""
     z = raw
     if logit_scale is not None:
         z = z * logit_scale
     if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+        z = _softcap(z, softcap)
     return z / _per_row_temperature(temperature, z)
 
 
