@@ -257,3 +257,31 @@ def test_fused_backward_runs_no_gemm(monkeypatch):
     (2 * loss2).backward()
     torch.testing.assert_close(hh.grad, h2.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ww.grad, w2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_presets():
+    """The presets reproduce each trainer's clamps: a log-ratio of 30 is clamped to 20 by verl
+    and OpenRLHF, not by TRL; OpenRLHF's dual clip form equals verl's; OpenRLHF's KL is k1
+    clamped to +-10."""
+    from prefkern.losses import policy_preset
+
+    logp = torch.tensor([[30.0, 0.1, -0.2]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[-1.0, 0.5, -2.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    ref = torch.tensor([[-20.0, 0.0, 0.0]])
+    verl, _ = policy_loss(logp, old, adv, mask, **policy_preset("verl"))
+    want = torch.stack([torch.minimum(torch.maximum(-a * torch.exp(torch.clamp(x, -20, 20)),
+                                                    -a * torch.exp(torch.clamp(x, -20, 20))
+                                                    .clamp(0.8, 1.2)), -a * 3.0)
+                        if a < 0 else torch.maximum(-a * torch.exp(x), -a * torch.exp(x)
+                                                    .clamp(0.8, 1.2))
+                        for x, a in zip(logp[0], adv[0], strict=True)]).mean()
+    torch.testing.assert_close(verl, want)
+    trl, _ = policy_loss(logp, old, adv, mask, **policy_preset("trl", loss_type="bnpo"))
+    assert trl > 1e12  # exp(30) unclamped, A < 0
+    orl, m = policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=1.0,
+                         **policy_preset("openrlhf"))
+    assert m["kl"] == torch.clamp(logp - ref, -10, 10).mean()
+    with pytest.raises(ValueError, match="trainer must be one of"):
+        policy_preset("deepspeed")

@@ -4,7 +4,13 @@ that never re-implement the log-prob math. Each returns (loss, metrics), metrics
 from prefkern.losses.distill import distill_loss, linear_distill_loss, topk_forward_kl
 from prefkern.losses.linear_preference import linear_preference_loss
 from prefkern.losses.listwise import irepo_loss, lipo_lambda_loss, pro_loss, sppo_loss
-from prefkern.losses.policy import aggregate, linear_policy_loss, policy_loss, value_loss
+from prefkern.losses.policy import (
+    aggregate,
+    linear_policy_loss,
+    policy_loss,
+    policy_preset,
+    value_loss,
+)
 from prefkern.losses.preference import (
     cpo_loss,
     orpo_loss,
@@ -18,6 +24,7 @@ from prefkern.losses.sequence import ld_sequence_logps, sequence_reduce, token_s
 __all__ = ["REDUCTIONS", "aggregate", "cpo_loss", "distill_loss", "irepo_loss",
            "ld_sequence_logps", "linear_distill_loss", "linear_policy_loss",
            "linear_preference_loss",
-           "lipo_lambda_loss", "orpo_loss", "policy_loss", "preference_loss", "pro_loss",
+           "lipo_lambda_loss", "orpo_loss", "policy_loss", "policy_preset", "preference_loss",
+           "pro_loss",
            "reduce_tokens", "sequence_reduce", "sppo_loss", "tdpo_loss", "token_sums",
            "topk_forward_kl", "unpaired_loss", "value_loss"]

@@ -292,3 +292,36 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
                                      **per_token, **loss_kw)
     dh = None if dh is None else dh.view(hidden.shape)
     return GradientInForward.apply(value, dh, dw, db, hidden, weight, bias), metrics
+
+
+# Each trainer's defaults for policy_loss, read from its source (commits in the module doc;
+# OpenRLHF 3c3be623 openrlhf/models/loss.py PolicyLoss and utils.compute_approx_kl):
+#   ratio clamp  verl and OpenRLHF clamp logp - old to +-20, TRL does not
+#   dual clip    verl's clip_ratio_c = 3 is always on in compute_policy_loss_vanilla;
+#                OpenRLHF's dual_clip defaults to None; TRL has none
+#   gspo         verl: stop-gradient form, seq-mean-token-mean; OpenRLHF and TRL: the
+#                gradient through the sequence mean (TRL: importance_sampling_level="sequence")
+#   cispo        verl: relative two-sided clip; TRL: absolute cap at epsilon_high
+#   KL           verl low_var_kl (k3, exponent +-20, value +-10); OpenRLHF k1 by default,
+#                every estimator clamped to +-10; TRL k3, no clamps (beta = 0 by default)
+#   loss type    TRL's default loss_type is dapo (token mean over the generation batch)
+POLICY_PRESETS = {
+    "verl": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0,
+                 ratio_log_clamp=20.0, gspo_form="verl", cispo_form="verl", kl_kind="k3",
+                 kl_input_clamp=20.0, kl_output_clamp=10.0),
+    "openrlhf": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=None,
+                     ratio_log_clamp=20.0, gspo_form="trl", kl_kind="k1", kl_input_clamp=None,
+                     kl_output_clamp=10.0),
+    "trl": dict(loss_type="dapo", eps_low=0.2, eps_high=0.2, dual_clip=None,
+                ratio_log_clamp=None, gspo_form="trl", cispo_form="trl", kl_kind="k3",
+                kl_input_clamp=None, kl_output_clamp=None),
+}
+
+
+def policy_preset(trainer: str, **overrides) -> dict:
+    """policy_loss keyword arguments with ``trainer``'s semantics ("verl", "openrlhf", "trl";
+    see POLICY_PRESETS), updated by ``overrides``: ``policy_loss(..., **policy_preset("trl",
+    loss_type="grpo"))``."""
+    if trainer not in POLICY_PRESETS:
+        raise ValueError(f"trainer must be one of {tuple(POLICY_PRESETS)}, got {trainer!r}")
+    return {**POLICY_PRESETS[trainer], **overrides}
