@@ -285,3 +285,30 @@ def test_trainer_presets():
     assert m["kl"] == torch.clamp(logp - ref, -10, 10).mean()
     with pytest.raises(ValueError, match="trainer must be one of"):
         policy_preset("deepspeed")
+
+
+@pytest.mark.parametrize("loss_type,kw", [("ppo", {"dual_clip": 3.0}), ("grpo", {}),
+                                          ("dr_grpo", {"loss_scale_factor": 24.0}),
+                                          ("gspo", {"gspo_form": "verl"}),
+                                          ("gspo", {"gspo_form": "trl"}), ("cispo", {}),
+                                          ("sapo", {})],
+                         ids=["ppo", "grpo", "dr_grpo", "gspo-verl", "gspo-trl", "cispo",
+                              "sapo"])
+@pytest.mark.parametrize("seq_adv", [False, True], ids=["token-adv", "seq-adv"])
+def test_packed_equals_padded(loss_type, kw, seq_adv):
+    logp, old, adv, mask, ref, entropy = _rollout(seed=8, spread=1.0, seq_adv=seq_adv)
+    lengths = mask.sum(-1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    pack = lambda t: torch.cat([t[i, :lengths[i]] for i in range(6)])  # noqa: E731
+    is_w = torch.rand(6)
+    kw = dict(loss_type=loss_type, is_weights=is_w, kl_coef=0.1, entropy_coef=0.01, **kw)
+    x = leaf(logp)
+    padded, _ = policy_loss(x, old, adv, mask, ref_logprobs=ref, entropy=entropy, **kw)
+    padded.backward()
+    y = leaf(pack(logp))
+    packed, _ = policy_loss(y, pack(old), adv if seq_adv else pack(adv),
+                            torch.ones(int(lengths.sum()), dtype=torch.bool),
+                            ref_logprobs=pack(ref), entropy=pack(entropy), cu_seqlens=cu, **kw)
+    packed.backward()
+    torch.testing.assert_close(packed, padded)
+    torch.testing.assert_close(y.grad, pack(x.grad))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefkern.losses.sequence import _segment_ids
 from prefkern.ops.kl_estimate import kl_estimate
 from prefkern.reference.logprobs import compute_dtype
 
@@ -21,9 +22,40 @@ AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token
 FORCED_AGG = {"gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean"}
 
 
+class _Layout:
+    """Padded (B, T) tokens, or packed (N,) tokens with cu_seqlens (B + 1,): per-sequence
+    sums and the broadcast of per-sequence values back to the tokens, without a host sync."""
+
+    def __init__(self, like: Tensor, cu_seqlens: Tensor | None):
+        self.packed = cu_seqlens is not None
+        if self.packed:
+            self.n_seqs = cu_seqlens.numel() - 1
+            seg = _segment_ids(cu_seqlens, like.numel())
+            self.inside = seg < self.n_seqs  # tokens past the last sequence count nowhere
+            self.seg = torch.where(self.inside, seg, 0)
+        else:
+            self.n_seqs = like.shape[0]
+        self.shape = like.shape
+
+    def seq_sum(self, tokens: Tensor) -> Tensor:
+        if not self.packed:
+            return tokens.sum(-1)
+        return tokens.new_zeros(self.n_seqs).index_add(0, self.seg,
+                                                       torch.where(self.inside, tokens, 0))
+
+    def to_tokens(self, per_seq: Tensor) -> Tensor:
+        return per_seq[self.seg] if self.packed else per_seq[:, None].expand(self.shape)
+
+    def seq_mean(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The masked mean of each sequence, on its tokens."""
+        count = self.seq_sum(mask.to(tokens.dtype)).clamp(min=1)
+        return self.to_tokens(self.seq_sum(torch.where(mask, tokens, 0)) / count)
+
+
 def aggregation_weights(mask: Tensor, agg: str = "token-mean",
                         normalizer: float | Tensor | None = None,
-                        loss_scale_factor: float | None = None) -> Tensor:
+                        loss_scale_factor: float | None = None,
+                        cu_seqlens: Tensor | None = None) -> Tensor:
     """(B, T) weights w with ``aggregate(L, mask, agg, ...) == (w * L).sum()``: every mode is
     linear in the per-token values (verl's ``agg_loss``):
       token-mean               m / normalizer (default: the local token count, >= 1)
@@ -33,18 +65,25 @@ def aggregation_weights(mask: Tensor, agg: str = "token-mean",
       seq-mean-token-sum-norm  m / (normalizer * loss_scale_factor) (defaults: B, T): Dr.GRPO's
                                sum / (B * max_completion_length)
     ``normalizer``: the global token count (token-mean) or sequence count (seq-mean-*) when
-    the loss spans gradient accumulation or ranks (a number or a tensor: no host sync)."""
+    the loss spans gradient accumulation or ranks (a number or a tensor: no host sync).
+    Packed (N,) tokens with ``cu_seqlens``: B = len(cu_seqlens) - 1, and
+    seq-mean-token-sum-norm needs ``loss_scale_factor`` (there is no padded T)."""
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    layout = _Layout(mask, cu_seqlens)
     m = mask.to(torch.float32)
+    if layout.packed:
+        m = torch.where(layout.inside, m, 0)
     if agg == "token-sum":
         return m
     if agg == "token-mean":
         return m / (m.sum().clamp(min=1) if normalizer is None else normalizer)
-    w = m / (mask.shape[0] if normalizer is None else normalizer)
+    w = m / (layout.n_seqs if normalizer is None else normalizer)
     if agg == "seq-mean-token-mean":
-        w = w / m.sum(-1, keepdim=True).clamp(min=1)
+        w = w / layout.to_tokens(layout.seq_sum(m).clamp(min=1))
     if agg == "seq-mean-token-sum-norm":
+        if loss_scale_factor is None and layout.packed:
+            raise ValueError("packed seq-mean-token-sum-norm needs loss_scale_factor")
         w = w / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     return w
 
@@ -85,7 +124,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                 ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
                 kl_input_clamp: float | None = 20.0, kl_output_clamp="auto",
                 entropy: Tensor | None = None, entropy_coef: float = 0.0,
-                token_weights: Tensor | None = None):
+                cu_seqlens: Tensor | None = None, token_weights: Tensor | None = None):
     """Per-token policy-gradient loss, aggregated. logprobs, old_logprobs, mask (B, T);
     advantages (B, T) or per sequence (B,). With x = logp - old (clamped to
     +-``ratio_log_clamp``: verl's and OpenRLHF's 20; None for TRL), r = exp(x), A the
@@ -111,10 +150,14 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     clip), approx_kl = mean(old - logp), ratio mean/max/min, kl and entropy means; detached.
     """
     kind, agg = resolve_loss_type(loss_type, agg)
-    if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
-        raise ValueError("logprobs, old_logprobs and mask must all be (B, T)")
-    if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
-        raise ValueError("advantages must be (B, T) or (B,)")
+    dims = 1 if cu_seqlens is not None else 2
+    if logprobs.dim() != dims or old_logprobs.shape != logprobs.shape or \
+            mask.shape != logprobs.shape:
+        raise ValueError("logprobs, old_logprobs and mask must all be (B, T), or (N,) with "
+                         "cu_seqlens")
+    layout = _Layout(logprobs, cu_seqlens)
+    if advantages.shape not in (logprobs.shape, (layout.n_seqs,)):
+        raise ValueError("advantages must be per token or per sequence (B,)")
     if gspo_form not in ("verl", "trl") or cispo_form not in ("verl", "trl"):
         raise ValueError("gspo_form and cispo_form are 'verl' or 'trl'")
     mask = mask.bool()
@@ -122,19 +165,16 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     logp = logprobs.float()
     old = old_logprobs.float().detach()
     adv = advantages.float().detach()
-    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv
+    if adv.shape != logp.shape:
+        adv = layout.to_tokens(adv)
     x = logp - old
     if ratio_log_clamp is not None and kind != "gspo":  # GSPO's mean is of the raw log-ratio
         x = x.clamp(-ratio_log_clamp, ratio_log_clamp)
     metrics = {}
     if kind == "gspo":
-        seq_x = torch.where(mask, x, 0).sum(-1, keepdim=True) / \
-            mask.sum(-1, keepdim=True).clamp(min=1)
-        if gspo_form == "verl":
-            log_s = (logp - logp.detach() + seq_x.detach()).clamp(max=10.0)
-        else:
-            log_s = seq_x.expand_as(logp)
-        x = log_s
+        seq_x = layout.seq_mean(x, mask)
+        x = (logp - logp.detach() + seq_x.detach()).clamp(max=10.0) if gspo_form == "verl" \
+            else seq_x
     ratio = torch.exp(x)
     if kind in ("ppo", "gspo"):
         if delta is not None:
@@ -162,13 +202,13 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
         per_token = -adv * logp
     if is_weights is not None:
         w = is_weights.float().detach()
-        per_token = per_token * (w[:, None] if w.dim() == 1 else w)
+        per_token = per_token * (w if w.shape == logp.shape else layout.to_tokens(w))
     if ref_logprobs is not None and kl_coef != 0.0:
         kl = kl_estimate(logprobs, ref_logprobs, kl_kind, input_clamp=kl_input_clamp,
                          output_clamp=kl_output_clamp).float()
         per_token = per_token + kl_coef * kl
         metrics["kl"] = _masked_mean(kl.detach(), mask)
-    w = aggregation_weights(mask, agg, normalizer, loss_scale_factor) \
+    w = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens) \
         if token_weights is None else token_weights
     loss = torch.where(mask, per_token * w, 0).sum()
     if entropy is not None and entropy_coef != 0.0:
