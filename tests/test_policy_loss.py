@@ -200,8 +200,9 @@ def _linear_rollout(dtype=torch.float32, seed=7, b=4, t=16, h=24, v=100):
 @pytest.mark.parametrize("loss_type,kw", [
     ("ppo", {"dual_clip": 3.0, "kl_coef": 0.1}), ("grpo", {"entropy_coef": 0.02}),
     ("dr_grpo", {"loss_scale_factor": 20.0}), ("cispo", {"cispo_form": "trl", "eps_high": 5.0}),
-    ("sapo", {}), ("gpg", {"is_weights": "seq"}), ("gspo", {})],
-    ids=["ppo", "grpo", "dr_grpo", "cispo", "sapo", "gpg", "gspo-two-pass"])
+    ("sapo", {}), ("gpg", {"is_weights": "seq"}), ("gspo", {}), ("geo_mean", {})],
+    ids=["ppo", "grpo", "dr_grpo", "cispo", "sapo", "gpg", "gspo-two-pass",
+         "geo_mean-two-pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_equals_two_pass(backend, loss_type, kw, dtype):
     """The gradient-in-forward path gives the two-pass path's loss, metrics and gradients
@@ -312,3 +313,22 @@ def test_packed_equals_padded(loss_type, kw, seq_adv):
     packed.backward()
     torch.testing.assert_close(packed, padded)
     torch.testing.assert_close(y.grad, pack(x.grad))
+
+
+@pytest.mark.parametrize("seq_adv", [False, True], ids=["token-adv", "seq-adv"])
+def test_geo_mean(seq_adv):
+    """GMPO against verl's formula (reference), packed == padded, and the two-pass path from
+    hidden states (a sequence-level loss)."""
+    logp, old, adv, mask, ref, entropy = _rollout(seed=9, spread=0.8, seq_adv=seq_adv)
+    kw = dict(loss_type="geo_mean", eps_low=0.4, eps_high=0.4, kl_coef=0.1,
+              entropy_coef=0.01, is_weights=torch.rand(6, 24) + 0.5)
+    _check(mask, logp, old, adv, ref, entropy, **kw)
+    lengths = mask.sum(-1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    pack = lambda t: torch.cat([t[i, :lengths[i]] for i in range(6)])  # noqa: E731
+    padded, _ = policy_loss(logp, old, adv, mask, ref_logprobs=ref, entropy=entropy, **kw)
+    packed, _ = policy_loss(pack(logp), pack(old), adv if seq_adv else pack(adv),
+                            torch.ones(int(lengths.sum()), dtype=torch.bool),
+                            ref_logprobs=pack(ref), entropy=pack(entropy), cu_seqlens=cu,
+                            **{**kw, "is_weights": pack(kw["is_weights"])})
+    torch.testing.assert_close(packed, padded)

@@ -13,7 +13,8 @@ from prefkern.losses.sequence import _segment_ids
 from prefkern.ops.kl_estimate import kl_estimate
 from prefkern.reference.logprobs import compute_dtype
 
-SURROGATES = ("ppo", "gspo", "cispo", "sapo", "gpg")
+SURROGATES = ("ppo", "gspo", "cispo", "sapo", "gpg", "geo_mean")
+SEQUENCE_LEVEL = ("gspo", "geo_mean")  # a token's gradient depends on its whole sequence
 # TRL's loss_type names: the PPO surrogate with their aggregation
 TRL_ALIASES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean",
                "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean"}
@@ -110,6 +111,39 @@ def resolve_loss_type(loss_type: str, agg: str | None) -> tuple[str, str]:
     return kind, agg or FORCED_AGG.get(kind, "token-mean")
 
 
+def _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normalizer,
+              ref_logprobs, kl_coef, kl_kind, kl_input_clamp, kl_output_clamp, entropy,
+              entropy_coef, agg, loss_scale_factor, cu_seqlens, old):
+    sign = torch.sign(adv)
+    clipped_x = x.clamp(-eps_low, eps_high)
+    pessimistic = sign * torch.minimum(sign * x, sign * clipped_x)
+    count = layout.seq_sum(mask.to(x.dtype)) + 1e-8  # (verl's +1e-8, not a clamp)
+    ratio = torch.exp(layout.seq_sum(torch.where(mask, pessimistic, 0)) / count)
+    seq_adv = layout.seq_sum(torch.where(mask, adv, 0)) / count
+    losses = -seq_adv * ratio
+    if is_weights is not None:
+        w = is_weights.float().detach()
+        w = w if w.shape == x.shape else layout.to_tokens(w)
+        losses = losses * torch.exp(layout.seq_sum(torch.where(mask, torch.log(w + 1e-10), 0))
+                                    / count)
+    loss = losses.mean() if normalizer is None else losses.sum() / normalizer
+    weights = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens)
+    hit = clipped_x != x
+    metrics = {"pg_clipfrac": _masked_mean((hit & (adv > 0)).float(), mask),
+               "pg_clipfrac_lower": _masked_mean((hit & (adv < 0)).float(), mask),
+               "approx_kl": _masked_mean((old - logp).detach(), mask)}
+    if ref_logprobs is not None and kl_coef != 0.0:
+        kl = kl_estimate(logp, ref_logprobs, kl_kind, input_clamp=kl_input_clamp,
+                         output_clamp=kl_output_clamp).float()
+        loss = loss + kl_coef * torch.where(mask, kl * weights, 0).sum()
+        metrics["kl"] = _masked_mean(kl.detach(), mask)
+    if entropy is not None:
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * torch.where(mask, entropy.float() * weights, 0).sum()
+        metrics["entropy"] = _masked_mean(entropy.detach().float(), mask)
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
 
@@ -141,6 +175,11 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
           ``"trl"`` w = min(r, eps_high), an absolute one-sided cap (TRL recommends 5)
       sapo  -(4 / tau) sigmoid(tau (r - 1)) A, tau = tau_pos where A > 0 else tau_neg
       gpg   -A logp (REINFORCE)
+      geo_mean  GMPO (Zhao et al. 2025, arXiv 2507.20673; verl's compute_policy_loss_geo_mean):
+          x clipped to [-eps_low, eps_high] on the side its advantage's sign makes pessimistic,
+          the sequence ratio exp(mean_t x) times the sequence's mean advantage, -that averaged
+          over sequences (or / ``normalizer``); IS weights enter as their geometric mean; KL and
+          entropy terms are aggregated separately with ``agg``
     Then times ``is_weights`` ((B, T) or (B,), detached: rollout importance weights), plus
     ``kl_coef * kl_estimate(logp, ref_logprobs, kl_kind, ...)`` per token, aggregated with
     :func:`aggregate` (``agg`` None: the loss type's own), minus ``entropy_coef`` times the
@@ -168,13 +207,17 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     if adv.shape != logp.shape:
         adv = layout.to_tokens(adv)
     x = logp - old
-    if ratio_log_clamp is not None and kind != "gspo":  # GSPO's mean is of the raw log-ratio
+    if ratio_log_clamp is not None and kind not in SEQUENCE_LEVEL:  # raw log-ratios there
         x = x.clamp(-ratio_log_clamp, ratio_log_clamp)
     metrics = {}
     if kind == "gspo":
         seq_x = layout.seq_mean(x, mask)
         x = (logp - logp.detach() + seq_x.detach()).clamp(max=10.0) if gspo_form == "verl" \
             else seq_x
+    if kind == "geo_mean":
+        return _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normalizer,
+                         ref_logprobs, kl_coef, kl_kind, kl_input_clamp, kl_output_clamp,
+                         entropy, entropy_coef, agg, loss_scale_factor, cu_seqlens, old)
     ratio = torch.exp(x)
     if kind in ("ppo", "gspo"):
         if delta is not None:
@@ -263,7 +306,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
     backward). Returns (loss, metrics)."""
     kind, _ = resolve_loss_type(loss_kw.get("loss_type", "ppo"), loss_kw.get("agg"))
     mask = targets != ignore_index if mask is None else mask.bool()
-    if not fused or kind == "gspo":
+    if not fused or kind in SEQUENCE_LEVEL:
         from prefkern.ops.linear_logprobs import linear_logprobs
 
         out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,

@@ -50,6 +50,27 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
         adv = adv.unsqueeze(-1)
     m = mask.double()
     neg_kl = logp - old
+    if kind == "geo_mean":  # verl compute_policy_loss_geo_mean (GMPO)
+        sgn = torch.sign(adv)
+        xc = torch.clamp(neg_kl, -eps_low, eps_high)
+        xm = sgn * torch.min(sgn * neg_kl, sgn * xc)
+        n = m.sum(-1) + 1e-8
+        ratio = torch.exp((xm * m).sum(-1) / n)
+        seq_adv = (adv.expand_as(logp) * m).sum(-1) / n
+        losses = -seq_adv * ratio
+        if is_weights is not None:
+            w = is_weights.double()
+            w = w.unsqueeze(-1).expand_as(logp) if w.dim() == 1 else w
+            losses = losses * torch.exp((torch.log(w + 1e-10) * m).sum(-1) / n)
+        loss = losses.mean() if normalizer is None else losses.sum() / normalizer
+        if ref_logprobs is not None and kl_coef != 0.0:
+            kl = kl_estimate_ref(logprobs.double(), ref_logprobs.double(), kl_kind,
+                                 input_clamp=kl_input_clamp, output_clamp=kl_output_clamp)
+            loss = loss + kl_coef * agg_loss_ref(kl, mask, agg, normalizer, loss_scale_factor)
+        if entropy is not None and entropy_coef != 0.0:
+            loss = loss - entropy_coef * agg_loss_ref(entropy.double(), mask, agg, normalizer,
+                                                      loss_scale_factor)
+        return loss
     if kind == "gspo":
         seq = (neg_kl * m).sum(-1) / m.sum(-1).clamp(min=1)
         if gspo_form == "verl":
