@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prefkern
-from prefkern.bench.core import Case, Problem, run_problem
+from prefkern.bench.core import Case, Problem, run_problem, scalar_loss_step
 from prefkern.bench.inputs import logit_stats, peaked_problem
 from prefkern.bench.linear_providers import as_step, providers
 from prefkern.bench.reference_check import (
@@ -411,7 +411,7 @@ def test_preference_gate_fails_a_wrong_beta():
             beta=0.2, backend="torch")
         return loss
 
-    problem.cases.append(Case("beta_0.2", preference._as_step(wrong), 1.0, "TFLOP/s",
+    problem.cases.append(Case("beta_0.2", scalar_loss_step(wrong), 1.0, "TFLOP/s",
                               (hid, wt)))
     rows = {r["provider"]: r for r in run_problem("preference", problem, CPU, quick=True)
             if "status" in r}

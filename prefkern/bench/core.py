@@ -194,3 +194,26 @@ def run_suites(suites: list[Suite], device: torch.device, shapes: str = "default
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows, infos
+
+
+def scalar_loss_step(fn: Callable[[], torch.Tensor]) -> Callable[[], tuple]:
+    """The step of a provider that returns a reduced loss: backward, and nothing per token to
+    check (the gate checks the gradients it left in .grad)."""
+    def step():
+        fn().backward()
+        return (None,)
+
+    return step
+
+
+def add_peer(steps: dict, skipped: dict, name: str, make: Callable[[], Callable],
+             device: torch.device) -> None:
+    """steps[name] = make() for a peer that needs CUDA and may not be installed; else the
+    reason goes to skipped."""
+    if device.type != "cuda":
+        skipped[name] = "needs a CUDA device"
+        return
+    try:
+        steps[name] = make()
+    except ImportError as err:
+        skipped[name] = f"not installed ({err.name})"

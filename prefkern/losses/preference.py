@@ -31,6 +31,14 @@ def _f64(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(torch.float64)
 
 
+def _reward_metrics(rewards_c: Tensor, rewards_r: Tensor) -> dict:
+    """TRL's reward metrics (batch means) of detached (B,) rewards of each side."""
+    return {"rewards/chosen": rewards_c.mean().float(),
+            "rewards/rejected": rewards_r.mean().float(),
+            "rewards/margins": (rewards_c - rewards_r).mean().float(),
+            "rewards/accuracies": (rewards_c > rewards_r).float().mean()}
+
+
 def _reduce(losses: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return losses
@@ -186,10 +194,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
         term = weight * _reduce(losses, reduction)
         total = term if total is None else total + term
     rewards_c, rewards_r = (beta * c).detach(), (beta * r).detach()
-    metrics = {"rewards/chosen": rewards_c.mean().float(),
-               "rewards/rejected": rewards_r.mean().float(),
-               "rewards/margins": (rewards_c - rewards_r).mean().float(),
-               "rewards/accuracies": (rewards_c > rewards_r).float().mean(),
+    metrics = {**_reward_metrics(rewards_c, rewards_r),
                "logps/chosen": chosen.detach().mean().float(),
                "logps/rejected": rejected.detach().mean().float()}
     return total.float(), metrics
@@ -243,10 +248,7 @@ def cpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tenso
         losses = (z - 1 / (2 * beta)) ** 2
     loss = _reduce(losses, reduction) + (cpo_alpha * nll if cpo_alpha != 0 else 0.0)
     rewards_c, rewards_r = (beta * chosen_r).detach(), (beta * rejected_r).detach()
-    metrics = {"rewards/chosen": rewards_c.mean().float(),
-               "rewards/rejected": rewards_r.mean().float(),
-               "rewards/margins": (rewards_c - rewards_r).mean().float(),
-               "rewards/accuracies": (rewards_c > rewards_r).float().mean(),
+    metrics = {**_reward_metrics(rewards_c, rewards_r),
                "nll_loss": nll.detach().float()}
     return loss.float(), metrics
 
@@ -274,10 +276,7 @@ def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tens
     ratio = F.logsigmoid(log_odds)
     loss = nll - beta * _reduce(ratio, reduction)
     rewards_c, rewards_r = (beta * mean_c).detach(), (beta * mean_r).detach()
-    metrics = {"rewards/chosen": rewards_c.mean().float(),
-               "rewards/rejected": rewards_r.mean().float(),
-               "rewards/margins": (rewards_c - rewards_r).mean().float(),
-               "rewards/accuracies": (rewards_c > rewards_r).float().mean(),
+    metrics = {**_reward_metrics(rewards_c, rewards_r),
                "log_odds_ratio": ratio.detach().mean().float(),
                "log_odds_chosen": log_odds.detach().mean().float(),
                "nll_loss": nll.detach().float()}
@@ -375,10 +374,7 @@ def tdpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Te
         logits = (d_w - d_l) - alpha * (kl_l - kl_w.detach())
     losses = -F.logsigmoid(beta * logits)
     rewards_c, rewards_r = (beta * (d_w + kl_w)).detach(), (beta * (d_l + kl_l)).detach()
-    metrics = {"rewards/chosen": rewards_c.mean().float(),
-               "rewards/rejected": rewards_r.mean().float(),
-               "rewards/margins": (rewards_c - rewards_r).mean().float(),
-               "rewards/accuracies": (rewards_c > rewards_r).float().mean(),
+    metrics = {**_reward_metrics(rewards_c, rewards_r),
                "kl/chosen": kl_w.detach().mean().float(),
                "kl/rejected": kl_l.detach().mean().float()}
     return _reduce(losses, reduction).float(), metrics

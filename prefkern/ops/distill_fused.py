@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefkern.ops import gemm
 from prefkern.ops.divergence_passes import (
     HeadArgs,
     Side,
@@ -24,6 +23,7 @@ from prefkern.ops.divergence_passes import (
     mixed_logits,
 )
 from prefkern.ops.linear_sliced import SLICE_BYTES
+from prefkern.ops.row_chunk_grads import RowChunkGrads
 from prefkern.ops.torch_chunked import CHUNK_ELEMENTS, _is_unit, head_transform_, rows_factor
 from prefkern.reference.divergence import Divergence
 from prefkern.reference.logprobs import compute_dtype
@@ -103,11 +103,7 @@ def fused_distill(policy: Side, refs: list[Side], targets: Tensor, head_p: HeadA
     gl = None if head_hard is not None else -g_hard
     d_out = torch.zeros(n, dtype=cdt, device=hidden.device)
     logp_out = torch.zeros_like(d_out)
-    dh = torch.empty_like(hidden) if need[0] else None
-    dw32 = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) \
-        if need[1] else None
-    db32 = torch.zeros(v, dtype=compute_dtype(weight.dtype), device=weight.device) \
-        if need[2] and bias is not None else None
+    grads = RowChunkGrads(hidden, weight, bias, need)
     chunk = _chunk_triton if triton else _chunk_torch
     every = slice(None)
     for rows in _row_chunks(n, v, hidden.device, triton):
@@ -119,13 +115,5 @@ def fused_distill(policy: Side, refs: list[Side], targets: Tensor, head_p: HeadA
             logp = _hard_term_(dz, raw_p, head_hard, rows, targets[rows], valid[rows],
                                -g_hard[rows])
         d_out[rows], logp_out[rows] = d, logp
-        dz_in = dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype)
-        if dh is not None:
-            dh[rows] = gemm.fp32_mm(dz_in, weight).to(hidden.dtype)
-        if dw32 is not None:
-            gemm.accumulate_mm(dw32, dz_in.T, hidden[rows])
-        if db32 is not None:
-            db32 += dz.sum(0)
-    dw = None if dw32 is None else dw32.to(weight.dtype)
-    db = None if db32 is None else db32.to(bias.dtype)
-    return d_out, logp_out, dh, dw, db
+        grads.add(rows, dz)
+    return (d_out, logp_out, *grads.result())

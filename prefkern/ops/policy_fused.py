@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefkern.ops import gemm, softmax_stats
+from prefkern.ops import softmax_stats
 from prefkern.ops.divergence_passes import HeadArgs, Side, mixed_logits
 from prefkern.ops.linear_sliced import SLICE_BYTES
+from prefkern.ops.row_chunk_grads import RowChunkGrads
 from prefkern.ops.torch_chunked import (
     _is_unit,
     full_row_stats,
@@ -88,11 +89,7 @@ def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: in
     valid = targets != ignore_index
     logp_out = torch.zeros(n, dtype=cdt, device=hidden.device)
     entropy_out = torch.zeros_like(logp_out)
-    dh = torch.empty_like(hidden) if need[0] else None
-    dw32 = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) \
-        if need[1] else None
-    db32 = torch.zeros(v, dtype=compute_dtype(weight.dtype), device=weight.device) \
-        if need[2] and bias is not None else None
+    grads = RowChunkGrads(hidden, weight, bias, need)
     every = slice(None)
     for rows in _row_chunks(n, v, hidden.device, triton):
         raw = mixed_logits([policy], rows, every, cdt)
@@ -115,13 +112,5 @@ def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: in
         else:
             dz = _grad_torch(state, y, ok, stats, g_logp, g_ent)
         logp_out[rows], entropy_out[rows] = logp, entropy
-        dz_in = dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype)
-        if dh is not None:
-            dh[rows] = gemm.fp32_mm(dz_in, weight).to(hidden.dtype)
-        if dw32 is not None:
-            gemm.accumulate_mm(dw32, dz_in.T, hidden[rows])
-        if db32 is not None:
-            db32 += dz.sum(0)
-    dw = None if dw32 is None else dw32.to(weight.dtype)
-    db = None if db32 is None else db32.to(bias.dtype)
-    return logp_out, entropy_out, dh, dw, db
+        grads.add(rows, dz)
+    return (logp_out, entropy_out, *grads.result())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import prefkern
-from prefkern.bench.core import Case, Problem, Suite
+from prefkern.bench.core import Case, Problem, Suite, add_peer, scalar_loss_step
 from prefkern.bench.inputs import IGNORE_INDEX, logit_stats, peaked_problem
 from prefkern.bench.reference_check import linear_logprobs_reference
 from prefkern.bench.suites import register
@@ -106,13 +106,6 @@ def _upstream(hidden, weight, targets, old, adv):
     return g.reshape(-1).float()
 
 
-def _as_step(fn):
-    def step():
-        fn().backward()
-        return (None,)  # a scalar loss: the gate checks its gradients
-
-    return step
-
 
 def problems(device: torch.device, shapes: str):
     preset = shapes if device.type == "cuda" or shapes != "default" else "small"
@@ -131,14 +124,8 @@ def problems(device: torch.device, shapes: str):
                  "prefkern_fused": _prefkern(*args, backend, True),
                  "prefkern_two_pass": _prefkern(*args, backend, False)}
         skipped = {}
-        if device.type == "cuda":
-            try:
-                steps["liger_fused_linear_grpo"] = _liger(*args)
-            except ImportError as err:
-                skipped["liger_fused_linear_grpo"] = f"not installed ({err.name})"
-        else:
-            skipped["liger_fused_linear_grpo"] = "needs a CUDA device"
-        cases = [Case(name, _as_step(fn), 6.0 * n * h * v, "TFLOP/s", (hid, wt))
+        add_peer(steps, skipped, "liger_fused_linear_grpo", lambda args=args: _liger(*args), device)
+        cases = [Case(name, scalar_loss_step(fn), 6.0 * n * h * v, "TFLOP/s", (hid, wt))
                  for name, fn in steps.items()]
         if device.type == "cuda":
             cases.append(Case("floor_3gemm", _floor(hid.detach().view(b, t, h), wt.detach()),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import prefkern
-from prefkern.bench.core import Case, Problem, Suite
+from prefkern.bench.core import Case, Problem, Suite, add_peer, scalar_loss_step
 from prefkern.bench.inputs import IGNORE_INDEX, logit_stats, peaked_problem
 from prefkern.bench.reference_check import linear_logprobs_reference
 from prefkern.bench.suites import register
@@ -126,13 +126,6 @@ def _floor_step(fn):
     return step
 
 
-def _as_step(fn):
-    def step():
-        fn().backward()
-        return (None,)  # a scalar loss: the gate checks its gradients
-
-    return step
-
 
 def problems(device: torch.device, shapes: str):
     preset = shapes if device.type == "cuda" or shapes != "default" else "small"
@@ -151,13 +144,8 @@ def problems(device: torch.device, shapes: str):
         skipped = {}
         if device.type == "cuda":
             steps["floor_4gemm"] = _floor(hid.detach(), wt.detach(), ref_hidden)
-            try:
-                steps["liger_fused_linear_dpo"] = _liger(*args)
-            except ImportError as err:
-                skipped["liger_fused_linear_dpo"] = f"not installed ({err.name})"
-        else:
-            skipped["liger_fused_linear_dpo"] = "needs a CUDA device"
-        cases = [Case(name, _floor_step(fn) if name.startswith("floor") else _as_step(fn),
+        add_peer(steps, skipped, "liger_fused_linear_dpo", lambda args=args: _liger(*args), device)
+        cases = [Case(name, _floor_step(fn) if name.startswith("floor") else scalar_loss_step(fn),
                       8.0 * n * h * v, "TFLOP/s", (hid, wt))
                  for name, fn in steps.items()]
         reference = None
