@@ -332,3 +332,26 @@ def test_geo_mean(seq_adv):
                             ref_logprobs=pack(ref), entropy=pack(entropy), cu_seqlens=cu,
                             **{**kw, "is_weights": pack(kw["is_weights"])})
     torch.testing.assert_close(packed, padded)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_linear_policy_loss_packed_equals_padded(fused):
+    hidden, weight, targets, old, adv = _linear_rollout(seed=10)
+    mask = targets != -100
+    lengths = mask.sum(-1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    pack = lambda t: torch.cat([t[i, :lengths[i]] for i in range(4)])  # noqa: E731
+    seq_adv = adv[:, 0]
+    kw = dict(loss_type="grpo", kl_coef=0.05, entropy_coef=0.01, fused=fused,
+              is_weights=torch.rand(4) + 0.5, backend="torch")
+    h = leaf(hidden)
+    padded, _ = prefkern.losses.linear_policy_loss(h, weight, targets, old, seq_adv,
+                                                   ref_logprobs=old - 0.1, **kw)
+    padded.backward()
+    hp = leaf(pack(hidden))
+    packed, _ = prefkern.losses.linear_policy_loss(hp, weight, pack(targets), pack(old), seq_adv,
+                                                   ref_logprobs=pack(old) - 0.1, cu_seqlens=cu,
+                                                   **kw)
+    packed.backward()
+    torch.testing.assert_close(packed, padded)
+    torch.testing.assert_close(hp.grad, pack(h.grad))

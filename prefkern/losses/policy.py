@@ -295,10 +295,12 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
                        bias: Tensor | None = None, temperature: float | Tensor = 1.0,
                        ignore_index: int = -100, softcap: float | None = None,
                        logit_scale: float | None = None, fused: bool = True,
-                       backend: str | None = "auto", **loss_kw):
+                       cu_seqlens: Tensor | None = None, backend: str | None = "auto",
+                       **loss_kw):
     """:func:`policy_loss` on log-probs (and entropies, for the entropy bonus and its metric)
-    computed from hidden states (B, T, H) and the LM head, with targets (B, T): no logits.
-    ``mask`` defaults to ``targets != ignore_index``.
+    computed from hidden states (B, T, H) and the LM head, with targets (B, T): no logits; or
+    packed hidden (N, H), targets (N,) with ``cu_seqlens``. ``mask`` defaults to
+    ``targets != ignore_index``.
 
     ``fused=True`` (per-token surrogates: everything but gspo): the gradient is computed in the
     forward pass, 3 GEMMs in all (prefkern.ops.policy_fused); the backward only scales it.
@@ -313,13 +315,15 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
                               ignore_index=ignore_index, softcap=softcap,
                               logit_scale=logit_scale, return_entropy=True, backend=backend)
         return policy_loss(out.logprobs, old_logprobs, advantages, mask, entropy=out.entropy,
-                           **loss_kw)
+                           cu_seqlens=cu_seqlens, **loss_kw)
     return _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
-                              temperature, ignore_index, softcap, logit_scale, backend, loss_kw)
+                              temperature, ignore_index, softcap, logit_scale, backend,
+                              cu_seqlens, loss_kw)
 
 
 def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
-                       temperature, ignore_index, softcap, logit_scale, backend, loss_kw):
+                       temperature, ignore_index, softcap, logit_scale, backend, cu_seqlens,
+                       loss_kw):
     from prefkern.dispatch import resolve_backend
     from prefkern.ops import head as head_mod
     from prefkern.ops import policy_fused
@@ -328,8 +332,10 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
 
     hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
     device = head_mod.check_linear(hidden, weight, bias)
-    if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
-        raise ValueError("hidden must be (B, T, H) with targets (B, T)")
+    if hidden.dim() != (2 if cu_seqlens is not None else 3) or \
+            targets.shape != hidden.shape[:-1]:
+        raise ValueError("hidden must be (B, T, H) with targets (B, T), or packed (N, H) with "
+                         "targets (N,) and cu_seqlens")
     for name, t in (("old_logprobs", old_logprobs), ("mask", mask)):
         if t.shape != targets.shape:
             raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}")
@@ -346,14 +352,16 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     kind, agg = resolve_loss_type(loss_kw.pop("loss_type", "ppo"), loss_kw.pop("agg", None))
     normalizer = loss_kw.pop("normalizer", None)
     scale_factor = loss_kw.pop("loss_scale_factor", None)
-    weights = aggregation_weights(mask, agg, normalizer, scale_factor).reshape(-1)
-    adv = advantages if advantages.shape == lead else advantages[:, None].expand(lead)
+    weights = aggregation_weights(mask, agg, normalizer, scale_factor, cu_seqlens).reshape(-1)
+    layout = _Layout(targets, cu_seqlens)
+    adv = advantages if advantages.shape == lead else layout.to_tokens(advantages)
     per_token = {"ref_logprobs": loss_kw.pop("ref_logprobs", None),
                  "is_weights": loss_kw.pop("is_weights", None)}
-    if per_token["is_weights"] is not None and per_token["is_weights"].dim() == 1:
-        per_token["is_weights"] = per_token["is_weights"][:, None].expand(lead)
+    is_w = per_token["is_weights"]
+    is_w = is_w if is_w is None or is_w.shape == lead else layout.to_tokens(is_w)
     flat = {k: None if t is None else t.reshape(-1) for k, t in
-            dict(old=old_logprobs, adv=adv, mask=mask, **per_token).items()}
+            dict(old=old_logprobs, adv=adv, mask=mask, ref_logprobs=per_token["ref_logprobs"],
+                 is_weights=is_w).items()}
 
     def token_loss(rows, lp, ent):
         col = {k: None if t is None else t[rows][:, None] for k, t in flat.items()}
@@ -372,7 +380,7 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
         value, metrics = policy_loss(logp.view(lead), old_logprobs, advantages, mask,
                                      loss_type=kind, agg=agg, normalizer=normalizer,
                                      loss_scale_factor=scale_factor, entropy=entropy.view(lead),
-                                     **per_token, **loss_kw)
+                                     cu_seqlens=cu_seqlens, **per_token, **loss_kw)
     dh = None if dh is None else dh.view(hidden.shape)
     return GradientInForward.apply(value, dh, dw, db, hidden, weight, bias), metrics
 
