@@ -207,10 +207,10 @@ def scalar_loss_step(fn: Callable[[], torch.Tensor]) -> Callable[[], tuple]:
 
 
 def add_peer(steps: dict, skipped: dict, name: str, make: Callable[[], Callable],
-             device: torch.device) -> None:
-    """steps[name] = make() for a peer that needs CUDA and may not be installed; else the
-    reason goes to skipped."""
-    if device.type != "cuda":
+             device: torch.device, needs_cuda: bool = True) -> None:
+    """steps[name] = make() for a peer that may not be installed (and may need CUDA); else
+    the reason goes to skipped."""
+    if needs_cuda and device.type != "cuda":
         skipped[name] = "needs a CUDA device"
         return
     try:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 import prefkern
+from prefkern.bench.core import add_peer
 from prefkern.bench.inputs import IGNORE_INDEX
 
 Provider = Callable[[], object]
@@ -131,13 +132,7 @@ def providers(hidden, weight, targets, mode: str, with_entropy: bool) -> tuple[d
         peers["torch_linear_cross_entropy"] = lambda: _peer_torch_linear_ce(
             hidden, weight, targets)
     for name, make in peers.items():
-        if device.type != "cuda" and not name.startswith("torch_"):
-            skipped[name] = "needs a CUDA device"
-            continue
-        try:
-            steps[name] = make()
-        except ImportError as err:
-            skipped[name] = f"not installed ({err.name})"
+        add_peer(steps, skipped, name, make, device, needs_cuda=not name.startswith("torch_"))
     return steps, skipped
 
 

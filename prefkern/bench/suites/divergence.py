@@ -26,7 +26,7 @@ import math
 import torch
 
 import prefkern
-from prefkern.bench.core import Case, Problem, Suite
+from prefkern.bench.core import Case, Problem, Suite, add_peer
 from prefkern.bench.inputs import IGNORE_INDEX, ignored_fraction, logit_stats, peaked_problem
 from prefkern.bench.reference_check import linear_divergence_reference
 from prefkern.bench.suites import register
@@ -134,13 +134,9 @@ def problems(device: torch.device, shapes: str):
                     steps["prefkern_distill_fused"] = _fused(*args, targets, beta, backend)
                 if device.type == "cuda":
                     steps[f"floor_{'2' if mode == 'fwd' else '4'}gemm"] = _floor(*args, mode)
-                    if grad:
-                        try:
-                            steps["liger_fused_linear_jsd"] = _liger(*args, targets, beta)
-                        except ImportError as err:
-                            skipped["liger_fused_linear_jsd"] = f"not installed ({err.name})"
-                else:
-                    skipped["liger_fused_linear_jsd"] = "needs a CUDA device"
+                if grad or device.type != "cuda":  # Liger's JSD has no forward-only call
+                    add_peer(steps, skipped, "liger_fused_linear_jsd",
+                             lambda a=(*args, targets, beta): _liger(*a), device)
                 work = 2.0 * n * h * v * (2 if mode == "fwd" else 4)
                 cases = [Case(name, _as_step(fn, mode, g_div, not name.startswith("floor")),
                               work, "TFLOP/s", (hid, wt) if grad else ())
