@@ -131,8 +131,8 @@ def _divergence_fwd_kernel(
     v_read = tl.where(valid, V, 0)  # ignored rows read nothing
     p_row = zp_ptr + row * zp_stride
     q_row = zq_ptr + row * zq_stride
-    m_p, s_p, u_p = row_stats(p_row, v_read, it_p, softcap_p, SOFTCAP_P, BLOCK_V)
-    m_q, s_q, u_q = row_stats(q_row, v_read, it_q, softcap_q, SOFTCAP_Q, BLOCK_V)
+    m_p, s_p, u_p, _, _, _ = row_stats(p_row, v_read, it_p, softcap_p, SOFTCAP_P, BLOCK_V, False)
+    m_q, s_q, u_q, _, _, _ = row_stats(q_row, v_read, it_q, softcap_q, SOFTCAP_Q, BLOCK_V, False)
     ls_p = tl.log(s_p)
     ls_q = tl.log(s_q)
     offs = tl.arange(0, BLOCK_V)

@@ -2,7 +2,8 @@
 tl.dot and consumed on chip; no (N, V) or (N, C) logits buffer ever exists.
 
 forward   grid (row blocks, vocab splits): each program folds its vocab range into per-row
-          statistics (m, s, u, z[y]); the caller merges the splits (4 x splits x N floats).
+          statistics (m, s, u, z[y]; and s2, sz, argmax column with EXTRA); the caller merges
+          the splits (4 or 7 x splits x N floats).
           FLOPs 2NHV.
 backward  two passes, each recomputing its tiles (FLOPs 4NHV each, 8NHV total):
           dh pass, per wave of rows:   scratch[rows] += dz @ W[cols]   (programs split the vocab)
@@ -19,7 +20,7 @@ import triton.language as tl
 
 from ._device import on_tensor_device
 from ._launch_args import softcap_args, temperature_args
-from .softmax_stats import capped_logits, fold_rows, grad_z, rows_inv_temp
+from .softmax_stats import capped_logits, fold_extra_rows, fold_rows, grad_z, rows_inv_temp
 
 SCRATCH_BYTES = 64 << 20
 
@@ -50,7 +51,7 @@ def _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, H, stride_h, stri
 def _fused_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, H, stride_h, stride_w, cols_per_split,
     inv_temp, inv_temp_ptr, softcap, ignore_index,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr, EXTRA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -63,6 +64,9 @@ def _fused_fwd_kernel(
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
     z_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sz = tl.zeros([BLOCK_N], dtype=tl.float32)
+    idx = tl.full([BLOCK_N], -1, dtype=tl.int32)
     c_lo = split * cols_per_split
     c_hi = tl.minimum(V, c_lo + cols_per_split)
     for c0 in range(c_lo, c_hi, BLOCK_V):
@@ -71,21 +75,28 @@ def _fused_fwd_kernel(
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, PRECISION)
         z, _ = capped_logits(raw, it, softcap, SOFTCAP)
         z = tl.where(cols[None, :] < c_hi, z, float("-inf"))
+        m_old = m
         m, s, u = fold_rows(m, s, u, z)
+        if EXTRA:
+            s2, sz, idx = fold_extra_rows(m_old, m, s2, sz, idx, z, cols[None, :] < c_hi, c0)
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-    # part (4, n_splits, N): m, s, u, z_y
+    # part (4 or 7, n_splits, N): m, s, u, z_y[, s2, sz, idx]
     out = part_ptr + split * N + rows
     ok = rows < N
     tl.store(out, m, mask=ok)
     tl.store(out + n_splits * N, s, mask=ok)
     tl.store(out + 2 * n_splits * N, u, mask=ok)
     tl.store(out + 3 * n_splits * N, z_y, mask=ok)
+    if EXTRA:
+        tl.store(out + 4 * n_splits * N, s2, mask=ok)
+        tl.store(out + 5 * n_splits * N, sz, mask=ok)
+        tl.store(out + 6 * n_splits * N, idx.to(tl.float32), mask=ok)
 
 
 @triton.jit
-def _load_row_terms(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_ok, ignore_index,
-                    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+def _load_row_terms(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, gx_ptr, rows, row_ok,
+                    ignore_index, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr,
+                    HAS_G_LSE: tl.constexpr, HAS_G_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr):
     y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = (y != ignore_index) & row_ok
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -94,6 +105,11 @@ def _load_row_terms(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_o
     gl = zeros
     ge = zeros
     gs = zeros
+    g_sq = zeros
+    g_const = zeros
+    if HAS_G_EXTRA:  # (N, 2): g_sq, g_const
+        g_sq = tl.load(gx_ptr + 2 * rows, mask=row_ok, other=0.0)
+        g_const = tl.load(gx_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
     if HAS_G_LOGP:
         gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
     if HAS_G_ENT:
@@ -101,7 +117,7 @@ def _load_row_terms(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_o
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
     if HAS_G_LSE:
         gs = tl.load(gs_ptr + rows, mask=row_ok, other=0.0)
-    return y, valid, lse, ent, gl, ge, gs
+    return y, valid, lse, ent, gl, ge, gs, g_sq, g_const
 
 
 @triton.jit
@@ -114,20 +130,21 @@ def _add_tile(ptrs, value, mask, ATOMIC: tl.constexpr):
 
 @triton.jit
 def _fused_dh_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, acc_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, gx_ptr, acc_ptr,
     row0, row1, V, H, stride_h, stride_w, cols_per_split, inv_temp, inv_temp_ptr, softcap,
     ignore_index, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr,
     HAS_G_LOGP: tl.constexpr,
-    HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_EXTRA: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """acc[rows - row0] += dz[rows, split's columns] @ W[split's columns]."""
     rows = (row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < row1
-    y, valid, lse, ent, gl, ge, gs = _load_row_terms(
-        y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_ok, ignore_index,
-        HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, BLOCK_N)
+    y, valid, lse, ent, gl, ge, gs, gq, gc = _load_row_terms(
+        y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, gx_ptr, rows, row_ok, ignore_index,
+        HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, HAS_G_EXTRA, BLOCK_N)
     it = rows_inv_temp(inv_temp, inv_temp_ptr, rows, row_ok, ROW_TEMP, BLOCK_N)
     c_lo = tl.program_id(1) * cols_per_split
     c_hi = tl.minimum(V, c_lo + cols_per_split)
@@ -140,7 +157,8 @@ def _fused_dh_kernel(
         z, dcap = capped_logits(raw, it, softcap, SOFTCAP)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         dz = grad_z(z, dcap, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
-                    ge[:, None], gs[:, None], it, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, SOFTCAP)
+                    ge[:, None], gs[:, None], gq[:, None], gc[:, None], it, HAS_G_LOGP,
+                    HAS_G_ENT, HAS_G_LSE, HAS_G_EXTRA, SOFTCAP)
         dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0).to(w_ptr.dtype.element_ty)
         if DOT_FP32:
             dz = dz.to(tl.float32)
@@ -157,11 +175,12 @@ def _fused_dh_kernel(
 
 @triton.jit
 def _fused_dw_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, acc_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, gx_ptr, acc_ptr, db_ptr,
     col0, col1, N, H, stride_h, stride_w, rows_per_split, inv_temp, inv_temp_ptr, softcap,
     ignore_index, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ROW_TEMP: tl.constexpr,
     HAS_G_LOGP: tl.constexpr,
-    HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, NEED_DW: tl.constexpr,
+    HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_EXTRA: tl.constexpr,
+    NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -175,16 +194,17 @@ def _fused_dw_kernel(
     for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < r_hi
-        y, valid, lse, ent, gl, ge, gs = _load_row_terms(
-            y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, rows, row_ok, ignore_index,
-            HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, BLOCK_N)
+        y, valid, lse, ent, gl, ge, gs, gq, gc = _load_row_terms(
+            y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, gx_ptr, rows, row_ok,
+            ignore_index, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, HAS_G_EXTRA, BLOCK_N)
         it = rows_inv_temp(inv_temp, inv_temp_ptr, rows, row_ok, ROW_TEMP, BLOCK_N)
         raw = _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, r_hi, col1, H, stride_h, stride_w,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, PRECISION)
         z, dcap = capped_logits(raw, it, softcap, SOFTCAP)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         dz = grad_z(z, dcap, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
-                    ge[:, None], gs[:, None], it, HAS_G_LOGP, HAS_G_ENT, HAS_G_LSE, SOFTCAP)
+                    ge[:, None], gs[:, None], gq[:, None], gc[:, None], it, HAS_G_LOGP,
+                    HAS_G_ENT, HAS_G_LSE, HAS_G_EXTRA, SOFTCAP)
         dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
         if NEED_DB:
             db += tl.sum(dz, axis=0)
@@ -257,19 +277,22 @@ def _common(hidden, weight, bias, inv_temp, softcap, ignore_index):
 
 @on_tensor_device
 def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, softcap,
-                        ignore_index: int):
-    """-> (m, s, u, z_target), each (n_splits, N) fp32: the softmax statistics of each vocab
-    split (merged by the caller) and z[y] (0 in the splits that do not hold the target)."""
+                        ignore_index: int, extra: bool = False):
+    """-> (m, s, u, z_target[, s2, sz, idx]), each (n_splits, N) fp32: the softmax statistics
+    of each vocab split (merged by the caller) and z[y] (0 in the splits that do not hold the
+    target); with ``extra`` also s2 = sum exp(2 (z - m)), sz = sum z and the first column
+    holding the split's max."""
     _check(hidden, weight, bias, targets)
     (n, h), v = hidden.shape, weight.shape[0]
     cfg = _common(hidden, weight, bias, inv_temp, softcap, ignore_index)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     n_splits, per_split = _split(v, cfg["BLOCK_V"], row_blocks, hidden.device)
-    part = torch.empty((4, n_splits, n), dtype=torch.float32, device=hidden.device)
+    part = torch.empty((7 if extra else 4, n_splits, n), dtype=torch.float32,
+                       device=hidden.device)
     if n:
         _fused_fwd_kernel[(row_blocks, n_splits)](
             hidden, weight, bias if bias is not None else weight, targets, part, n, v, h,
-            hidden.stride(0), weight.stride(0), per_split, **cfg)
+            hidden.stride(0), weight.stride(0), per_split, EXTRA=extra, **cfg)
     return part.unbind(0)
 
 
@@ -293,16 +316,17 @@ def _waves(length: int, block: int, other: int, other_block: int, h: int, determ
 @on_tensor_device
 def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
                         inv_temp, softcap, ignore_index: int, need_dh=True, need_dw=True,
-                        need_db=True, deterministic=False):
-    """-> (dhidden, dweight, dbias) in the input dtype (None where not needed)."""
+                        need_db=True, deterministic=False, g_extra=None):
+    """-> (dhidden, dweight, dbias) in the input dtype (None where not needed). g_extra (N, 2)
+    [g_sq, g_const] or None adds g_sq p^2 + g_const to d loss / d z."""
     _check(hidden, weight, bias, targets)
     (n, h), v = hidden.shape, weight.shape[0]
     cfg = _common(hidden, weight, bias, inv_temp, softcap, ignore_index)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     rows_terms = (targets, lse, entropy if entropy is not None else lse,
-                  *(lse if g is None else g for g in (g_logp, g_ent, g_lse)))
+                  *(lse if g is None else g for g in (g_logp, g_ent, g_lse, g_extra)))
     flags = dict(HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
-                 HAS_G_LSE=g_lse is not None)
+                 HAS_G_LSE=g_lse is not None, HAS_G_EXTRA=g_extra is not None)
     bias_arg = bias if bias is not None else weight
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None

@@ -17,7 +17,13 @@ import triton.language as tl
 
 from ._device import on_tensor_device
 from ._launch_args import temperature_args
-from .softmax_stats import grad_z, load_upstream, row_inv_temp, row_stats
+from .softmax_stats import (
+    grad_z,
+    load_extra_grad,
+    load_upstream,
+    row_inv_temp,
+    row_stats,
+)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -25,8 +31,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    V, inv_temp, inv_temp_ptr, ignore_index,
-    WITH_ENTROPY: tl.constexpr, ROW_TEMP: tl.constexpr, BLOCK_V: tl.constexpr,
+    stats_ptr, V, inv_temp, inv_temp_ptr, ignore_index,
+    WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr, ROW_TEMP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     inv_temp = row_inv_temp(inv_temp, inv_temp_ptr, row, ROW_TEMP)
@@ -34,7 +41,8 @@ def _logprobs_fwd_kernel(
     valid = y != ignore_index
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     # ignored rows read nothing (a zero-length row)
-    m, s, u = row_stats(row_ptr, tl.where(valid, V, 0), inv_temp, 1.0, SOFTCAP=False, BLOCK=BLOCK_V)
+    m, s, u, s2, sz, idx = row_stats(row_ptr, tl.where(valid, V, 0), inv_temp, 1.0, SOFTCAP=False,
+                                BLOCK=BLOCK_V, EXTRA=WITH_STATS)
     log_s = tl.log(s)
     lse = m + log_s
     # ignored rows read column 0 (a scalar mask is not portable to the interpreter)
@@ -43,15 +51,20 @@ def _logprobs_fwd_kernel(
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, log_s - u / s, 0.0))
+    if WITH_STATS:  # (N, 4): sum p^2, mean logit, max logit, first argmax column
+        tl.store(stats_ptr + 4 * row, tl.where(valid, s2 / (s * s), 0.0))
+        tl.store(stats_ptr + 4 * row + 1, tl.where(valid, sz / V, 0.0))
+        tl.store(stats_ptr + 4 * row + 2, tl.where(valid, m, 0.0))
+        tl.store(stats_ptr + 4 * row + 3, tl.where(valid, idx.to(tl.float32), -1.0))
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, stride_outer, stride_inner, inner, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr,
-    g_ent_ptr, g_lse_ptr,
+    g_ent_ptr, g_lse_ptr, g_extra_ptr,
     grad_ptr, grad_stride_outer, grad_stride_inner, V, inv_temp, inv_temp_ptr, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr,
-    ROW_TEMP: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_G_EXTRA: tl.constexpr, ROW_TEMP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     inv_temp = row_inv_temp(inv_temp, inv_temp_ptr, row, ROW_TEMP)
@@ -60,6 +73,7 @@ def _logprobs_bwd_kernel(
     lse, entropy, g_logp, g_ent, g_lse = load_upstream(
         row, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, g_lse_ptr, HAS_G_LOGP, HAS_G_ENT,
         HAS_G_LSE)
+    g_sq, g_const = load_extra_grad(row, g_extra_ptr, HAS_G_EXTRA)
     v_read = tl.where(valid, V, 0)
     row_ptr = logits_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
     out_ptr = grad_ptr + (row // inner) * grad_stride_outer + (row % inner) * grad_stride_inner
@@ -67,9 +81,9 @@ def _logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         z = tl.load(row_ptr + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * inv_temp
-        dz = grad_z(z, z, cols == y, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-                    HAS_G_LOGP=HAS_G_LOGP, HAS_G_ENT=HAS_G_ENT, HAS_G_LSE=HAS_G_LSE,
-                    SOFTCAP=False)
+        dz = grad_z(z, z, cols == y, lse, entropy, g_logp, g_ent, g_lse, g_sq, g_const,
+                    inv_temp, HAS_G_LOGP=HAS_G_LOGP, HAS_G_ENT=HAS_G_ENT, HAS_G_LSE=HAS_G_LSE,
+                    HAS_G_EXTRA=HAS_G_EXTRA, SOFTCAP=False)
         dz = tl.where(valid, dz, 0.0)
         tl.store(out_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
@@ -90,34 +104,41 @@ def _rows_layout(logits: torch.Tensor, targets: torch.Tensor):
     return n, logits.shape[2], logits.stride(0), logits.stride(1), max(logits.shape[1], 1)
 
 
-def _block_v(V: int) -> int:
-    return min(triton.next_power_of_2(V), 4096)
+def _block_v(V: int, with_stats: bool = False) -> int:
+    # the extra statistics keep two more per-lane accumulators: a smaller block keeps them in
+    # registers (sm_80 fp32 spilled at 4096)
+    return min(triton.next_power_of_2(V), 2048 if with_stats else 4096)
 
 
 @on_tensor_device
-def logprobs_fwd(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True):
+def logprobs_fwd(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True,
+                 with_stats: bool = False):
     """logits (N, V) or (B, T, V), targets (N = B*T,) -> (logp, entropy or None, lse), each
-    (N,) fp32. inv_temp: a float or (N,) fp32 per-row factors."""
+    (N,) fp32, and with_stats the (N, 4) fp32 [sum p^2, mean logit, max logit, target is
+    argmax column] (else None). inv_temp: a float or (N,) fp32 per-row factors."""
     n, v, stride_outer, stride_inner, inner = _rows_layout(logits, targets)
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
+    stats = torch.empty((n, 4), dtype=torch.float32, device=logits.device) if with_stats \
+        else None
     if n > 0:
         _logprobs_fwd_kernel[(n,)](
             logits, stride_outer, stride_inner, inner, targets, logp,
-            entropy if with_entropy else logp, lse, v, ignore_index=ignore_index,
-            WITH_ENTROPY=with_entropy, BLOCK_V=_block_v(v), num_warps=8,
-            **temperature_args(inv_temp, lse),
+            entropy if with_entropy else logp, lse, stats if with_stats else logp, v,
+            ignore_index=ignore_index, WITH_ENTROPY=with_entropy, WITH_STATS=with_stats,
+            BLOCK_V=_block_v(v, with_stats), num_warps=8, **temperature_args(inv_temp, lse),
         )
-    return logp, entropy, lse
+    return logp, entropy, lse, stats
 
 
 @on_tensor_device
 def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-                 ignore_index: int, inplace: bool = False):
+                 ignore_index: int, inplace: bool = False, g_extra=None):
     """-> dlogits shaped and typed like logits: a new contiguous tensor, or (inplace) logits
     itself, overwritten (each element is read before it is written, by the same program).
-    g_logp / g_ent / g_lse (N,) fp32 or None; entropy is needed only with g_ent."""
+    g_logp / g_ent / g_lse (N,) fp32 or None; entropy is needed only with g_ent; g_extra (N, 2)
+    fp32 [g_sq, g_const] or None (adds g_sq p^2 + g_const to d loss / d z)."""
     n, v, stride_outer, stride_inner, inner = _rows_layout(logits, targets)
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype,
                                               device=logits.device)
@@ -126,10 +147,11 @@ def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
         _logprobs_bwd_kernel[(n,)](
             logits, stride_outer, stride_inner, inner, targets, lse,
             entropy if g_ent is not None else lse,
-            *(lse if g is None else g for g in (g_logp, g_ent, g_lse)),
+            *(lse if g is None else g for g in (g_logp, g_ent, g_lse, g_extra)),
             grad, grad_outer, grad_inner, v, ignore_index=ignore_index,
             HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
-            HAS_G_LSE=g_lse is not None, BLOCK_V=_block_v(v), num_warps=8,
+            HAS_G_LSE=g_lse is not None, HAS_G_EXTRA=g_extra is not None,
+            BLOCK_V=_block_v(v), num_warps=8,
             **temperature_args(inv_temp, lse),
         )
     return grad

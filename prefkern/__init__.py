@@ -20,7 +20,13 @@ from prefkern.ops.linear_logprobs import linear_logprobs
 from prefkern.ops.logits_divergence import logits_divergence
 from prefkern.ops.logprobs_from_logits import entropy_from_logits, logprobs_from_logits
 from prefkern.ops.reward_shaping import RunningMoments, kl_penalized_rewards, normalize_rewards
-from prefkern.outputs import DivergenceOutput, LinearLogprobsOutput, LogprobsEntropy
+from prefkern.outputs import (
+    DivergenceOutput,
+    HeadOutput,
+    HeadStats,
+    LinearLogprobsOutput,
+    LogprobsEntropy,
+)
 
 __version__ = "0.1.0"
 
@@ -28,6 +34,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "DivergenceOutput",
+    "HeadOutput",
+    "HeadStats",
     "LinearLogprobsOutput",
     "LogprobsEntropy",
     "RunningMoments",

@@ -40,31 +40,35 @@ def _temperature(inv_temp) -> tuple[float, int]:
 
 
 @on_tensor_device
-def logprobs_fwd(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True):
-    """logits (N, V) unit stride on V, targets (N,) -> (logp, entropy or None, lse) fp32.
+def logprobs_fwd(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True,
+                 with_stats: bool = False):
+    """logits (N, V) unit stride on V, targets (N,) -> (logp, entropy or None, lse) fp32 and
+    with_stats the (N, 4) fp32 [sum p^2, mean logit, max logit, target is argmax] (else None).
     inv_temp: a float or (N,) fp32 contiguous per-row factors."""
     n, v = logits.shape
     targets = targets.to(torch.int64).contiguous()
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
+    stats = torch.empty((n, 4), dtype=torch.float32, device=logits.device) if with_stats \
+        else None
     _ext().logprobs_from_logits_fwd(
         _ptr(logits), logits.stride(0), _ptr(targets), _ptr(logp), _ptr(entropy), _ptr(lse),
-        n, v, *_temperature(inv_temp), int(ignore_index), _dtype_code(logits),
+        _ptr(stats), n, v, *_temperature(inv_temp), int(ignore_index), _dtype_code(logits),
         _stream(logits.device))
-    return logp, entropy, lse
+    return logp, entropy, lse, stats
 
 
 @on_tensor_device
 def logprobs_bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp, ignore_index: int,
-                 inplace: bool = False):
+                 inplace: bool = False, g_extra=None):
     """-> dlogits (N, V): a new tensor, or (inplace) logits itself, overwritten (each thread
-    reads its elements before it writes them)."""
+    reads its elements before it writes them). g_extra: (N, 2) fp32 [g_sq, g_const] or None."""
     n, v = logits.shape
     targets = targets.to(torch.int64).contiguous()
     grad = logits if inplace else torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     _ext().logprobs_from_logits_bwd(
         _ptr(logits), logits.stride(0), _ptr(targets), _ptr(lse), _ptr(entropy), _ptr(g_logp),
-        _ptr(g_ent), _ptr(g_lse), _ptr(grad), grad.stride(0), n, v, *_temperature(inv_temp),
-        int(ignore_index), _dtype_code(logits), _stream(logits.device))
+        _ptr(g_ent), _ptr(g_lse), _ptr(g_extra), _ptr(grad), grad.stride(0), n, v,
+        *_temperature(inv_temp), int(ignore_index), _dtype_code(logits), _stream(logits.device))
     return grad

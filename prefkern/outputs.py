@@ -27,3 +27,25 @@ class DivergenceOutput(NamedTuple):
 
     divergence: torch.Tensor
     logprobs: torch.Tensor | None
+
+
+class HeadStats(NamedTuple):
+    """Per-row softmax statistics (``return_stats``), 0 on rows whose targets are all ignored.
+
+    sum_p2: ``(p * p).sum(-1)`` fp32, differentiable. mean_logit: ``z.mean(-1)`` fp32,
+    differentiable (z: the logits after scale, softcap and temperature). target_is_argmax:
+    ``z.argmax(-1) == y`` (the first maximal column on ties, as torch.argmax; TRL's token
+    accuracy), bool shaped like the targets, None without targets."""
+
+    sum_p2: torch.Tensor
+    mean_logit: torch.Tensor
+    target_is_argmax: torch.Tensor | None
+
+
+class HeadOutput(NamedTuple):
+    """What a log-prob op returns with ``return_stats``; fields not asked for are None."""
+
+    logprobs: torch.Tensor | None
+    entropy: torch.Tensor | None
+    lse: torch.Tensor | None
+    stats: HeadStats

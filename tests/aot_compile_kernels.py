@@ -53,6 +53,10 @@ POINTERS = {
     "m_p_ptr": "fp32", "ls_p_ptr": "fp32", "m_q_ptr": "fp32", "ls_q_ptr": "fp32",
     "c_p_ptr": "fp32", "c_q_ptr": "fp32", "g_div_ptr": "fp32", "inv_temp_p_ptr": "fp32",
     "inv_temp_q_ptr": "fp32",
+    # extra row statistics (return_stats) and their gradient
+    "stats_ptr": "fp32", "s2_ptr": "fp32", "sz_ptr": "fp32", "idx_ptr": "fp32",
+    "g_extra_ptr": "fp32",
+    "gx_ptr": "fp32",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "i64": torch.int64, "i32": torch.int32, "u8": torch.uint8}
@@ -154,28 +158,36 @@ def _cases():
     rows = dict(num_warps=8)
     for elt in ("bf16", "fp32"):
         p = _pointers()
-        yield (f"logprobs_fwd[{elt}]", logits_kernels._logprobs_fwd_kernel, elt, p,
-               dict(WITH_ENTROPY=True, ROW_TEMP=True, BLOCK_V=4096), rows)
-        yield (f"logprobs_bwd[{elt}]", logits_kernels._logprobs_bwd_kernel, elt, p,
-               dict(BLOCK_V=4096, HAS_G_LSE=True, **grads), rows)
         # fast mode (ops/linear_sliced.py): fp32 logit slices, gradients in the input dtype
         sliced = _pointers(raw_ptr="fp32", dz_ptr="elt")
-        if elt == "fp32":  # the same program for every input dtype
-            yield ("slice_stats", logits_slice._slice_stats_kernel, elt, sliced,
-                   dict(SOFTCAP=True, ROW_TEMP=True, BLOCK=4096), rows)
-        yield (f"slice_grad[{elt}]", logits_slice._slice_grad_kernel, elt, sliced,
-               dict(SOFTCAP=True, BLOCK=4096, HAS_G_LSE=True, **grads), rows)
+        # each row kernel without and with the extra statistics (return_stats)
+        for stats, suffix in ((False, ""), (True, "+stats")):
+            yield (f"logprobs_fwd[{elt}]{suffix}", logits_kernels._logprobs_fwd_kernel, elt, p,
+                   dict(WITH_ENTROPY=True, WITH_STATS=stats, ROW_TEMP=True,
+                        BLOCK_V=logits_kernels._block_v(128256, stats)), rows)
+            yield (f"logprobs_bwd[{elt}]{suffix}", logits_kernels._logprobs_bwd_kernel, elt, p,
+                   dict(BLOCK_V=4096, HAS_G_LSE=True, HAS_G_EXTRA=stats, **grads), rows)
+            if elt == "fp32":  # the same program for every input dtype
+                yield (f"slice_stats{suffix}", logits_slice._slice_stats_kernel, elt, sliced,
+                       dict(SOFTCAP=True, ROW_TEMP=True, EXTRA=stats, BLOCK=4096), rows)
+            yield (f"slice_grad[{elt}]{suffix}", logits_slice._slice_grad_kernel, elt, sliced,
+                   dict(SOFTCAP=True, BLOCK=4096, HAS_G_LSE=True, HAS_G_EXTRA=stats, **grads),
+                   rows)
         # linear_logprobs_fused._config on a GPU
         fused = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, DOT_FP32=False,
                      PRECISION="ieee" if elt == "fp32" else "tf32", HAS_BIAS=True, SOFTCAP=True,
                      ROW_TEMP=True)
         launch = dict(num_warps=8, num_stages=3)
-        yield (f"fused_fwd[{elt}]", linear_logprobs_fused._fused_fwd_kernel, elt, p, fused,
-               launch)
+        # each fused kernel without and with the extra statistics (return_stats): the tiles
+        # sit at the register cap, so the stats variant has its own spill budget
         bwd = dict(fused, HAS_G_LSE=True, ATOMIC=True, HAS_G_LOGP=True, HAS_G_ENT=True)
-        yield (f"fused_dh[{elt}]", linear_logprobs_fused._fused_dh_kernel, elt, p, bwd, launch)
-        yield (f"fused_dw[{elt}]", linear_logprobs_fused._fused_dw_kernel, elt, p,
-               dict(bwd, NEED_DW=True, NEED_DB=True), launch)
+        for stats, suffix in ((False, ""), (True, "+stats")):
+            yield (f"fused_fwd[{elt}]{suffix}", linear_logprobs_fused._fused_fwd_kernel, elt, p,
+                   dict(fused, EXTRA=stats), launch)
+            yield (f"fused_dh[{elt}]{suffix}", linear_logprobs_fused._fused_dh_kernel, elt, p,
+                   dict(bwd, HAS_G_EXTRA=stats), launch)
+            yield (f"fused_dw[{elt}]{suffix}", linear_logprobs_fused._fused_dw_kernel, elt, p,
+                   dict(bwd, HAS_G_EXTRA=stats, NEED_DW=True, NEED_DB=True), launch)
     # divergences: every kind is its own program; materialized bf16 logits forward (logits
     # path), fp32 GEMM slices in with bf16 gradients out backward (linear path)
     heads = dict(ROW_TEMP_P=True, ROW_TEMP_Q=True, SOFTCAP_P=True, SOFTCAP_Q=True)
@@ -216,6 +228,16 @@ SPILL_MEASURED = {
     # ptxas (12.8 with 3.6, 12.9 with 3.9) gives this one 32 to 128 registers and spills KBs per
     # thread: fp32 dW on sm_80 is pathological, not a matter of a few bytes
     (80, "fused_dw[fp32]"): {"3.6": 2000, "3.9": 37864},
+    # the same kernels with the extra statistics (return_stats: two more row accumulators
+    # forward, two more row terms backward) on top of tiles already at the register cap
+    (90, "fused_dw[bf16]+stats"): {"3.6": 0, "3.9": 24},
+    (90, "fused_fwd[fp32]+stats"): {"3.6": 36, "3.9": 44},
+    (90, "fused_dh[fp32]+stats"): {"3.6": 180, "3.9": 376},
+    (90, "fused_dw[fp32]+stats"): {"3.6": 968, "3.9": 1052},
+    (80, "fused_dw[bf16]+stats"): {"3.6": 0, "3.9": 128},
+    (80, "fused_fwd[fp32]+stats"): {"3.6": 32, "3.9": 1228},
+    (80, "fused_dh[fp32]+stats"): {"3.6": 72, "3.9": 2992},
+    (80, "fused_dw[fp32]+stats"): {"3.6": 2196, "3.9": 39796},
 }
 
 

@@ -445,6 +445,52 @@ def test_linear_logprobs_triton_min_memory(p, deterministic):
     check_linear_logprobs(p, "triton", "min_memory", deterministic)
 
 
+def check_head_stats(p, backend, mode="auto"):
+    """return_stats against the float64 spec (rule on sum_p2 and mean_logit) and the exact
+    invariants that tie the statistics to the other outputs: 1/V <= sum p^2 <= 1, Renyi-2
+    entropy -log sum p^2 <= Shannon entropy, mean logit <= lse, an argmax target has
+    p_y >= sum p^2 (max p >= sum p^2), zeros and False at ignored rows."""
+    hidden, weight, bias, targets, _ = _linear(p)
+    kw = dict(temperature=p["temperature_value"], logit_scale=p["logit_scale"],
+              softcap=p["softcap"], return_entropy=True, return_lse=True, return_stats=True)
+    out = prefkern.linear_logprobs(hidden, weight, targets, bias, backend=backend, mode=mode,
+                                   **kw)
+    up = lambda dt: [None if t is None else t.to(dt) for t in (hidden, weight, bias)]  # noqa: E731
+    ref = linear_logprobs_ref(*up(torch.float64)[:2], targets, up(torch.float64)[2], **kw)
+    base = linear_logprobs_ref(*up(torch.float32)[:2], targets, up(torch.float32)[2], **kw)
+    n, v = targets.numel(), p["v"]
+    for name in ("sum_p2", "mean_logit"):
+        got = getattr(out.stats, name)
+        assert got.shape == targets.shape and got.dtype == torch.float32, name
+        assert_rule(got, getattr(ref.stats, name), getattr(base.stats, name), name,
+                    reduction=v + p["h"])
+    valid = targets != -100
+    hit, sum_p2 = out.stats.target_is_argmax, out.stats.sum_p2.double()
+    tol = 1e-5 if p["kind"] != "extreme" else 1e-4
+    assert hit.dtype == torch.bool and not hit[~valid].any()
+    assert (sum_p2[~valid] == 0).all() and (out.stats.mean_logit[~valid] == 0).all()
+    if n and valid.any():
+        s2, ent = sum_p2[valid], out.entropy.double()[valid]
+        assert (s2 >= 1 / v - tol).all() and (s2 <= 1 + tol).all()
+        assert (-torch.log(s2) <= ent + tol * (1 + ent.abs())).all()
+        lse = out.lse.double()[valid]
+        assert (out.stats.mean_logit.double()[valid] <= lse + tol * (1 + lse.abs())).all()
+        assert (out.logprobs.double()[hit].exp() >= sum_p2[hit] - tol).all()
+
+
+@budget(40)
+@given(p=linear_problems(max_n=12, max_h=40, max_v=150))
+def test_head_stats_torch(p):
+    check_head_stats(p, "torch")
+
+
+@budget(15)
+@given(p=linear_problems(max_n=16, max_h=32, max_v=70, kinds=("normal", "extreme")),
+       mode=st.sampled_from(["fast", "min_memory"]))
+def test_head_stats_triton(p, mode):
+    check_head_stats(p, "triton", mode)
+
+
 # ------------------------------------------------------------------------------------ gae
 @st.composite
 def gae_problems(draw, max_b: int, max_t: int, dtypes=HALF_AND_SINGLE):
@@ -846,8 +892,8 @@ COVERED = {"logprobs_from_logits", "entropy_from_logits", "linear_logprobs", "ga
 
 
 def test_every_public_op_has_a_property():
-    not_ops = {"BACKENDS", "BackendUnavailable", "DivergenceOutput", "LinearLogprobsOutput",
-               "LogprobsEntropy",
+    not_ops = {"BACKENDS", "BackendUnavailable", "DivergenceOutput", "HeadOutput", "HeadStats",
+               "LinearLogprobsOutput", "LogprobsEntropy",
                "available_backends", "integrations", "losses", "nn", "raise_on_bad_input",
                "reference"}
     assert set(prefkern.__all__) - not_ops == COVERED

@@ -104,3 +104,15 @@ def autocast_inputs(*tensors):
     cast = (torch.float16, torch.bfloat16, torch.float32)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in cast else t
                  for t in tensors)
+
+
+def head_stats(stats: Tensor, hit: Tensor, lead: torch.Size, target_shape, bad_rows):
+    """The ops' (N, 4) statistics and (N[, K]) hit flags -> the public HeadStats (NaN on rows
+    with a bad target, as the other outputs)."""
+    from prefkern.outputs import HeadStats
+
+    def column(k):
+        return _checks.poison(stats[:, k].reshape(lead), bad_rows)
+
+    argmax = None if target_shape is None else hit.reshape(target_shape)
+    return HeadStats(column(0), column(1), argmax)

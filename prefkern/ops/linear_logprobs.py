@@ -30,31 +30,46 @@ from prefkern._autocast import without_autocast
 from prefkern.dispatch import resolve_backend
 from prefkern.ops import head as head_mod
 from prefkern.ops import multi_target, softmax_stats, torch_chunked
-from prefkern.outputs import LinearLogprobsOutput
+from prefkern.outputs import HeadOutput, LinearLogprobsOutput
 from prefkern.reference.logprobs import compute_dtype
 
 AUTO_ORDER = ("triton",)
 MODES = ("auto", "fast", "min_memory")
 
 
+def _fused_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+                   with_entropy: bool = True, with_stats: bool = False):
+    """min_memory forward: the kernel's per-split statistics merged here."""
+    from prefkern._kernels import linear_logprobs_fused as fused
+
+    parts = fused.linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, softcap,
+                                      ignore_index, extra=with_stats)
+    m_splits, s, u, z_target = parts[:4]
+    m, s, u = softmax_stats.merge_along(m_splits, s, u)
+    z_target, valid = z_target.sum(0), targets != ignore_index
+    stats = None
+    if with_stats:
+        extra = softmax_stats.merge_extra_along(m_splits, *parts[4:])
+        stats = softmax_stats.finish_extra(m, s, *extra, valid, weight.shape[0])
+    return (*softmax_stats.finish(m, s, u, z_target, valid), stats)
+
+
 def _impl(backend: str, mode: str, deterministic: bool):
-    """-> (fwd, bwd) callables of one backend/mode (same signatures as torch_chunked's)."""
+    """-> (fwd, bwd) callables of one backend/mode (same signatures as torch_chunked's; the
+    kernels' forwards compute the entropy whether asked or not, it costs them nothing)."""
     if backend == "torch":
         return torch_chunked.linear_forward, torch_chunked.linear_backward
     if mode == "min_memory":
         from prefkern._kernels import linear_logprobs_fused as fused
 
-        def fused_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index):
-            m, s, u, z_target = fused.linear_logprobs_fwd(hidden, weight, bias, targets,
-                                                          inv_temp, softcap, ignore_index)
-            return softmax_stats.finish(*softmax_stats.merge_along(m, s, u), z_target.sum(0),
-                                        targets != ignore_index)
-
-        return fused_forward, functools.partial(fused.linear_logprobs_bwd,
-                                                deterministic=deterministic)
+        return _fused_forward, functools.partial(fused.linear_logprobs_bwd,
+                                                 deterministic=deterministic)
     from prefkern.ops import linear_sliced
 
     return linear_sliced.forward, linear_sliced.backward
+
+
+STATS_COLUMNS = 4  # sum_p2, mean_logit, max_logit, first argmax column (finish_extra)
 
 
 # The passes are torch.library custom ops so that torch.compile(fullgraph=True) sees opaque,
@@ -63,43 +78,51 @@ def _impl(backend: str, mode: str, deterministic: bool):
 def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
             row_inv_temp: Tensor | None, backend: str, mode: str, deterministic: bool,
             inv_temp: float, softcap: float | None, ignore_index: int,
-            with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (logp shaped like targets, (N,) or (N, K); entropy (N,); lse (N,)); entropy is zeros
-    unless with_entropy (the torch backend then skips it; the kernels compute it anyway, it
-    costs them nothing). ``deterministic`` only matters to the backward."""
+            with_entropy: bool, with_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                           Tensor]:
+    """-> (logp shaped like targets, (N,) or (N, K); entropy (N,); lse (N,); stats (N, 4) or
+    (0, 4) without with_stats; target-is-argmax bool shaped like targets, or (0,)). Entropy is
+    zeros unless with_entropy. ``deterministic`` only matters to the backward."""
     fwd, _ = _impl(backend, mode, False)
-    extra = (with_entropy,) if backend == "torch" else ()
     factor = inv_temp if row_inv_temp is None else row_inv_temp
     multi = targets.dim() == 2
     row_targets = multi_target.representative(targets, ignore_index) if multi else targets
     with without_autocast(hidden):
-        logp, entropy, lse = fwd(hidden, weight, bias, row_targets, factor, softcap,
-                                 ignore_index, *extra)
+        logp, entropy, lse, stats = fwd(hidden, weight, bias, row_targets, factor, softcap,
+                                        ignore_index, with_entropy=with_entropy,
+                                        with_stats=with_stats)
+        hit = hidden.new_empty(0, dtype=torch.bool)
         if multi:
             ids, valid = multi_target.safe_ids(targets, ignore_index)
             picked = multi_target.linear_picked_logits(hidden, weight, bias, ids, factor,
                                                        softcap)
             logp = torch.where(valid, picked - lse.unsqueeze(-1), 0).to(lse.dtype)
+        if with_stats:
+            hit = softmax_stats.target_hits(stats, targets, ignore_index)
     if not with_entropy or entropy is None:
         entropy = torch.zeros_like(lse)
-    return logp, entropy, lse
+    if stats is None:
+        stats = lse.new_empty((0, STATS_COLUMNS))
+    return logp, entropy, lse, stats.to(lse.dtype), hit
 
 
 @_fwd_op.register_fake
 def _(hidden, weight, bias, targets, row_inv_temp, backend, mode, deterministic, inv_temp,
-      softcap, ignore_index, with_entropy):
+      softcap, ignore_index, with_entropy, with_stats):
     dtype = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty(targets.shape, dtype=dtype),
-            *(hidden.new_empty(n, dtype=dtype) for _ in range(2)))
+            *(hidden.new_empty(n, dtype=dtype) for _ in range(2)),
+            hidden.new_empty((n if with_stats else 0, STATS_COLUMNS), dtype=dtype),
+            hidden.new_empty(targets.shape if with_stats else (0,), dtype=torch.bool))
 
 
 @torch.library.custom_op("prefkern::linear_logprobs_bwd", mutates_args=())
 def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
             row_inv_temp: Tensor | None, lse: Tensor, entropy: Tensor, g_logp: Tensor | None,
-            g_ent: Tensor | None, g_lse: Tensor | None, backend: str, mode: str,
-            deterministic: bool, inv_temp: float, softcap: float | None, ignore_index: int,
-            need_dh: bool, need_dw: bool, need_db: bool) -> list[Tensor]:
+            g_ent: Tensor | None, g_lse: Tensor | None, g_extra: Tensor | None, backend: str,
+            mode: str, deterministic: bool, inv_temp: float, softcap: float | None,
+            ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool) -> list[Tensor]:
     """-> [dhidden if need_dh, dweight if need_dw, dbias if need_db]."""
     _, bwd = _impl(backend, mode, deterministic)
     factor = inv_temp if row_inv_temp is None else row_inv_temp
@@ -113,7 +136,7 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
     with without_autocast(hidden):
         grads = bwd(hidden, weight, bias, row_targets, lse, entropy,
                     None if multi else g_logp, g_ent, g_lse, factor, softcap, ignore_index,
-                    need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+                    need_dh=need_dh, need_dw=need_dw, need_db=need_db, g_extra=g_extra)
         if multi and g_logp is not None:
             multi_target.linear_picked_grads_(*grads, hidden, weight, bias, ids, valid, g_logp,
                                               factor, softcap, deterministic)
@@ -121,8 +144,8 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
 
 
 @_bwd_op.register_fake
-def _(hidden, weight, bias, targets, row_inv_temp, lse, entropy, g_logp, g_ent, g_lse, backend,
-      mode, deterministic, inv_temp, softcap, ignore_index, need_dh, need_dw, need_db):
+def _(hidden, weight, bias, targets, row_inv_temp, lse, entropy, g_logp, g_ent, g_lse, g_extra,
+      backend, mode, deterministic, inv_temp, softcap, ignore_index, need_dh, need_dw, need_db):
     return [torch.empty_like(t) for t, needed in zip((hidden, weight, bias),
                                                      (need_dh, need_dw, need_db), strict=True)
             if needed]
@@ -130,25 +153,31 @@ def _(hidden, weight, bias, targets, row_inv_temp, lse, entropy, g_logp, g_ent, 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, row_inv_temp, *options = inputs
-    *ctx.options, ctx.with_entropy = options  # backend, mode, deterministic, inv_temp,
-    # softcap, ignore_index
-    ctx.save_for_backward(hidden, weight, bias, targets, row_inv_temp, output[2], output[1])
+    *ctx.options, ctx.with_entropy, ctx.with_stats = options  # backend, mode, deterministic,
+    # inv_temp, softcap, ignore_index
+    ctx.save_for_backward(hidden, weight, bias, targets, row_inv_temp, output[2], output[1],
+                          output[3])
 
 
-def _backward(ctx, g_logp, g_ent, g_lse):
-    hidden, weight, bias, targets, row_inv_temp, lse, entropy = ctx.saved_tensors
+def _backward(ctx, g_logp, g_ent, g_lse, g_stats, _g_hit):
+    hidden, weight, bias, targets, row_inv_temp, lse, entropy, stats = ctx.saved_tensors
     backend, mode, deterministic, inv_temp, softcap, ignore_index = ctx.options
     need = list(ctx.needs_input_grad[:3])
     need[2] = need[2] and bias is not None
-    no_grads = (None,) * 9  # targets, row_inv_temp and the options
+    no_grads = (None,) * 10  # targets, row_inv_temp and the options
     if not ctx.with_entropy:
         g_ent = None  # the caller never saw the entropy: any gradient for it is zeros
-    if not any(need) or all(g is None for g in (g_logp, g_ent, g_lse)):
+    if not ctx.with_stats:
+        g_stats = None
+    if not any(need) or all(g is None for g in (g_logp, g_ent, g_lse, g_stats)):
         return (None, None, None, *no_grads)
-    g_logp, g_ent, g_lse = (None if g is None else g.to(lse.dtype).contiguous()
-                            for g in (g_logp, g_ent, g_lse))
+    g_logp, g_ent, g_lse, g_stats = (None if g is None else g.to(lse.dtype).contiguous()
+                                     for g in (g_logp, g_ent, g_lse, g_stats))
+    g_extra = None
+    if g_stats is not None:
+        g_lse, g_extra = softmax_stats.extra_gradients(stats, g_stats, g_lse, weight.shape[0])
     grads = iter(_bwd_op(hidden, weight, bias, targets, row_inv_temp, lse, entropy, g_logp,
-                         g_ent, g_lse, backend, mode, deterministic, inv_temp, softcap,
+                         g_ent, g_lse, g_extra, backend, mode, deterministic, inv_temp, softcap,
                          ignore_index, *need))
     dh, dw, db = (next(grads) if needed else None for needed in need)
     return (dh, dw, db, *no_grads)
@@ -185,8 +214,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     bias: torch.Tensor | None = None, *, temperature: float | Tensor = 1.0,
                     logit_scale: float | None = None, ignore_index: int = -100,
                     softcap: float | None = None, return_entropy: bool = False,
-                    return_lse: bool = False, mode: str = "auto", deterministic: bool = False,
-                    skip_ignored: bool | None = None, backend: str | None = "auto"):
+                    return_lse: bool = False, return_stats: bool = False, mode: str = "auto",
+                    deterministic: bool = False, skip_ignored: bool | None = None,
+                    backend: str | None = "auto"):
     """Per-token log-prob of ``targets`` under ``softmax(softcap(s * (h @ W.T + b)) / T)``.
 
     ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias).float() / softcap) / T;
@@ -205,6 +235,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             :func:`prefkern.integrations.hf_head_config`).
         temperature: a float > 0, or a tensor shaped like the rows (``hidden.shape[:-1]``)
             with one temperature per row (values > 0; not read on the host).
+        return_stats: also the per-row statistics ``HeadStats(sum_p2, mean_logit,
+            target_is_argmax)``: ``(p * p).sum(-1)`` (what verl's optimal-token baseline and
+            TRL's WPO weights need: ``exp(lse(2z) - 2 lse(z))``), ``z.mean(-1)`` (TRL's
+            "logits/chosen" metrics; z after scale, softcap and temperature), both fp32 with
+            gradients, and ``z.argmax(-1) == y`` (bool shaped like targets, first maximal
+            column on ties: TRL's token accuracy; None without targets). All from the same
+            pass.
         mode: "fast" (bounded logits-slice buffer, cuBLAS GEMMs), "min_memory" (fused tiles,
             no logits buffer), or "auto" (= fast). The torch backend always runs chunked.
         deterministic: min_memory mode only: no atomics (lower parallelism in backward).
@@ -219,7 +256,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Returns:
         fp32 log-probs shaped like ``targets``; with ``return_entropy``/``return_lse`` (or
         targets None) a ``LinearLogprobsOutput(logprobs, entropy, lse)`` with None for what was
-        not asked. Gradients flow to hidden, weight and bias from any upstream gradient on each
+        not asked; with ``return_stats`` a ``HeadOutput(logprobs, entropy, lse, stats)``.
+        Gradients flow to hidden, weight and bias from any upstream gradient on each
         output, in the input dtype with fp32 accumulation.
     """
     hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
@@ -232,8 +270,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     head_mod.check_logit_scale(logit_scale)
     if softcap is not None:
         _checks.check_positive("softcap", softcap)
-    if targets is None and not (return_entropy or return_lse):
-        raise ValueError("targets=None computes no log-prob: ask for return_entropy or return_lse")
+    if targets is None and not (return_entropy or return_lse or return_stats):
+        raise ValueError("targets=None computes no log-prob: ask for return_entropy, "
+                         "return_lse or return_stats")
     flat, out_shape, bad, bad_rows, op_ignore = multi_target.prepare(
         targets, lead, weight.shape[0], ignore_index, "linear_logprobs", device)
     fp64 = hidden.dtype == torch.float64
@@ -243,22 +282,29 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     options = (name, "fast" if mode == "auto" else mode, bool(deterministic), head.inv_temp,
-               head.softcap, int(op_ignore), bool(return_entropy))
+               head.softcap, int(op_ignore), bool(return_entropy), bool(return_stats))
     rows = None
     if targets is not None and _skips(skip_ignored, device):
         rows = _valid_rows(flat, ignore_index)
         if rows.numel() == flat.shape[0]:
             rows = None
     if rows is None:
-        logp, entropy, lse = _fwd_op(_contiguous(hidden2d), weight.contiguous(), bias, flat,
-                                     head.row_inv_temp, *options)
+        outs = _fwd_op(_contiguous(hidden2d), weight.contiguous(), bias, flat,
+                       head.row_inv_temp, *options)
     else:
         row_inv_temp = None if head.row_inv_temp is None else head.row_inv_temp[rows]
         outs = _fwd_op(hidden2d[rows], weight.contiguous(), bias, flat[rows], row_inv_temp,
                        *options)
-        logp, entropy, lse = (torch.zeros((flat.shape[0], *o.shape[1:]), dtype=o.dtype,
-                                          device=o.device).index_copy(0, rows, o) for o in outs)
+        present = (True, True, True, return_stats, return_stats)  # stats: (0, 4) when absent
+        outs = [o.new_zeros((flat.shape[0], *o.shape[1:])).index_copy(0, rows, o) if there
+                else o for o, there in zip(outs, present, strict=True)]
+    logp, entropy, lse, stats, hit = outs
     logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
+    if return_stats:
+        return HeadOutput(
+            logp, _checks.poison(entropy.view(lead), bad_rows) if return_entropy else None,
+            _checks.poison(lse.view(lead), bad_rows) if return_lse else None,
+            head_mod.head_stats(stats, hit, lead, out_shape, bad_rows))
     if targets is not None and not (return_entropy or return_lse):
         return logp
     return LinearLogprobsOutput(

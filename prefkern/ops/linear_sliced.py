@@ -40,18 +40,24 @@ def _logits_fp32(hidden, weight, bias, c0, c1):
     return z if bias is None else z.add_(bias[c0:c1])
 
 
-def forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index):
-    n = hidden.shape[0]
-    stats = logits_slice.new_stats(n, hidden.device)
-    for c0, c1 in _slices(n, weight.shape[0], hidden.dtype):
+def forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+            with_entropy: bool = True, with_stats: bool = False):
+    """-> (logp, entropy, lse, (N, 4) extra statistics or None); the entropy is computed
+    whether asked or not (it costs the row kernel nothing)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    stats = logits_slice.new_stats(n, hidden.device, extra=with_stats)
+    for c0, c1 in _slices(n, vocab, hidden.dtype):
         z = _logits_fp32(hidden, weight, bias, c0, c1)
         logits_slice.slice_stats_(z, targets, c0, stats, inv_temp, softcap, ignore_index)
-    m, s, u, z_target = stats
-    return softmax_stats.finish(m, s, u, z_target, targets != ignore_index)
+    m, s, u, z_target = stats[:4]
+    valid = targets != ignore_index
+    extra = softmax_stats.finish_extra(m, s, *stats[4:], valid, vocab) \
+        if with_stats else None
+    return (*softmax_stats.finish(m, s, u, z_target, valid), extra)
 
 
 def backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-             softcap, ignore_index, need_dh=True, need_dw=True, need_db=True):
+             softcap, ignore_index, need_dh=True, need_dw=True, need_db=True, g_extra=None):
     n = hidden.shape[0]
     dh32 = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
@@ -60,7 +66,7 @@ def backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, 
         z = _logits_fp32(hidden, weight, bias, c0, c1)
         dz = z if hidden.dtype == torch.float32 else torch.empty_like(z, dtype=hidden.dtype)
         logits_slice.slice_grad_(z, dz, targets, c0, lse, entropy, g_logp, g_ent, g_lse,
-                                 inv_temp, softcap, ignore_index)
+                                 inv_temp, softcap, ignore_index, g_extra)
         if need_dw:
             torch.mm(dz.T, hidden, out=dw[c0:c1])
         if need_dh:

@@ -14,8 +14,9 @@ from prefkern import _checks
 from prefkern._autocast import without_autocast
 from prefkern.dispatch import resolve_backend
 from prefkern.ops import head as head_mod
-from prefkern.ops import multi_target, torch_chunked
-from prefkern.outputs import LogprobsEntropy
+from prefkern.ops import multi_target, softmax_stats, torch_chunked
+from prefkern.ops.linear_logprobs import STATS_COLUMNS
+from prefkern.outputs import HeadOutput, LogprobsEntropy
 from prefkern.reference.logprobs import compute_dtype
 
 # CUDA-device preference, fastest first. Not yet measured on a GPU: both are single-pass
@@ -37,8 +38,8 @@ def _impl(backend: str):
     else:
         fwd2d, bwd2d = torch_chunked.logits_forward, torch_chunked.logits_backward
 
-    def fwd(logits, targets, inv_temp, ignore_index, with_entropy):
-        return fwd2d(_as_rows(logits), targets, inv_temp, ignore_index, with_entropy)
+    def fwd(logits, targets, inv_temp, ignore_index, with_entropy, with_stats):
+        return fwd2d(_as_rows(logits), targets, inv_temp, ignore_index, with_entropy, with_stats)
 
     def bwd(logits, targets, *args, **kw):
         return bwd2d(_as_rows(logits), targets, *args, **kw).view(logits.shape)
@@ -55,34 +56,44 @@ def _as_rows(logits: Tensor) -> Tensor:
 # torch.library custom ops: opaque to torch.compile(fullgraph=True), with fake shapes.
 @torch.library.custom_op("prefkern::logprobs_from_logits_fwd", mutates_args=())
 def _fwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, backend: str,
-            inv_temp: float, ignore_index: int, with_entropy: bool,
-            inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+            inv_temp: float, ignore_index: int, with_entropy: bool, with_stats: bool,
+            inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (logp shaped like targets, (N,) or (N, K); entropy (N,), zeros unless with_entropy;
-    lse (N,))."""
+    lse (N,); stats (N, 4) or (0, 4) without with_stats; target-is-argmax bool shaped like
+    targets, or (0,))."""
     fwd, _ = _impl(backend)
     factor = inv_temp if row_inv_temp is None else row_inv_temp
     multi = targets.dim() == 2
     row_targets = multi_target.representative(targets, ignore_index) if multi else targets
     with without_autocast(logits):
-        logp, entropy, lse = fwd(logits, row_targets, factor, ignore_index, with_entropy)
+        logp, entropy, lse, stats = fwd(logits, row_targets, factor, ignore_index, with_entropy,
+                                        with_stats)
+        hit = logits.new_empty(0, dtype=torch.bool)
         if multi:
             ids, valid = multi_target.safe_ids(targets, ignore_index)
             picked = multi_target.logits_picked(logits, ids, factor)
             logp = torch.where(valid, picked - lse.unsqueeze(-1), 0).to(lse.dtype)
-    return logp, torch.zeros_like(lse) if entropy is None else entropy, lse
+        if with_stats:
+            hit = softmax_stats.target_hits(stats, targets, ignore_index)
+    if stats is None:
+        stats = lse.new_empty((0, STATS_COLUMNS))
+    return (logp, torch.zeros_like(lse) if entropy is None else entropy, lse,
+            stats.to(lse.dtype), hit)
 
 
 @_fwd_op.register_fake
-def _(logits, targets, row_inv_temp, backend, inv_temp, ignore_index, with_entropy,
+def _(logits, targets, row_inv_temp, backend, inv_temp, ignore_index, with_entropy, with_stats,
       inplace_backward):
     dtype = compute_dtype(logits.dtype)
     n = logits.shape[:-1].numel()
     return (logits.new_empty(targets.shape, dtype=dtype),
-            *(logits.new_empty(n, dtype=dtype) for _ in range(2)))
+            *(logits.new_empty(n, dtype=dtype) for _ in range(2)),
+            logits.new_empty((n if with_stats else 0, STATS_COLUMNS), dtype=dtype),
+            logits.new_empty(targets.shape if with_stats else (0,), dtype=torch.bool))
 
 
 def _backward_into(grad_or_none, logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent,
-                   backend, inv_temp, ignore_index):
+                   g_lse, g_extra, backend, inv_temp, ignore_index):
     """The backward of one backend into a new tensor (grad_or_none None, returned) or into the
     logits themselves."""
     _, bwd = _impl(backend)
@@ -90,68 +101,80 @@ def _backward_into(grad_or_none, logits, targets, row_inv_temp, lse, entropy, g_
     inplace = grad_or_none is not None
     if targets.dim() == 1:
         with without_autocast(logits):
-            return bwd(logits, targets, lse, entropy, g_logp, g_ent, None, factor, ignore_index,
-                       inplace=inplace)
+            return bwd(logits, targets, lse, entropy, g_logp, g_ent, g_lse, factor, ignore_index,
+                       inplace=inplace, g_extra=g_extra)
     ids, valid = multi_target.safe_ids(targets, ignore_index)
     row_targets = multi_target.representative(targets, ignore_index)
-    g_lse = None if g_logp is None else multi_target.lse_gradient(None, g_logp, valid)
+    g_lse_stats = g_lse
+    if g_logp is not None:
+        g_lse = multi_target.lse_gradient(g_lse, g_logp, valid)
     with without_autocast(logits):
         picked = None
         if g_logp is not None and inplace:  # read the target logits before they are overwritten
             picked = multi_target.logits_picked(logits, ids, factor)
         grad = bwd(logits, row_targets, lse, entropy, None, g_ent, g_lse, factor, ignore_index,
-                   inplace=inplace)
+                   inplace=inplace, g_extra=g_extra)
         if g_logp is not None:
             multi_target.logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp,
-                                             g_ent, factor, picked=picked)
+                                             g_ent, factor, picked=picked, g_lse=g_lse_stats,
+                                             g_extra=g_extra)
     return grad
 
 
 @torch.library.custom_op("prefkern::logprobs_from_logits_bwd", mutates_args=())
 def _bwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, lse: Tensor,
-            entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, backend: str,
-            inv_temp: float, ignore_index: int) -> Tensor:
+            entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, g_lse: Tensor | None,
+            g_extra: Tensor | None, backend: str, inv_temp: float, ignore_index: int) -> Tensor:
     return _backward_into(None, logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent,
-                          backend, inv_temp, ignore_index)
+                          g_lse, g_extra, backend, inv_temp, ignore_index)
 
 
 @_bwd_op.register_fake
-def _(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, backend, inv_temp,
-      ignore_index):
+def _(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, g_lse, g_extra, backend,
+      inv_temp, ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("prefkern::logprobs_from_logits_bwd_inplace", mutates_args=("logits",))
 def _bwd_inplace_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, lse: Tensor,
-                    entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, backend: str,
+                    entropy: Tensor, g_logp: Tensor | None, g_ent: Tensor | None,
+                    g_lse: Tensor | None, g_extra: Tensor | None, backend: str,
                     inv_temp: float, ignore_index: int) -> None:
     """Overwrites logits with d loss / d logits (inplace_backward)."""
-    _backward_into(logits, logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, backend,
-                   inv_temp, ignore_index)
+    _backward_into(logits, logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, g_lse,
+                   g_extra, backend, inv_temp, ignore_index)
 
 
 @_bwd_inplace_op.register_fake
-def _(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, backend, inv_temp,
-      ignore_index):
+def _(logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, g_lse, g_extra, backend,
+      inv_temp, ignore_index):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     logits, targets, row_inv_temp, *options = inputs
-    *ctx.options, ctx.with_entropy, ctx.inplace = options  # backend, inv_temp, ignore_index
-    ctx.save_for_backward(logits, targets, row_inv_temp, output[2], output[1])
+    *ctx.options, ctx.with_entropy, ctx.with_stats, ctx.inplace = options  # backend,
+    # inv_temp, ignore_index
+    ctx.save_for_backward(logits, targets, row_inv_temp, output[2], output[1], output[3])
 
 
-def _backward(ctx, g_logp, g_ent, g_lse):
+def _backward(ctx, g_logp, g_ent, _g_lse, g_stats, _g_hit):
     # lse is internal (never returned to the user): its gradient is always None/zero
-    logits, targets, row_inv_temp, lse, entropy = ctx.saved_tensors
-    no_grads = (None,) * 7
+    logits, targets, row_inv_temp, lse, entropy, stats = ctx.saved_tensors
+    no_grads = (None,) * 8
     if not ctx.with_entropy:
         g_ent = None  # the caller never saw the entropy: any gradient for it is zeros
-    if g_logp is None and g_ent is None:
+    if not ctx.with_stats:
+        g_stats = None
+    if g_logp is None and g_ent is None and g_stats is None:
         return (None, *no_grads)
-    g_logp, g_ent = (None if g is None else g.to(lse.dtype).contiguous() for g in (g_logp, g_ent))
-    args = (logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, *ctx.options)
+    g_logp, g_ent, g_stats = (None if g is None else g.to(lse.dtype).contiguous()
+                              for g in (g_logp, g_ent, g_stats))
+    g_lse = g_extra = None
+    if g_stats is not None:
+        g_lse, g_extra = softmax_stats.extra_gradients(stats, g_stats, None, logits.shape[-1])
+    args = (logits, targets, row_inv_temp, lse, entropy, g_logp, g_ent, g_lse, g_extra,
+            *ctx.options)
     if ctx.inplace:
         _bwd_inplace_op(*args)
         return (logits, *no_grads)
@@ -164,7 +187,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
                          temperature: float | Tensor = 1.0, logit_scale: float | None = None,
                          ignore_index: int = -100, return_entropy: bool = False,
-                         inplace_backward: bool = False, backend: str | None = "auto"):
+                         return_stats: bool = False, inplace_backward: bool = False,
+                         backend: str | None = "auto"):
     """Per-token log-prob of ``targets`` under ``softmax(logit_scale * logits / temperature)``.
 
     ``logp = (logits.float() * s / T).log_softmax(-1).gather(-1, targets[..., None])[..., 0]``
@@ -177,6 +201,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
             (:func:`entropy_from_logits`). Entropy is 0 on rows whose targets are all ignored.
         temperature: a float > 0 or one value per row (a tensor shaped like logits.shape[:-1]).
         logit_scale: None or s > 0 (a model's logit multiplier, see :func:`linear_logprobs`).
+        return_stats: also ``HeadStats(sum_p2, mean_logit, target_is_argmax)`` from the same
+            pass (see :func:`linear_logprobs`); the result is then a ``HeadOutput``.
         inplace_backward: the backward writes d loss / d logits into the logits' own storage
             and returns it as their gradient, saving an (N, V) buffer (2 GiB at 8192 x 128256
             bf16; what verl asks of flash-attn's cross entropy). The logits' values are gone
@@ -199,9 +225,9 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
     temperature = head_mod.as_rows(temperature, lead)
     head_mod.check_temperature(temperature, lead, device)
     head_mod.check_logit_scale(logit_scale)
-    if targets is None and not return_entropy:
+    if targets is None and not (return_entropy or return_stats):
         raise ValueError("targets=None computes no log-prob: pass return_entropy=True "
-                         "(or call entropy_from_logits)")
+                         "(or call entropy_from_logits) or return_stats=True")
     vocab = logits.shape[-1]
     flat, out_shape, bad, bad_rows, op_ignore = multi_target.prepare(
         targets, lead, vocab, ignore_index, "logprobs_from_logits", device)
@@ -214,9 +240,14 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
         rows = logits  # (B, T) rows indexed in place: logits[:, :-1] needs no copy
     else:
         rows = _as_rows(logits)
-    logp, entropy, _ = _fwd_op(rows, flat, head.row_inv_temp, name, head.inv_temp,
-                               int(op_ignore), bool(return_entropy), bool(inplace_backward))
+    logp, entropy, _, stats, hit = _fwd_op(rows, flat, head.row_inv_temp, name, head.inv_temp,
+                                           int(op_ignore), bool(return_entropy),
+                                           bool(return_stats), bool(inplace_backward))
     logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
+    if return_stats:
+        return HeadOutput(
+            logp, _checks.poison(entropy.view(lead), bad_rows) if return_entropy else None,
+            None, head_mod.head_stats(stats, hit, lead, out_shape, bad_rows))
     if return_entropy:
         return LogprobsEntropy(logp, _checks.poison(entropy.view(lead), bad_rows))
     return logp

@@ -138,12 +138,13 @@ def logits_picked(logits, ids, inv_temp):
 
 
 def logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp, g_ent, inv_temp,
-                        picked=None):
+                        picked=None, g_lse=None, g_extra=None):
     """Overwrite the K target columns of ``grad`` (..., V) (N rows), which holds the backend's
-    gradient for the lse gradient -S, with their exact value computed in fp32 (one rounding, as
-    at every other column): dz = G - p (S + g_ent (log p + entropy)), times inv_temp, where G
-    sums g_logp over the row's entries with that id. ``picked``: z at the K targets, read
-    before ``grad`` overwrote the logits (in-place backward)."""
+    gradient for the lse gradient g_lse - S, with their exact value computed in fp32 (one
+    rounding, as at every other column): dz = G - p (S - g_lse + g_ent (log p + entropy))
+    + g_sq p^2 + g_const, times inv_temp, where G sums g_logp over the row's entries with that
+    id and g_extra = (g_sq, g_const) (N, 2) comes from the extra statistics. ``picked``: z at
+    the K targets, read before ``grad`` overwrote the logits (in-place backward)."""
     cdt = compute_dtype(logits.dtype)
     g = torch.where(valid, g_logp.to(cdt), 0)
     n, k = ids.shape
@@ -156,10 +157,12 @@ def logits_picked_grad_(grad, logits, ids, valid, lse, entropy, g_logp, g_ent, i
         picked = logits_picked(logits, ids, inv_temp)
     log_p = (picked - lse.unsqueeze(-1)).clamp(min=LOG_FLOOR)
     p = log_p.exp()
-    coeff = total
+    coeff = total if g_lse is None else total - g_lse.unsqueeze(-1)
     if g_ent is not None:
         coeff = coeff + g_ent.unsqueeze(-1) * (log_p + entropy.unsqueeze(-1))
     value = big_g - p * coeff
+    if g_extra is not None:
+        value = value + g_extra[:, :1] * p * p + g_extra[:, 1:]
     value = value * (inv_temp[:, None] if isinstance(inv_temp, torch.Tensor) else inv_temp)
     # ignored entries rewrite the row's first valid column with its own value; rows with no
     # valid entry (zeroed by the backend) rewrite column 0 with 0

@@ -43,7 +43,7 @@ def _row_chunks(n: int, v: int, device: torch.device, triton: bool):
 def _stats_torch(raw, head, rows, targets, valid):
     factor = rows_factor(head.factor, rows)
     z, dcap = head_transform_(raw, factor, head.softcap, with_grad=True)
-    logp, entropy, lse = full_row_stats(z, targets, valid)
+    logp, entropy, lse, _ = full_row_stats(z, targets, valid)
     return (logp, entropy, lse), (z, dcap, factor)
 
 

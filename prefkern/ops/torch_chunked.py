@@ -36,24 +36,32 @@ def _is_unit(factor) -> bool:
     return not isinstance(factor, torch.Tensor) and factor == 1.0
 
 
-def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
+def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse, g_extra=None):
     """dL/dz for one chunk, computed in z's storage: z (n, C); local_y (n,) target column in
-    this chunk (may be out of range); lse, entropy and upstream grads (n,) or None:
-    dz = g_logp onehot - p (g_logp + g_ent (log p + entropy) - g_lse). A row with lse = +inf
-    has p = 0 and gets dz = g_logp onehot (how callers zero ignored rows in the same passes)."""
+    this chunk (may be out of range); lse, entropy and upstream grads (n,) or None; g_extra
+    (n, 2) [g_sq, g_const] or None (softmax_stats.extra_gradients):
+    dz = g_logp onehot - p (g_logp + g_ent (log p + entropy) - g_lse) + g_sq p^2 + g_const.
+    A row with lse = +inf and no g_extra has p = 0 and gets dz = g_logp onehot (how callers
+    zero ignored rows in the same passes)."""
     per_row = torch.zeros_like(lse)
     if g_logp is not None:
         per_row = per_row + g_logp
     if g_lse is not None:
         per_row = per_row - g_lse
     log_p = z.sub_(lse[:, None])
-    if g_ent is None:
+    if g_ent is None and g_extra is None:
         dz = log_p.exp_().mul_(per_row.neg()[:, None])
     else:
         log_p.clamp_(min=LOG_FLOOR)
         p = log_p.exp()
-        dz = p.mul_(log_p.add_(entropy[:, None]).mul_(g_ent.neg()[:, None])
-                    .sub_(per_row[:, None]))
+        coef = per_row.neg()[:, None]
+        if g_ent is not None:
+            coef = log_p.add_(entropy[:, None]).mul_(g_ent.neg()[:, None]).add_(coef)
+        if g_extra is not None:
+            coef = p.mul(g_extra[:, :1]).add_(coef)
+        dz = p.mul_(coef)
+        if g_extra is not None:
+            dz.add_(g_extra[:, 1:])
     if g_logp is not None:  # scatter-add at the target column; rows whose target lies
         hit = (local_y >= 0) & (local_y < z.shape[1])  # elsewhere add 0 at column 0
         cols = torch.where(hit, local_y, 0).long()[:, None]
@@ -61,25 +69,32 @@ def grad_logits(z, local_y, lse, entropy, g_logp, g_ent, g_lse):
     return dz
 
 
-def full_row_stats(z, y, valid, with_entropy: bool = True):
-    """(logp, entropy or None, lse) of rows that hold the whole vocab."""
+def full_row_stats(z, y, valid, with_entropy: bool = True, with_stats: bool = False):
+    """(logp, entropy or None, lse, (n, 4) extra statistics or None) of rows that hold the
+    whole vocab."""
     m, s, u = softmax_stats.row_stats(z, with_entropy)
     _, z_target = softmax_stats.pick_target(z, torch.where(valid, y, 0))
-    return softmax_stats.finish(m, s, u, z_target, valid)
+    stats = None
+    if with_stats:
+        stats = softmax_stats.finish_extra(m, s, *softmax_stats.extra_stats(z, m), valid,
+                                           z.shape[-1])
+    return (*softmax_stats.finish(m, s, u, z_target, valid), stats)
 
 
 # ---------------------------------------------------------------------------------------------
 # From materialized logits
 # ---------------------------------------------------------------------------------------------
 
-def logits_forward(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True):
-    """logits (N, V), targets (N,) -> (logp, entropy or None, lse) in the compute dtype.
-    inv_temp: a float or (N,) per-row factors."""
+def logits_forward(logits, targets, inv_temp, ignore_index: int, with_entropy: bool = True,
+                   with_stats: bool = False):
+    """logits (N, V), targets (N,) -> (logp, entropy or None, lse, (N, 4) extra statistics or
+    None) in the compute dtype. inv_temp: a float or (N,) per-row factors."""
     n, v = logits.shape
     cdt = compute_dtype(logits.dtype)
     valid = targets != ignore_index
-    outs = [torch.empty(n, dtype=cdt, device=logits.device) if k != 1 or with_entropy else None
-            for k in range(3)]
+    wanted = (True, with_entropy, True, with_stats)
+    outs = [torch.empty((n, 4)[:1 + (k == 3)], dtype=cdt, device=logits.device) if want
+            else None for k, want in enumerate(wanted)]
     step = _rows_per_chunk(v, logits.device)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
@@ -87,7 +102,7 @@ def logits_forward(logits, targets, inv_temp, ignore_index: int, with_entropy: b
         factor = rows_factor(inv_temp, rows)
         if not _is_unit(factor):
             z = z * factor
-        parts = full_row_stats(z, targets[rows], valid[rows], with_entropy)
+        parts = full_row_stats(z, targets[rows], valid[rows], with_entropy, with_stats)
         for out, part in zip(outs, parts, strict=True):
             if out is not None:
                 out[rows] = part
@@ -95,9 +110,9 @@ def logits_forward(logits, targets, inv_temp, ignore_index: int, with_entropy: b
 
 
 def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-                    ignore_index, inplace: bool = False):
+                    ignore_index, inplace: bool = False, g_extra=None):
     """-> dlogits (N, V) in the logits dtype: a new tensor, or (inplace) logits itself,
-    overwritten chunk by chunk after each chunk is read."""
+    overwritten chunk by chunk after each chunk is read. g_extra: see grad_logits."""
     n, v = logits.shape
     cdt = compute_dtype(logits.dtype)
     valid = targets != ignore_index
@@ -110,7 +125,8 @@ def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, g_lse, inv_tem
         ent = entropy[rows] if g_ent is not None else None
         gl, ge, gs = (None if g is None else torch.where(valid[rows], g[rows], 0)
                       for g in (g_logp, g_ent, g_lse))
-        dz = grad_logits(z, targets[rows].long(), lse[rows], ent, gl, ge, gs)
+        gx = None if g_extra is None else g_extra[rows].to(cdt)
+        dz = grad_logits(z, targets[rows].long(), lse[rows], ent, gl, ge, gs, gx)
         dz = dz.mul_(factor).masked_fill_(~valid[rows, None], 0)  # ignored: p is meaningless
         grad[rows] = dz
     return grad
@@ -161,11 +177,12 @@ def _chunks(hidden, weight, bias):
 
 
 def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
-                   with_entropy: bool = True):
-    """hidden (N, H), weight (V, H), bias (V,) or None -> (logp, entropy or None, lse) (N,)."""
+                   with_entropy: bool = True, with_stats: bool = False):
+    """hidden (N, H), weight (V, H), bias (V,) or None -> (logp, entropy or None, lse) (N,)
+    and the (N, 4) extra statistics or None."""
     valid = targets != ignore_index
     stats = softmax_stats.RunningStats(hidden.shape[0], compute_dtype(hidden.dtype),
-                                       hidden.device, with_u=with_entropy)
+                                       hidden.device, with_u=with_entropy, with_extra=with_stats)
     for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
         for rows, h32 in row_chunks:
             z, _ = capped_logits(h32, w32, b32, rows_factor(inv_temp, rows), softcap)
@@ -174,7 +191,8 @@ def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_inde
 
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
-                    inv_temp, softcap, ignore_index, need_dh=True, need_dw=True, need_db=True):
+                    inv_temp, softcap, ignore_index, need_dh=True, need_dw=True, need_db=True,
+                    g_extra=None):
     """-> (dhidden, dweight, dbias) in the input dtypes (None where not needed).
 
     The logits are recomputed in fp32 (fp64 for fp64 inputs); d loss / d logits is rounded to
@@ -184,6 +202,7 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, 
     valid = targets != ignore_index
     gl, ge, gs = (None if g is None else torch.where(valid, g.to(cdt), 0)
                   for g in (g_logp, g_ent, g_lse))
+    gx = None if g_extra is None else torch.where(valid[:, None], g_extra.to(cdt), 0)
     lse = torch.where(valid, lse, float("inf"))  # p = 0 on ignored rows: their dz is 0
     half = hidden.dtype not in (torch.float32, torch.float64)
     need_db = need_db and bias is not None
@@ -199,7 +218,7 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, 
             z, dcap = capped_logits(h32, w32, b32, factor, softcap, with_grad=True)
             local_y = targets[rows].long() - cols.start
             dz = grad_logits(z, local_y, lse[rows], entropy[rows] if ge is not None else None,
-                             *(None if g is None else g[rows] for g in (gl, ge, gs)))
+                             *(None if g is None else g[rows] for g in (gl, ge, gs, gx)))
             if dcap is not None:
                 dz.mul_(dcap)
             if not _is_unit(factor):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefkern.outputs import LinearLogprobsOutput, LogprobsEntropy
+from prefkern.outputs import HeadOutput, HeadStats, LinearLogprobsOutput, LogprobsEntropy
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,18 +71,41 @@ def _per_token(z: torch.Tensor, targets: torch.Tensor | None, ignore_index: int)
             torch.where(row_valid, lse, zero))
 
 
+def head_stats_ref(z, targets, ignore_index=-100) -> HeadStats:
+    """``sum_p2 = (z.softmax(-1) ** 2).sum(-1)``, ``mean_logit = z.mean(-1)``,
+    ``target_is_argmax = z.argmax(-1) == y`` (bool shaped like targets, False where ignored;
+    None without targets); the first two are 0 on rows whose targets are all ignored."""
+    p = z.softmax(-1)
+    sum_p2, mean = (p * p).sum(-1), z.mean(-1)
+    if targets is None:
+        return HeadStats(sum_p2, mean, None)
+    multi = targets.dim() == z.dim()
+    y = targets if multi else targets.unsqueeze(-1)
+    valid = y != ignore_index
+    hit = (z.argmax(-1, keepdim=True) == y) & valid
+    row_valid = valid.any(-1)
+    zero = torch.zeros_like(sum_p2)
+    return HeadStats(torch.where(row_valid, sum_p2, zero), torch.where(row_valid, mean, zero),
+                     hit if multi else hit.squeeze(-1))
+
+
 def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-100,
-                             logit_scale=None, return_entropy=False):
+                             logit_scale=None, return_entropy=False, return_stats=False):
     """``z = logits.float() * logit_scale / T; logp = z.log_softmax(-1).gather(-1, y[..., None])
     [..., 0]``, entropy ``-(p * log p).sum(-1)``; ignored tokens give 0. ``targets`` (...),
-    (..., K) (K log-probs per row) or None (entropy only); T a float or one value per row."""
+    (..., K) (K log-probs per row) or None (entropy only); T a float or one value per row.
+    ``return_stats``: a HeadOutput with :func:`head_stats_ref`."""
     z = head_logits(logits.to(compute_dtype(logits.dtype)), temperature, logit_scale)
     logp, entropy, _ = _per_token(z, targets, ignore_index)
+    if return_stats:
+        return HeadOutput(logp, entropy if return_entropy else None, None,
+                          head_stats_ref(z, targets, ignore_index))
     return LogprobsEntropy(logp, entropy) if return_entropy else logp
 
 
 def linear_logprobs_ref(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
-                        softcap=None, logit_scale=None, return_entropy=False, return_lse=False):
+                        softcap=None, logit_scale=None, return_entropy=False, return_lse=False,
+                        return_stats=False):
     """``logits = hidden.float() @ weight.float().T + bias.float()``: accumulated in fp32 (fp64
     for fp64 inputs) and never rounded to the input dtype (prefkern's numerics contract; an
     eager bf16 LM head would round them), then ``z = softcap * tanh(logit_scale * logits /
@@ -90,6 +113,9 @@ def linear_logprobs_ref(hidden, weight, targets, bias=None, *, temperature=1.0, 
     ``lse = z.logsumexp(-1)``. Gradients flow back to the inputs in their dtype."""
     z = head_logits(linear_logits(hidden, weight, bias), temperature, logit_scale, softcap)
     logp, entropy, lse = _per_token(z, targets, ignore_index)
+    if return_stats:
+        return HeadOutput(logp, entropy if return_entropy else None, lse if return_lse else None,
+                          head_stats_ref(z, targets, ignore_index))
     if not (return_entropy or return_lse):
         return logp
     return LinearLogprobsOutput(logp, entropy if return_entropy else None,
