@@ -267,6 +267,88 @@ def test_linear_preference_packed_equals_padded():
     torch.testing.assert_close(grads[1], grads[0])
 
 
+def _trl_wpo_ld_loss(hidden, weight, targets, ref_hidden, ld_alpha, **kw):
+    """TRL f2cd577's DPOTrainer on materialized logits: LD-DPO sums (pos = mask.cumsum(1),
+    L = min(len_c, len_r)) for policy and reference, WPO weights exp(mean_t(logp_t -
+    (lse(2z) - 2 lse(z)))) under no_grad, chosen * rejected times each pair's loss."""
+    from prefkern.reference.logprobs import linear_logits
+
+    mask = targets != -100
+    b = targets.shape[0] // 2
+
+    def per_token(h, w):
+        z = linear_logits(h, w)
+        logp = z.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return torch.where(mask, logp, 0), z
+
+    def ld(x):
+        shared = torch.minimum(mask[:b].sum(1), mask[b:].sum(1)).repeat(2)[:, None]
+        pos = mask.cumsum(1)
+        head, tail = mask & (pos <= shared), mask & (pos > shared)
+        return (x * head).sum(1) + ld_alpha * (x * tail).sum(1)
+
+    logp, z = per_token(hidden, weight)
+    with torch.no_grad():
+        log_denom = torch.logsumexp(2.0 * z, -1) - 2.0 * torch.logsumexp(z, -1)
+        aligned = (logp - log_denom) * mask
+        weights = torch.exp(aligned.sum(1) / mask.sum(1).clamp_min(1))
+        ref = ld(per_token(ref_hidden, weight.detach())[0])
+    sums = ld(logp)
+    counts = mask.sum(1)
+    return preference_loss_ref(sums[:b], sums[b:], ref[:b], ref[b:], chosen_lengths=counts[:b],
+                               rejected_lengths=counts[b:], chosen_weights=weights[:b],
+                               rejected_weights=weights[b:], **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_wpo_and_ld_alpha_are_trls(backend):
+    """use_weighting (sum p^2 from the same pass) and ld_alpha inside the module equal TRL's
+    computation on materialized logits, loss and gradients (comparison rule)."""
+    hidden, weight, targets, ref_hidden = _linear_batch(dtype=torch.bfloat16)
+    kw = dict(loss_type="sigmoid", beta=0.2)
+    runs = []
+    for fn, dt in (("ours", None), ("spec", torch.float64), ("spec", None)):
+        h, w = leaf(hidden, dt), leaf(weight, dt)
+        if fn == "ours":
+            loss, _ = linear_preference_loss(h, w, targets, ref_hidden=ref_hidden,
+                                             ref_weight=weight, use_weighting=True,
+                                             ld_alpha=0.3, backend=backend, **kw)
+        else:
+            loss = _trl_wpo_ld_loss(h, w, targets, ref_hidden.to(h.dtype), 0.3, **kw)
+        loss.backward()
+        runs.append((loss, h.grad, w.grad))
+    for name, o, r, b in zip(("loss", "dhidden", "dweight"), *runs, strict=True):
+        assert_rule(o, r, b, name, reduction=120 * 20)
+    plain, _ = linear_preference_loss(hidden, weight, targets, ref_hidden=ref_hidden,
+                                      ref_weight=weight, backend=backend, **kw)
+    assert not torch.allclose(plain, runs[0][0].detach())  # the options change the loss
+
+
+def test_linear_wpo_and_ld_packed_equals_padded():
+    """The packed layout finds each token's position within its sequence for LD-DPO."""
+    hidden, weight, targets, ref_hidden = _linear_batch()
+    keep = (targets != -100).any(0)
+    cu = torch.arange(7) * int(keep.sum())
+    outs = []
+    for packed in (False, True):
+        h = leaf(hidden[:, keep].reshape(-1, 24) if packed else hidden)
+        y = targets[:, keep].reshape(-1) if packed else targets
+        r = ref_hidden[:, keep].reshape(-1, 24) if packed else ref_hidden
+        loss, _ = linear_preference_loss(h, weight, y, cu_seqlens=cu if packed else None,
+                                         ref_hidden=r, ref_weight=weight, use_weighting=True,
+                                         ld_alpha=0.5, backend="torch")
+        loss.backward()
+        outs.append((loss, h.grad if packed else h.grad[:, keep].reshape(-1, 24)))
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1])
+
+
+def test_wpo_and_ld_are_dpo_options():
+    hidden, weight, targets, _ = _linear_batch()
+    with pytest.raises(ValueError, match="DPO options"):
+        linear_preference_loss(hidden, weight, targets, family="cpo", ld_alpha=0.5)
+
+
 # ------------------------------------------------------ unpaired, TDPO, listwise, regression
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired", "bco", "npo", "simnpo"])

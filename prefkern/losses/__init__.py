@@ -19,12 +19,18 @@ from prefkern.losses.preference import (
     unpaired_loss,
 )
 from prefkern.losses.reduction import REDUCTIONS, reduce_tokens
-from prefkern.losses.sequence import ld_sequence_logps, sequence_reduce, token_sums
+from prefkern.losses.sequence import (
+    ld_sequence_logps,
+    ld_token_sums,
+    sequence_reduce,
+    token_sums,
+    wpo_weights,
+)
 
 __all__ = ["REDUCTIONS", "aggregate", "cpo_loss", "distill_loss", "irepo_loss",
-           "ld_sequence_logps", "linear_distill_loss", "linear_policy_loss",
+           "ld_sequence_logps", "ld_token_sums", "linear_distill_loss", "linear_policy_loss",
            "linear_preference_loss",
            "lipo_lambda_loss", "orpo_loss", "policy_loss", "policy_preset", "preference_loss",
            "pro_loss",
            "reduce_tokens", "sequence_reduce", "sppo_loss", "tdpo_loss", "token_sums",
-           "topk_forward_kl", "unpaired_loss", "value_loss"]
+           "topk_forward_kl", "unpaired_loss", "value_loss", "wpo_weights"]

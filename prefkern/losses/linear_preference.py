@@ -18,18 +18,29 @@ import torch
 from torch import Tensor
 
 from prefkern.losses.preference import cpo_loss, orpo_loss, preference_loss, tdpo_loss
-from prefkern.losses.sequence import token_sums
+from prefkern.losses.sequence import ld_token_sums, token_sums, wpo_weights
 from prefkern.ops.linear_divergence import linear_divergence
 from prefkern.ops.linear_logprobs import linear_logprobs
 
 FAMILIES = ("dpo", "cpo", "orpo", "tdpo")
 
 
-def _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head: dict):
-    """-> (sums (2B,), completion token counts (2B,)) of the targets' log-probs."""
-    logp = linear_logprobs(hidden, weight, targets, bias, **head)
+def _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head: dict,
+                    ld_alpha: float | None = None, use_weighting: bool = False):
+    """-> (sums (2B,), completion token counts (2B,), WPO weights (2B,) or None) of the
+    targets' log-probs; LD-DPO sums with ``ld_alpha``."""
     mask = targets != head["ignore_index"]
-    return token_sums(logp, mask, cu_seqlens)
+    weights = None
+    if use_weighting:  # sum p^2 from the same pass
+        out = linear_logprobs(hidden, weight, targets, bias, return_stats=True, **head)
+        logp = out.logprobs
+        weights = wpo_weights(logp, out.stats.sum_p2, mask, cu_seqlens)
+    else:
+        logp = linear_logprobs(hidden, weight, targets, bias, **head)
+    sums, counts = token_sums(logp, mask, cu_seqlens)
+    if ld_alpha is not None:
+        sums = ld_token_sums(logp, mask, cu_seqlens, ld_alpha)
+    return sums, counts, weights
 
 
 def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,7 +57,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                            ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
                            ref_bias: Tensor | None = None, temperature: float = 1.0,
                            ignore_index: int = -100, softcap: float | None = None,
-                           logit_scale: float | None = None, backend: str | None = "auto",
+                           logit_scale: float | None = None, ld_alpha: float | None = None,
+                           use_weighting: bool = False, backend: str | None = "auto",
                            **loss_kw):
     """``family="dpo"``: :func:`prefkern.losses.preference_loss` (every TRL DPO loss type;
     lengths are filled in from the targets); ``"cpo"``: :func:`cpo_loss` (CPO, SimPO,
@@ -56,7 +68,11 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     from the same pass). ``loss_kw``
     go to that function (loss_type, beta, label_smoothing, ...). The reference side of DPO:
     ``ref_logps`` or ``ref_hidden`` + ``ref_weight`` (its head options are the policy's), or
-    neither (reference-free DPO). Returns (loss, metrics)."""
+    neither (reference-free DPO). DPO options computed here from the per-token log-probs, as
+    TRL's DPOTrainer does: ``ld_alpha`` (LD-DPO sequence log-probs, policy and reference, see
+    :func:`prefkern.losses.sequence.ld_token_sums`) and ``use_weighting`` (WPO pair weights
+    from the sum of p^2 of the same pass, :func:`prefkern.losses.sequence.wpo_weights`).
+    Returns (loss, metrics)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     head = dict(temperature=temperature, ignore_index=ignore_index, softcap=softcap,
@@ -64,7 +80,10 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     if family == "tdpo":
         return _tdpo(hidden, weight, targets, cu_seqlens, bias, ref_hidden, ref_weight,
                      ref_bias, head, loss_kw)
-    sums, counts = _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head)
+    if family != "dpo" and (ld_alpha is not None or use_weighting):
+        raise ValueError("ld_alpha and use_weighting are DPO options (family='dpo')")
+    sums, counts, weights = _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head,
+                                            ld_alpha, use_weighting)
     (chosen, rejected), (len_c, len_r) = _halves(sums), _halves(counts)
     if family != "dpo":
         if ref_logps is not None or ref_hidden is not None:
@@ -80,9 +99,12 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         if ref_weight is None:
             raise ValueError("ref_hidden needs ref_weight")
         with torch.no_grad():
-            ref_sums, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
-                                          head)
+            ref_sums, _, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias,
+                                             cu_seqlens, head, ld_alpha)
         ref_chosen, ref_rejected = _halves(ref_sums)
+    if weights is not None:
+        loss_kw = dict(loss_kw, chosen_weights=_halves(weights)[0],
+                       rejected_weights=_halves(weights)[1])
     return preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths=len_c,
                            rejected_lengths=len_r, **loss_kw)
 
@@ -101,8 +123,8 @@ def _tdpo(hidden, weight, targets, cu_seqlens, bias, ref_hidden, ref_weight, ref
     kl_sums, _ = token_sums(out.divergence, mask, cu_seqlens)
     sums, _ = token_sums(out.logprobs, mask, cu_seqlens)
     with torch.no_grad():
-        ref_sums, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
-                                      head)
+        ref_sums, _, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
+                                         head)
     (chosen, rejected), (ref_c, ref_r) = _halves(sums), _halves(ref_sums)
     kl_c, kl_r = _halves(kl_sums)
     return tdpo_loss(chosen, rejected, ref_c, ref_r, kl_c, kl_r, **loss_kw)

@@ -70,6 +70,42 @@ def sequence_reduce(per_token: Tensor, mask: Tensor | None = None, *,
     return sums / counts.clamp(min=1).to(sums.dtype)
 
 
+def _positions(keep: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """1-based position of each kept token among its sequence's kept tokens, and (packed) the
+    sequence index of each token."""
+    if cu_seqlens is None:
+        return keep.long().cumsum(-1), None
+    flat = keep.reshape(-1).long()
+    b = cu_seqlens.numel() - 1
+    seg = _segment_ids(cu_seqlens, flat.numel())
+    running = flat.cumsum(0)
+    starts = torch.cat([running.new_zeros(1), running])[cu_seqlens[:-1].clamp(max=flat.numel())]
+    return running - starts[seg.clamp(max=max(b - 1, 0))], seg
+
+
+def ld_token_sums(per_token: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
+                  ld_alpha: float) -> Tensor:
+    """LD-DPO's sequence log-probs of TRL's concatenated batch (B chosen then B rejected
+    sequences, padded (2B, T) or packed with cu_seqlens (2B + 1,)): with L the shorter
+    completion of each pair, the first L completion tokens count fully and the rest
+    ``ld_alpha`` times -> (2B,)."""
+    _check_layout(per_token, mask, cu_seqlens)
+    keep = torch.ones_like(per_token, dtype=torch.bool) if mask is None else mask.bool()
+    counts = token_sums(per_token, keep, cu_seqlens)[1]
+    if counts.numel() % 2:
+        raise ValueError("LD-DPO needs B chosen then B rejected sequences")
+    half = counts.numel() // 2
+    shared = torch.minimum(counts[:half], counts[half:]).repeat(2)
+    pos, seg = _positions(keep, cu_seqlens)
+    if seg is None:
+        limit = shared[:, None]
+    else:
+        limit = shared[seg.clamp(max=counts.numel() - 1)].view(keep.shape)
+    head = keep & (pos.view(keep.shape) <= limit)
+    return (token_sums(per_token, head, cu_seqlens)[0]
+            + ld_alpha * token_sums(per_token, keep & ~head, cu_seqlens)[0])
+
+
 def ld_sequence_logps(chosen: Tensor, chosen_mask: Tensor, rejected: Tensor,
                       rejected_mask: Tensor, ld_alpha: float) -> tuple[Tensor, Tensor]:
     """LD-DPO's length-desensitized sequence log-probs (Liu et al. 2024, "LD-DPO"; TRL
@@ -80,13 +116,22 @@ def ld_sequence_logps(chosen: Tensor, chosen_mask: Tensor, rejected: Tensor,
     with their masks -> (chosen (B,), rejected (B,))."""
     for x, m in ((chosen, chosen_mask), (rejected, rejected_mask)):
         _check_layout(x, m, None)
-    shared = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))[:, None]
+    width = max(chosen.shape[-1], rejected.shape[-1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+    both = ld_token_sums(torch.cat([pad(chosen), pad(rejected)]),
+                         torch.cat([pad(chosen_mask.bool()), pad(rejected_mask.bool())]), None,
+                         ld_alpha)
+    return both[: chosen.shape[0]], both[chosen.shape[0]:]
 
-    def split(x, m):
-        m = m.bool()
-        pos = m.long().cumsum(-1)
-        head = torch.where(m & (pos <= shared), x, 0).sum(-1)
-        tail = torch.where(m & (pos > shared), x, 0).sum(-1)
-        return head + ld_alpha * tail
 
-    return split(chosen, chosen_mask), split(rejected, rejected_mask)
+def wpo_weights(token_logps: Tensor, sum_p2: Tensor, mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
+    """WPO's per-sequence weights (Zhou et al. 2024, "WPO", Eq. 2; TRL ``use_weighting``,
+    huggingface/trl f2cd577 dpo_trainer.py), detached:
+    ``exp(((logp - log sum_v p_v^2) * mask).sum(-1) / mask.sum(-1).clamp(min=1))`` over the
+    completion tokens; sum_p2 per token from ``linear_logprobs(..., return_stats=True)``.
+    The pair weight is chosen * rejected (preference_loss's chosen_weights / rejected_weights)."""
+    with torch.no_grad():
+        adjusted = token_logps.double() - torch.log(sum_p2.double())
+        sums, counts = token_sums(adjusted, mask, cu_seqlens)
+        return torch.exp(sums / counts.clamp(min=1)).to(token_logps.dtype)
