@@ -19,6 +19,7 @@ from prefkern.losses.preference import (
     unpaired_loss,
 )
 from prefkern.losses.reduction import REDUCTIONS, reduce_tokens
+from prefkern.losses.rollout_correction import rollout_is_weights
 from prefkern.losses.sequence import (
     ld_sequence_logps,
     ld_token_sums,
@@ -26,11 +27,13 @@ from prefkern.losses.sequence import (
     token_sums,
     wpo_weights,
 )
+from prefkern.losses.token_selection import high_entropy_mask
 
 __all__ = ["REDUCTIONS", "aggregate", "cpo_loss", "distill_loss", "irepo_loss",
            "ld_sequence_logps", "ld_token_sums", "linear_distill_loss", "linear_policy_loss",
            "linear_preference_loss",
            "lipo_lambda_loss", "orpo_loss", "policy_loss", "policy_preset", "preference_loss",
            "pro_loss",
-           "reduce_tokens", "sequence_reduce", "sppo_loss", "tdpo_loss", "token_sums",
+           "reduce_tokens", "rollout_is_weights", "high_entropy_mask", "sequence_reduce",
+           "sppo_loss", "tdpo_loss", "token_sums",
            "topk_forward_kl", "unpaired_loss", "value_loss", "wpo_weights"]

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 
 from prefkern.losses.sequence import _segment_ids
+from prefkern.losses.token_selection import clip_cov_selection, kl_cov_selection
 from prefkern.ops.kl_estimate import kl_estimate
 from prefkern.reference.logprobs import compute_dtype
 
-SURROGATES = ("ppo", "gspo", "cispo", "sapo", "gpg", "geo_mean")
+SURROGATES = ("ppo", "gspo", "cispo", "sapo", "gpg", "geo_mean", "clip_cov", "kl_cov")
 SEQUENCE_LEVEL = ("gspo", "geo_mean")  # a token's gradient depends on its whole sequence
+BATCH_LEVEL = ("clip_cov", "kl_cov")  # which tokens are treated specially depends on the batch
 # TRL's loss_type names: the PPO surrogate with their aggregation
 TRL_ALIASES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean",
                "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean"}
@@ -158,7 +160,11 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                 ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
                 kl_input_clamp: float | None = 20.0, kl_output_clamp="auto",
                 entropy: Tensor | None = None, entropy_coef: float = 0.0,
-                cu_seqlens: Tensor | None = None, token_weights: Tensor | None = None):
+                cu_seqlens: Tensor | None = None, token_weights: Tensor | None = None,
+                token_mask: Tensor | None = None, clip_cov_ratio: float = 2e-4,
+                clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0,
+                kl_cov_ratio: float = 2e-4, ppo_kl_coef: float = 1.0,
+                generator: torch.Generator | None = None):
     """Per-token policy-gradient loss, aggregated. logprobs, old_logprobs, mask (B, T);
     advantages (B, T) or per sequence (B,). With x = logp - old (clamped to
     +-``ratio_log_clamp``: verl's and OpenRLHF's 20; None for TRL), r = exp(x), A the
@@ -175,12 +181,21 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
           ``"trl"`` w = min(r, eps_high), an absolute one-sided cap (TRL recommends 5)
       sapo  -(4 / tau) sigmoid(tau (r - 1)) A, tau = tau_pos where A > 0 else tau_neg
       gpg   -A logp (REINFORCE)
+      clip_cov  Clip-Cov (Cui et al. 2025, arXiv 2505.22617; verl compute_policy_loss_clip_cov):
+          the ppo surrogate without the ratio clamp, whose gradient is cut (the loss set to
+          0) on a random ``clip_cov_ratio`` share of the valid tokens that the clip left alone
+          and whose covariance (A - mean A)(logp - mean logp) lies in (clip_cov_lb,
+          clip_cov_ub) (``generator`` draws them; prefkern.losses.token_selection)
+      kl_cov  KL-Cov (same paper; verl compute_policy_loss_kl_cov): -A r, plus ``ppo_kl_coef``
+          |logp - old| on the ``kl_cov_ratio`` share of valid tokens of largest covariance
       geo_mean  GMPO (Zhao et al. 2025, arXiv 2507.20673; verl's compute_policy_loss_geo_mean):
           x clipped to [-eps_low, eps_high] on the side its advantage's sign makes pessimistic,
           the sequence ratio exp(mean_t x) times the sequence's mean advantage, -that averaged
           over sequences (or / ``normalizer``); IS weights enter as their geometric mean; KL and
           entropy terms are aggregated separately with ``agg``
-    Then times ``is_weights`` ((B, T) or (B,), detached: rollout importance weights), plus
+    Then times ``token_mask`` ((B, T) 0/1: TRL's high-entropy mask, an off-policy mask; the
+    aggregation still counts ``mask``), times ``is_weights`` ((B, T) or (B,), detached:
+    rollout importance weights, prefkern.losses.rollout_is_weights), plus
     ``kl_coef * kl_estimate(logp, ref_logprobs, kl_kind, ...)`` per token, aggregated with
     :func:`aggregate` (``agg`` None: the loss type's own), minus ``entropy_coef`` times the
     aggregated ``entropy``. ``token_weights`` (B, T) replaces the aggregation by
@@ -207,7 +222,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     if adv.shape != logp.shape:
         adv = layout.to_tokens(adv)
     x = logp - old
-    if ratio_log_clamp is not None and kind not in SEQUENCE_LEVEL:  # raw log-ratios there
+    if ratio_log_clamp is not None and kind not in SEQUENCE_LEVEL + BATCH_LEVEL:  # raw there
         x = x.clamp(-ratio_log_clamp, ratio_log_clamp)
     metrics = {}
     if kind == "gspo":
@@ -233,6 +248,17 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
             per_token = torch.where(adv < 0, lower, clipped)
             metrics["pg_clipfrac_lower"] = _masked_mean(
                 ((clipped > loss3) & (adv < 0)).float(), mask)
+    elif kind == "clip_cov":
+        loss1 = -adv * ratio
+        loss2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+        cut = clip_cov_selection(logp, adv, mask, ratio=clip_cov_ratio, lower=clip_cov_lb,
+                                 upper=clip_cov_ub, exclude=loss2 > loss1, generator=generator)
+        per_token = torch.where(cut, 0, torch.maximum(loss1, loss2))
+        metrics["pg_clipfrac"] = _masked_mean(cut.float(), mask)
+    elif kind == "kl_cov":
+        chosen = kl_cov_selection(logp, adv, mask, ratio=kl_cov_ratio)
+        per_token = torch.where(chosen, -adv * ratio + ppo_kl_coef * x.abs(), -adv * ratio)
+        metrics["kl_cov_frac"] = _masked_mean(chosen.float(), mask)
     elif kind == "cispo":
         weight = ratio.clamp(1 - eps_low, 1 + eps_high) if cispo_form == "verl" else \
             ratio.clamp(max=eps_high)
@@ -243,6 +269,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
         per_token = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv
     else:
         per_token = -adv * logp
+    if token_mask is not None:
+        per_token = per_token * token_mask.detach().to(per_token.dtype)
     if is_weights is not None:
         w = is_weights.float().detach()
         per_token = per_token * (w if w.shape == logp.shape else layout.to_tokens(w))
@@ -302,13 +330,14 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
     packed hidden (N, H), targets (N,) with ``cu_seqlens``. ``mask`` defaults to
     ``targets != ignore_index``.
 
-    ``fused=True`` (per-token surrogates: everything but gspo): the gradient is computed in the
-    forward pass, 3 GEMMs in all (prefkern.ops.policy_fused); the backward only scales it.
-    gspo, or ``fused=False``: the two-pass path (prefkern.linear_logprobs, a recomputing
-    backward). Returns (loss, metrics)."""
+    ``fused=True`` (per-token surrogates): the gradient is computed in the forward pass,
+    3 GEMMs in all (prefkern.ops.policy_fused); the backward only scales it. gspo and
+    geo_mean (sequence-level), clip_cov and kl_cov (batch-level token selection), or
+    ``fused=False``: the two-pass path (prefkern.linear_logprobs, a recomputing backward).
+    Returns (loss, metrics)."""
     kind, _ = resolve_loss_type(loss_kw.get("loss_type", "ppo"), loss_kw.get("agg"))
     mask = targets != ignore_index if mask is None else mask.bool()
-    if not fused or kind in SEQUENCE_LEVEL:
+    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL:
         from prefkern.ops.linear_logprobs import linear_logprobs
 
         out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
@@ -356,19 +385,21 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     layout = _Layout(targets, cu_seqlens)
     adv = advantages if advantages.shape == lead else layout.to_tokens(advantages)
     per_token = {"ref_logprobs": loss_kw.pop("ref_logprobs", None),
-                 "is_weights": loss_kw.pop("is_weights", None)}
+                 "is_weights": loss_kw.pop("is_weights", None),
+                 "token_mask": loss_kw.pop("token_mask", None)}
     is_w = per_token["is_weights"]
     is_w = is_w if is_w is None or is_w.shape == lead else layout.to_tokens(is_w)
     flat = {k: None if t is None else t.reshape(-1) for k, t in
             dict(old=old_logprobs, adv=adv, mask=mask, ref_logprobs=per_token["ref_logprobs"],
-                 is_weights=is_w).items()}
+                 is_weights=is_w, token_mask=per_token["token_mask"]).items()}
 
     def token_loss(rows, lp, ent):
         col = {k: None if t is None else t[rows][:, None] for k, t in flat.items()}
         loss, _ = policy_loss(lp[:, None], col["old"], col["adv"], col["mask"],
                               loss_type=kind, token_weights=weights[rows][:, None],
                               entropy=ent[:, None], ref_logprobs=col["ref_logprobs"],
-                              is_weights=col["is_weights"], **loss_kw)
+                              is_weights=col["is_weights"], token_mask=col["token_mask"],
+                              **loss_kw)
         return loss
 
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)

@@ -1,7 +1,7 @@
-"""Reference policy-gradient and value losses, float64, transcribed from the trainers' code:
+"""Reference policy-gradient and value losses, float64, written from the trainers' formulas:
 verl-project/verl 1dda039 (verl/trainer/ppo/core_algos.py: compute_policy_loss_vanilla,
-_gspo, _cispo, _sapo, _gpg, agg_loss, compute_value_loss) and huggingface/trl f2cd577
-(trl/trainer/grpo_trainer.py ``_compute_loss``)."""
+_gspo, _cispo, _sapo, _gpg, _clip_cov, _kl_cov, agg_loss, compute_value_loss) and
+huggingface/trl f2cd577 (trl/trainer/grpo_trainer.py ``_compute_loss``)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,12 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
                     gspo_form="verl", cispo_form="verl", tau_pos=1.0, tau_neg=1.05, agg=None,
                     normalizer=None, loss_scale_factor=None, is_weights=None,
                     ref_logprobs=None, kl_coef=0.0, kl_kind="k3", kl_input_clamp=20.0,
-                    kl_output_clamp="auto", entropy=None, entropy_coef=0.0):
-    """-> the loss of :func:`prefkern.losses.policy_loss` (metrics not included)."""
+                    kl_output_clamp="auto", entropy=None, entropy_coef=0.0, token_mask=None,
+                    clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0, kl_cov_ratio=2e-4,
+                    ppo_kl_coef=1.0, generator=None):
+    """-> the loss of :func:`prefkern.losses.policy_loss` (metrics not included). Clip-Cov's
+    random subset is specified as: keys = torch.rand(mask.shape, generator=generator), the
+    candidates with the largest keys."""
     kind, agg = _defaults(loss_type, agg)
     eps_high = eps_low if eps_high is None else eps_high
     logp, old = logprobs.double(), old_logprobs.double().detach()
@@ -77,6 +81,8 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
             log_ratio = torch.clamp(logp - logp.detach() + seq.detach().unsqueeze(-1), max=10.0)
         else:
             log_ratio = seq.unsqueeze(-1).expand_as(logp)
+    elif kind in ("clip_cov", "kl_cov"):  # verl: no clamp on the log-ratio
+        log_ratio = neg_kl
     else:
         log_ratio = neg_kl if ratio_log_clamp is None else torch.clamp(
             neg_kl, min=-ratio_log_clamp, max=ratio_log_clamp)
@@ -92,6 +98,26 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
         else:
             pg3 = -adv * dual_clip
             losses = torch.where(adv < 0, torch.minimum(pg3, clip1), clip1)
+    elif kind in ("clip_cov", "kl_cov"):
+        adv_t = adv.expand_as(logp)
+        valid = mask.bool()
+        cov = (adv_t - adv_t[valid].mean()) * (logp.detach() - logp.detach()[valid].mean())
+        pg1 = -adv_t * ratio
+        share = clip_cov_ratio if kind == "clip_cov" else kl_cov_ratio
+        k = max(int(share * int(valid.sum())), 1)
+        if kind == "clip_cov":
+            pg2 = -adv_t * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+            candidate = valid & ~(pg2 > pg1) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+            keys = torch.rand(mask.shape, generator=generator, device=mask.device).double()
+            keys = torch.where(candidate, keys, -float("inf")).reshape(-1)
+            top = keys.topk(min(k, int(candidate.sum()))).indices
+            cut = torch.zeros_like(keys, dtype=torch.bool).index_fill(0, top, True)
+            losses = torch.where(cut.view(mask.shape), 0, torch.maximum(pg1, pg2))
+        else:
+            flat = torch.where(valid, cov, -float("inf")).reshape(-1)
+            top = flat.topk(min(k, int(valid.sum()))).indices
+            chosen = torch.zeros_like(flat, dtype=torch.bool).index_fill(0, top, True)
+            losses = torch.where(chosen.view(mask.shape), pg1 + ppo_kl_coef * neg_kl.abs(), pg1)
     elif kind == "cispo":
         w = (torch.clamp(ratio, 1 - eps_low, 1 + eps_high) if cispo_form == "verl"
              else torch.clamp(ratio, max=eps_high)).detach()
@@ -101,6 +127,8 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
         losses = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
     else:
         losses = -adv * logp
+    if token_mask is not None:
+        losses = losses * token_mask.double()
     if is_weights is not None:
         w = is_weights.double().detach()
         losses = losses * (w.unsqueeze(-1) if w.dim() == 1 else w)
