@@ -427,6 +427,10 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
 #   KL           verl low_var_kl (k3, exponent +-20, value +-10); OpenRLHF k1 by default,
 #                every estimator clamped to +-10; TRL k3, no clamps (beta = 0 by default)
 #   loss type    TRL's default loss_type is dapo (token mean over the generation batch)
+#   aggregation  OpenRLHF's token mode is token-mean (normalizer = batch_num_tokens / dp_size
+#                when given); its sample mode (token_level_loss=False, forced for gspo) is
+#                seq-mean-token-mean over the non-empty sequences: pass normalizer = their
+#                count (or global_batch_size / dp_size); tests/test_openrlhf_parity.py
 POLICY_PRESETS = {
     "verl": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0,
                  ratio_log_clamp=20.0, gspo_form="verl", cispo_form="verl", kl_kind="k3",
