@@ -1,0 +1,234 @@
+"""transformers causal LMs without logits: per-token log-probs (and entropy) of a
+``*ForCausalLM`` straight from its backbone's last hidden state and its own LM head.
+
+What a causal LM's forward does after the backbone (transformers 5.23.0, e.g. Gemma2ForCausalLM
+.forward): ``logits = lm_head(hidden)``, then the config's logit transform (scale and/or tanh
+softcap, read by :func:`prefkern.integrations.hf_head_config`). Here the head runs inside the
+head module's own call (its forward is swapped for the call's duration), so module hooks (FSDP2's
+unshard/reshard, DeepSpeed's gather) see a normal head forward and backward. Nothing here
+imports transformers: models are used through their attributes.
+
+Label shift (as transformers' loss and TRL's ``selective_log_softmax(logits[:, :-1],
+input_ids[:, 1:])``): position t of the result is ``log p(labels[:, t + 1] | tokens <= t)``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from prefkern.integrations.hf_head import hf_head_config
+from prefkern.ops.linear_logprobs import linear_logprobs
+from prefkern.outputs import LogprobsEntropy
+
+
+class CausalLMLogprobsOutput(NamedTuple):
+    """What a model patched by :func:`apply_prefkern` returns when given labels: the mean
+    negative log-likelihood over the valid shifted labels (transformers' ``loss``), per-token
+    log-probs (B, T - 1) and entropy (None unless asked); ``logits`` is always None."""
+
+    loss: Tensor
+    logprobs: Tensor
+    entropy: Tensor | None
+    logits: None = None
+
+
+# ------------------------------------------------------------------------------ the head
+
+def lm_head_of(model) -> torch.nn.Module:
+    """The model's output head as a module with ``weight`` (V, H) (and maybe ``bias``): PEFT's
+    modules_to_save wrapper is unwrapped to its active copy; LoRA on the head is refused."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else getattr(model, "lm_head", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    return unwrap_head(head)
+
+
+def unwrap_head(head: torch.nn.Module) -> torch.nn.Module:
+    if hasattr(head, "lora_A") or hasattr(head, "lora_embedding_A"):
+        raise ValueError("the LM head carries a LoRA adapter: prefkern needs the head as one "
+                         "weight matrix; merge the adapter or leave lm_head out of the LoRA "
+                         "target_modules (modules_to_save is supported)")
+    saved = getattr(head, "modules_to_save", None)
+    if saved is not None:  # peft ModulesToSaveWrapper
+        active = getattr(head, "active_adapters", None) or [getattr(head, "active_adapter",
+                                                                    None)]
+        if getattr(head, "disable_adapters", False) or not active or active[0] not in saved:
+            return unwrap_head(head.original_module)
+        return unwrap_head(saved[active[0]])
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"the LM head {type(head).__name__} has no weight tensor")
+    return head
+
+
+def _full(t: Tensor | None) -> Tensor | None:
+    """A DTensor parameter (FSDP2, tensor parallel) as the whole tensor, gathered once per call
+    (the gather's backward reduce-scatters the gradient back to the shards)."""
+    if t is None or not hasattr(t, "full_tensor"):
+        return t
+    return t.full_tensor()
+
+
+def _check_not_empty(weight: Tensor) -> None:
+    if weight.numel() == 0:
+        hint = " (a DeepSpeed ZeRO-3 shard)" if hasattr(weight, "ds_id") else ""
+        raise ValueError(f"the LM head weight is empty{hint}: gather it around the call, e.g. "
+                         "`with deepspeed.zero.GatheredParameters(lm_head.weight, "
+                         "modifier_rank=None):`, or run the head inside the module's forward")
+
+
+def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor | None, **options):
+    """``linear_logprobs(hidden, head.weight, targets, head.bias, **options)`` computed inside
+    ``head(...)``'s call, so that its forward hooks (FSDP2 unshard, DeepSpeed gather) and the
+    backward hooks on its outputs run as for ``head(hidden)``."""
+    def forward(self, h):
+        weight = _full(self.weight)
+        _check_not_empty(weight)
+        return linear_logprobs(h, weight, targets, _full(getattr(self, "bias", None)),
+                               **options)
+
+    had_own = "forward" in vars(head)
+    previous = vars(head).get("forward")
+    head.forward = types.MethodType(forward, head)
+    try:
+        return head(hidden)
+    finally:
+        if had_own:
+            head.forward = previous
+        else:
+            del head.forward
+
+
+class PrefkernHead(torch.nn.Module):
+    """``from_linear(model.lm_head)``: log-probs from hidden states through the model's own head
+    module (kept as a submodule: FSDP units and hooks stay intact).
+    ``forward(hidden, targets, **per_call)`` == ``linear_logprobs(hidden, head.weight, targets,
+    head.bias, **options)``."""
+
+    def __init__(self, linear: torch.nn.Module, **options):
+        super().__init__()
+        self.linear = unwrap_head(linear)
+        self.options = options
+
+    def forward(self, hidden: Tensor, targets: Tensor | None, **per_call):
+        return head_logprobs(self.linear, hidden, targets, **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def from_linear(linear: torch.nn.Module, **options) -> PrefkernHead:
+    """A :class:`PrefkernHead` around ``linear`` (an ``nn.Linear``-like module, e.g.
+    ``model.lm_head``); ``options`` are linear_logprobs keywords (temperature, softcap,
+    logit_scale, return_entropy, mode, ...)."""
+    return PrefkernHead(linear, **options)
+
+
+# ------------------------------------------------------------------------- the causal LM
+
+def _backbone(model) -> torch.nn.Module:
+    getter = getattr(model, "get_decoder", None)
+    backbone = getter() if callable(getter) else None
+    if backbone is None:
+        backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if backbone is None or backbone is model:
+        raise ValueError(f"cannot find the backbone of {type(model).__name__} "
+                         "(get_decoder() / base_model_prefix)")
+    return backbone
+
+
+def shifted_targets(input_ids: Tensor, attention_mask: Tensor | None = None,
+                    labels: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+    """(B, T - 1) next-token targets: ``labels[:, 1:]`` if given, else ``input_ids[:, 1:]``
+    with ``ignore_index`` where the attention mask is 0."""
+    if labels is not None:
+        return labels[:, 1:]
+    targets = input_ids[:, 1:]
+    if attention_mask is not None:
+        targets = torch.where(attention_mask[:, 1:].bool(), targets, ignore_index)
+    return targets
+
+
+def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None = None,
+                       labels: Tensor | None = None, *, temperature: float | Tensor = 1.0,
+                       return_entropy: bool = False, logits_to_keep: int | None = None,
+                       ignore_index: int = -100, mode: str = "auto",
+                       backend: str | None = "auto", **model_kwargs):
+    """Per-token log-probs of a transformers causal LM without its logits:
+    ``(model(input_ids, ...).logits[:, :-1].float() / T).log_softmax(-1).gather(-1,
+    targets[..., None])[..., 0]`` with targets from :func:`shifted_targets` -> (B, T - 1) fp32
+    (ignored positions 0); with ``logits_to_keep=k``, the log-probs of the last k tokens only
+    (B, k), as TRL's ``logits_to_keep`` (the backbone still runs on every token). The config's
+    logit scale and softcap are applied (:func:`hf_head_config`). ``model_kwargs`` go to the
+    backbone (position_ids, ...; ``use_cache`` defaults to False). Returns the log-probs, or
+    ``LogprobsEntropy(logprobs, entropy)`` with ``return_entropy``; gradients flow to the
+    backbone and the head."""
+    head = lm_head_of(model)
+    scale, softcap = hf_head_config(model)
+    model_kwargs.setdefault("use_cache", False)
+    outputs = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                               **model_kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    targets = shifted_targets(input_ids, attention_mask, labels, ignore_index)
+    hidden = hidden[:, :-1]
+    if logits_to_keep is not None:
+        if not 0 < logits_to_keep < input_ids.shape[1]:
+            raise ValueError(f"logits_to_keep must be in [1, T - 1], got {logits_to_keep}")
+        hidden, targets = hidden[:, -logits_to_keep:], targets[:, -logits_to_keep:]
+        if isinstance(temperature, Tensor) and temperature.dim() == 2:
+            temperature = temperature[:, -logits_to_keep:]
+    out = head_logprobs(head, hidden, targets, temperature=temperature, logit_scale=scale,
+                        softcap=softcap, ignore_index=ignore_index,
+                        return_entropy=return_entropy, mode=mode, backend=backend)
+    if return_entropy:
+        return LogprobsEntropy(out.logprobs, out.entropy)
+    return out
+
+
+# ------------------------------------------------------------------------ forward patch
+
+def apply_prefkern(model, *, temperature: float = 1.0, return_entropy: bool = False,
+                   mode: str = "auto", backend: str | None = "auto"):
+    """Patch ``model`` so that ``model(input_ids, labels=labels, ...)`` returns a
+    :class:`CausalLMLogprobsOutput` (loss = mean NLL over the valid shifted labels, as
+    transformers computes it, and per-token log-probs/entropy) without building logits. Calls
+    without labels (generation) run the original forward. Undo with :func:`remove_prefkern`.
+    Returns the model."""
+    if getattr(model, "_prefkern_forward", None) is not None:
+        return model
+    original = model.forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        out = causal_lm_logprobs(self, input_ids, attention_mask, labels,
+                                 temperature=temperature, return_entropy=return_entropy,
+                                 mode=mode, backend=backend, **kwargs)
+        logprobs, entropy = (out.logprobs, out.entropy) if return_entropy else (out, None)
+        valid = labels[:, 1:] != -100
+        count = valid.sum().clamp(min=1) if num_items is None else num_items
+        loss = -torch.where(valid, logprobs, 0).sum() / count
+        return CausalLMLogprobsOutput(loss, logprobs, entropy)
+
+    model._prefkern_forward = (original, "forward" in vars(model))
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def remove_prefkern(model):
+    """Undo :func:`apply_prefkern`. Returns the model."""
+    saved = getattr(model, "_prefkern_forward", None)
+    if saved is not None:
+        original, had_own = saved
+        if had_own:  # e.g. a wrapper another library installed on the instance
+            model.forward = original
+        else:
+            del model.forward
+        del model._prefkern_forward
+    return model
