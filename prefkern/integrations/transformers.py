@@ -81,15 +81,20 @@ def _check_not_empty(weight: Tensor) -> None:
                          "modifier_rank=None):`, or run the head inside the module's forward")
 
 
-def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor | None, **options):
+def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor | None, *,
+                  fp32: bool = False, **options):
     """``linear_logprobs(hidden, head.weight, targets, head.bias, **options)`` computed inside
     ``head(...)``'s call, so that its forward hooks (FSDP2 unshard, DeepSpeed gather) and the
-    backward hooks on its outputs run as for ``head(hidden)``."""
+    backward hooks on its outputs run as for ``head(hidden)``. ``fp32``: the head's inputs are
+    cast to fp32 first (gradients flow back through the casts)."""
     def forward(self, h):
         weight = _full(self.weight)
         _check_not_empty(weight)
-        return linear_logprobs(h, weight, targets, _full(getattr(self, "bias", None)),
-                               **options)
+        bias = _full(getattr(self, "bias", None))
+        if fp32:
+            h, weight = h.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        return linear_logprobs(h, weight, targets, bias, **options)
 
     had_own = "forward" in vars(head)
     previous = vars(head).get("forward")
