@@ -64,3 +64,44 @@ def test_grpo_step_with_and_without_prefkern(loss_type, tmp_path):
     for name, g in grads.items():  # fp32 both sides: equal to rounding
         torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
                                    atol=1e-5 * want_grads[name].abs().max().item())
+
+
+@pytest.mark.parametrize("loss_type,extra", [(["sigmoid", "ipo"], {"use_weighting": True}),
+                                             (["sft"], {})], ids=["sigmoid+ipo-wpo", "sft"])
+def test_dpo_step_with_and_without_prefkern(loss_type, extra, tmp_path):
+    """DPO's loss mixture with WPO weights (log sum p^2 from the fused head) and TRL's sft
+    loss type. (TRL 1.16 itself fails on sft together with use_weighting: an in-place multiply
+    of an expanded tensor in DPOTrainer._compute_loss.)"""
+    from datasets import Dataset
+
+    model = _tiny("cohere")
+    model.config.pad_token_id = model.config.eos_token_id = V - 2
+    model.save_pretrained(tmp_path / "model")
+    data = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5"],
+                              "chosen": [" w7 w8", " w9 w10 w11"],
+                              "rejected": [" w12", " w13 w14"]})
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+                         report_to="none", use_cpu=True, bf16=False, loss_type=loss_type,
+                         loss_weights=[1.0, 0.5][: len(loss_type)], **extra)
+    trainer = trl.DPOTrainer(model=str(tmp_path / "model"), args=args, train_dataset=data,
+                             processing_class=_tokenizer())
+    with torch.no_grad():  # move the policy off the reference: non-trivial log-ratios
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+
+    def step():
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                               if p.grad is not None}
+
+    want, want_grads = step()
+    pk_trl.patch_trainer(trainer, backend="torch")
+    got, grads = step()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert set(grads) == set(want_grads) and len(grads) > 10
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
+                                   atol=1e-5 * want_grads[name].abs().max().item())
