@@ -126,14 +126,49 @@ def test_value_loss(clip, agg):
         assert_rule(o, r, b, name, reduction=80)
 
 
-def test_aggregate_is_verls_agg_loss():
+def _verl_agg_loss(loss_mat, loss_mask, mode, dp_size=1, batch_num_tokens=None,
+                   global_batch_size=None, loss_scale_factor=None):
+    """verl-project/verl 1dda039 core_algos.agg_loss, from its formula: without global
+    totals the seq-mean modes divide by the sequences that have a valid token."""
+    m = loss_mask.float()
+    if mode == "token-mean":
+        tokens = m.sum() if batch_num_tokens is None else batch_num_tokens
+        return (loss_mat * m).sum() / tokens * dp_size
+    if mode == "token-sum":
+        return (loss_mat * m).sum() * dp_size
+    counts = m.sum(-1)
+    seq = (loss_mat * m).sum(-1)
+    if mode == "seq-mean-token-mean":
+        seq = seq / (counts + 1e-8)
+    seq_mask = (counts > 0).float()
+    total = seq_mask.sum() if global_batch_size is None else global_batch_size
+    out = (seq * seq_mask).sum() / total * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        out = out / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return out
+
+
+@pytest.mark.parametrize("norm", [None, 7.0])
+def test_aggregate_is_verls_agg_loss(norm):
     gen = torch.Generator().manual_seed(5)
-    loss_mat = torch.randn(4, 10, generator=gen)
-    mask = torch.rand(4, 10, generator=gen) < 0.6
+    loss_mat = torch.randn(5, 10, generator=gen)
+    mask = torch.rand(5, 10, generator=gen) < 0.6
+    mask[2] = False  # a fully masked sequence: verl leaves it out of the sequence count
     for agg in AGGREGATIONS:
-        for norm in (None, 7.0):
-            torch.testing.assert_close(aggregate(loss_mat, mask, agg, norm, 12.0),
-                                       agg_loss_ref(loss_mat, mask, agg, norm, 12.0).float())
+        # verl's global totals over dp ranks = prefkern's normalizer (verl needs them at dp > 1)
+        dp = 1 if norm is None else 2
+        want = _verl_agg_loss(loss_mat, mask, agg, dp_size=dp,
+                              batch_num_tokens=None if norm is None else dp * norm,
+                              global_batch_size=None if norm is None else dp * norm,
+                              loss_scale_factor=12.0)
+        got = aggregate(loss_mat, mask, agg, norm, 12.0, seq_count="nonempty")
+        # verl's token-sum counters DDP's gradient averaging with a dp factor of its own
+        torch.testing.assert_close(got * (dp if agg == "token-sum" else 1), want)
+        torch.testing.assert_close(got, agg_loss_ref(loss_mat, mask, agg, norm, 12.0,
+                                                     "nonempty").float())
+    # TRL's grpo divides by every sequence: ((L * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    trl = ((loss_mat * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    torch.testing.assert_close(aggregate(loss_mat, mask, "seq-mean-token-mean"), trl)
 
 
 def test_errors():

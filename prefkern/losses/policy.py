@@ -55,10 +55,13 @@ class _Layout:
         return self.to_tokens(self.seq_sum(torch.where(mask, tokens, 0)) / count)
 
 
+SEQ_COUNTS = ("all", "nonempty")
+
+
 def aggregation_weights(mask: Tensor, agg: str = "token-mean",
                         normalizer: float | Tensor | None = None,
                         loss_scale_factor: float | None = None,
-                        cu_seqlens: Tensor | None = None) -> Tensor:
+                        cu_seqlens: Tensor | None = None, seq_count: str = "all") -> Tensor:
     """(B, T) weights w with ``aggregate(L, mask, agg, ...) == (w * L).sum()``: every mode is
     linear in the per-token values (verl's ``agg_loss``):
       token-mean               m / normalizer (default: the local token count, >= 1)
@@ -69,10 +72,15 @@ def aggregation_weights(mask: Tensor, agg: str = "token-mean",
                                sum / (B * max_completion_length)
     ``normalizer``: the global token count (token-mean) or sequence count (seq-mean-*) when
     the loss spans gradient accumulation or ranks (a number or a tensor: no host sync).
+    Without one, the seq-mean-* modes divide by B (``seq_count="all"``: TRL's grpo, dr_grpo)
+    or by the sequences with at least one valid token (``"nonempty"``: verl 1dda039's agg_loss,
+    OpenRLHF's sample mode); they differ only when a sequence is fully masked.
     Packed (N,) tokens with ``cu_seqlens``: B = len(cu_seqlens) - 1, and
     seq-mean-token-sum-norm needs ``loss_scale_factor`` (there is no padded T)."""
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if seq_count not in SEQ_COUNTS:
+        raise ValueError(f"seq_count must be one of {SEQ_COUNTS}, got {seq_count!r}")
     layout = _Layout(mask, cu_seqlens)
     m = mask.to(torch.float32)
     if layout.packed:
@@ -81,7 +89,10 @@ def aggregation_weights(mask: Tensor, agg: str = "token-mean",
         return m
     if agg == "token-mean":
         return m / (m.sum().clamp(min=1) if normalizer is None else normalizer)
-    w = m / (layout.n_seqs if normalizer is None else normalizer)
+    if normalizer is None:
+        normalizer = layout.n_seqs if seq_count == "all" else \
+            (layout.seq_sum(m) > 0).sum().clamp(min=1)
+    w = m / normalizer
     if agg == "seq-mean-token-mean":
         w = w / layout.to_tokens(layout.seq_sum(m).clamp(min=1))
     if agg == "seq-mean-token-sum-norm":
@@ -93,10 +104,12 @@ def aggregation_weights(mask: Tensor, agg: str = "token-mean",
 
 def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean",
               normalizer: float | Tensor | None = None,
-              loss_scale_factor: float | None = None) -> Tensor:
+              loss_scale_factor: float | None = None, seq_count: str = "all") -> Tensor:
     """verl's ``agg_loss`` on (B, T) per-token values: ``(aggregation_weights(...) *
-    loss_mat).sum()`` over the mask (see :func:`aggregation_weights` for each mode)."""
-    w = aggregation_weights(mask.bool(), agg, normalizer, loss_scale_factor)
+    loss_mat).sum()`` over the mask (see :func:`aggregation_weights` for each mode;
+    ``seq_count="nonempty"`` is verl's default normalizer)."""
+    w = aggregation_weights(mask.bool(), agg, normalizer, loss_scale_factor,
+                            seq_count=seq_count)
     return torch.where(mask.bool(), loss_mat * w, 0).sum()
 
 
@@ -115,7 +128,7 @@ def resolve_loss_type(loss_type: str, agg: str | None) -> tuple[str, str]:
 
 def _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normalizer,
               ref_logprobs, kl_coef, kl_kind, kl_input_clamp, kl_output_clamp, entropy,
-              entropy_coef, agg, loss_scale_factor, cu_seqlens, old):
+              entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count="all"):
     sign = torch.sign(adv)
     clipped_x = x.clamp(-eps_low, eps_high)
     pessimistic = sign * torch.minimum(sign * x, sign * clipped_x)
@@ -129,7 +142,8 @@ def _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normali
         losses = losses * torch.exp(layout.seq_sum(torch.where(mask, torch.log(w + 1e-10), 0))
                                     / count)
     loss = losses.mean() if normalizer is None else losses.sum() / normalizer
-    weights = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens)
+    weights = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens,
+                                  seq_count)
     hit = clipped_x != x
     metrics = {"pg_clipfrac": _masked_mean((hit & (adv > 0)).float(), mask),
                "pg_clipfrac_lower": _masked_mean((hit & (adv < 0)).float(), mask),
@@ -164,7 +178,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                 token_mask: Tensor | None = None, clip_cov_ratio: float = 2e-4,
                 clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0,
                 kl_cov_ratio: float = 2e-4, ppo_kl_coef: float = 1.0,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None, seq_count: str = "all"):
     """Per-token policy-gradient loss, aggregated. logprobs, old_logprobs, mask (B, T);
     advantages (B, T) or per sequence (B,). With x = logp - old (clamped to
     +-``ratio_log_clamp``: verl's and OpenRLHF's 20; None for TRL), r = exp(x), A the
@@ -197,7 +211,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     aggregation still counts ``mask``), times ``is_weights`` ((B, T) or (B,), detached:
     rollout importance weights, prefkern.losses.rollout_is_weights), plus
     ``kl_coef * kl_estimate(logp, ref_logprobs, kl_kind, ...)`` per token, aggregated with
-    :func:`aggregate` (``agg`` None: the loss type's own), minus ``entropy_coef`` times the
+    :func:`aggregate` (``agg`` None: the loss type's own; ``seq_count`` as there), minus
+    ``entropy_coef`` times the
     aggregated ``entropy``. ``token_weights`` (B, T) replaces the aggregation by
     ``sum(token_weights * L)`` (the fused path applies the loss chunk by chunk this way).
     Returns (loss, metrics): clip fractions (pg_clipfrac, pg_clipfrac_lower for the dual
@@ -232,7 +247,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     if kind == "geo_mean":
         return _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normalizer,
                          ref_logprobs, kl_coef, kl_kind, kl_input_clamp, kl_output_clamp,
-                         entropy, entropy_coef, agg, loss_scale_factor, cu_seqlens, old)
+                         entropy, entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count)
     ratio = torch.exp(x)
     if kind in ("ppo", "gspo"):
         if delta is not None:
@@ -279,8 +294,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                          output_clamp=kl_output_clamp).float()
         per_token = per_token + kl_coef * kl
         metrics["kl"] = _masked_mean(kl.detach(), mask)
-    w = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens) \
-        if token_weights is None else token_weights
+    w = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens,
+                            seq_count) if token_weights is None else token_weights
     loss = torch.where(mask, per_token * w, 0).sum()
     if entropy is not None and entropy_coef != 0.0:
         loss = loss - entropy_coef * torch.where(mask, entropy.float() * w, 0).sum()
@@ -298,7 +313,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
                clip: float | None = 0.2, agg: str = "token-mean",
                normalizer: float | Tensor | None = None,
-               loss_scale_factor: float | None = None):
+               loss_scale_factor: float | None = None, seq_count: str = "all"):
     """PPO's clipped value loss (verl compute_value_loss, OpenRLHF ValueLoss):
     ``0.5 * agg(max((v - R)^2, (v_clip - R)^2))`` with ``v_clip = old + clamp(v - old, -clip,
     clip)`` (clip None: the plain squared error). Returns (loss, {"vf_clipfrac"})."""
@@ -313,7 +328,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         err_clip = (v_clip - ret) ** 2
         per_token = torch.maximum(err, err_clip)
         frac = _masked_mean((err_clip > err).float(), mask)
-    loss = 0.5 * aggregate(per_token, mask, agg, normalizer, loss_scale_factor)
+    loss = 0.5 * aggregate(per_token, mask, agg, normalizer, loss_scale_factor, seq_count)
     return loss, {"vf_clipfrac": frac.detach()}
 
 
@@ -381,7 +396,9 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     kind, agg = resolve_loss_type(loss_kw.pop("loss_type", "ppo"), loss_kw.pop("agg", None))
     normalizer = loss_kw.pop("normalizer", None)
     scale_factor = loss_kw.pop("loss_scale_factor", None)
-    weights = aggregation_weights(mask, agg, normalizer, scale_factor, cu_seqlens).reshape(-1)
+    seq_count = loss_kw.pop("seq_count", "all")
+    weights = aggregation_weights(mask, agg, normalizer, scale_factor, cu_seqlens,
+                                  seq_count).reshape(-1)
     layout = _Layout(targets, cu_seqlens)
     adv = advantages if advantages.shape == lead else layout.to_tokens(advantages)
     per_token = {"ref_logprobs": loss_kw.pop("ref_logprobs", None),
@@ -410,7 +427,8 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
             targets.reshape(-1), head, ignore_index, token_loss, name == "triton", need)
         value, metrics = policy_loss(logp.view(lead), old_logprobs, advantages, mask,
                                      loss_type=kind, agg=agg, normalizer=normalizer,
-                                     loss_scale_factor=scale_factor, entropy=entropy.view(lead),
+                                     loss_scale_factor=scale_factor, seq_count=seq_count,
+                                     entropy=entropy.view(lead),
                                      cu_seqlens=cu_seqlens, **per_token, **loss_kw)
     dh = None if dh is None else dh.view(hidden.shape)
     return GradientInForward.apply(value, dh, dw, db, hidden, weight, bias), metrics
@@ -427,17 +445,18 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
 #   KL           verl low_var_kl (k3, exponent +-20, value +-10); OpenRLHF k1 by default,
 #                every estimator clamped to +-10; TRL k3, no clamps (beta = 0 by default)
 #   loss type    TRL's default loss_type is dapo (token mean over the generation batch)
-#   aggregation  OpenRLHF's token mode is token-mean (normalizer = batch_num_tokens / dp_size
-#                when given); its sample mode (token_level_loss=False, forced for gspo) is
-#                seq-mean-token-mean over the non-empty sequences: pass normalizer = their
-#                count (or global_batch_size / dp_size); tests/test_openrlhf_parity.py
+#   aggregation  without a global normalizer, verl's seq-mean-* modes and OpenRLHF's sample
+#                mode (token_level_loss=False, forced for gspo) divide by the sequences with
+#                a valid token (seq_count="nonempty"), TRL's grpo / dr_grpo by all B;
+#                OpenRLHF's token mode is token-mean (normalizer = batch_num_tokens /
+#                dp_size when given); tests/test_openrlhf_parity.py
 POLICY_PRESETS = {
     "verl": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0,
                  ratio_log_clamp=20.0, gspo_form="verl", cispo_form="verl", kl_kind="k3",
-                 kl_input_clamp=20.0, kl_output_clamp=10.0),
+                 kl_input_clamp=20.0, kl_output_clamp=10.0, seq_count="nonempty"),
     "openrlhf": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=None,
                      ratio_log_clamp=20.0, gspo_form="trl", kl_kind="k1", kl_input_clamp=None,
-                     kl_output_clamp=10.0),
+                     kl_output_clamp=10.0, seq_count="nonempty"),
     "trl": dict(loss_type="dapo", eps_low=0.2, eps_high=0.2, dual_clip=None,
                 ratio_log_clamp=None, gspo_form="trl", cispo_form="trl", kl_kind="k3",
                 kl_input_clamp=None, kl_output_clamp=None),

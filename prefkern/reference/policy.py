@@ -10,13 +10,18 @@ import torch
 from prefkern.reference.kl import kl_estimate_ref
 
 
-def agg_loss_ref(loss_mat, mask, mode, normalizer=None, loss_scale_factor=None):
+def agg_loss_ref(loss_mat, mask, mode, normalizer=None, loss_scale_factor=None,
+                 seq_count="all"):
+    """verl's agg_loss; without a normalizer the seq-mean modes divide by B (``"all"``) or by
+    the sequences with a valid token (``"nonempty"``, verl 1dda039's default)."""
     m = mask.double()
     if mode == "token-sum":
         return (loss_mat * m).sum()
     if mode == "token-mean":
         return (loss_mat * m).sum() / (m.sum().clamp(min=1) if normalizer is None else normalizer)
-    b = loss_mat.shape[0] if normalizer is None else normalizer
+    b = normalizer
+    if b is None:
+        b = loss_mat.shape[0] if seq_count == "all" else (m.sum(-1) > 0).sum()
     seq = (loss_mat * m).sum(-1)
     if mode == "seq-mean-token-mean":
         seq = seq / m.sum(-1).clamp(min=1)
@@ -42,7 +47,7 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
                     ref_logprobs=None, kl_coef=0.0, kl_kind="k3", kl_input_clamp=20.0,
                     kl_output_clamp="auto", entropy=None, entropy_coef=0.0, token_mask=None,
                     clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0, kl_cov_ratio=2e-4,
-                    ppo_kl_coef=1.0, generator=None):
+                    ppo_kl_coef=1.0, generator=None, seq_count="all"):
     """-> the loss of :func:`prefkern.losses.policy_loss` (metrics not included). Clip-Cov's
     random subset is specified as: keys = torch.rand(mask.shape, generator=generator), the
     candidates with the largest keys."""
@@ -70,10 +75,11 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
         if ref_logprobs is not None and kl_coef != 0.0:
             kl = kl_estimate_ref(logprobs.double(), ref_logprobs.double(), kl_kind,
                                  input_clamp=kl_input_clamp, output_clamp=kl_output_clamp)
-            loss = loss + kl_coef * agg_loss_ref(kl, mask, agg, normalizer, loss_scale_factor)
+            loss = loss + kl_coef * agg_loss_ref(kl, mask, agg, normalizer, loss_scale_factor,
+                                                 seq_count)
         if entropy is not None and entropy_coef != 0.0:
             loss = loss - entropy_coef * agg_loss_ref(entropy.double(), mask, agg, normalizer,
-                                                      loss_scale_factor)
+                                                      loss_scale_factor, seq_count)
         return loss
     if kind == "gspo":
         seq = (neg_kl * m).sum(-1) / m.sum(-1).clamp(min=1)
@@ -136,19 +142,19 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
         losses = losses + kl_coef * kl_estimate_ref(logprobs.double(), ref_logprobs.double(),
                                                     kl_kind, input_clamp=kl_input_clamp,
                                                     output_clamp=kl_output_clamp)
-    loss = agg_loss_ref(losses, mask, agg, normalizer, loss_scale_factor)
+    loss = agg_loss_ref(losses, mask, agg, normalizer, loss_scale_factor, seq_count)
     if entropy is not None and entropy_coef != 0.0:
         loss = loss - entropy_coef * agg_loss_ref(entropy.double(), mask, agg, normalizer,
-                                                  loss_scale_factor)
+                                                  loss_scale_factor, seq_count)
     return loss
 
 
 def value_loss_ref(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
-                   normalizer=None, loss_scale_factor=None):
+                   normalizer=None, loss_scale_factor=None, seq_count="all"):
     v, old, ret = values.double(), old_values.double(), returns.double()
     if clip is None:
         per_token = (v - ret) ** 2
     else:
         v_clip = old + torch.clamp(v - old, -clip, clip)
         per_token = torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
-    return 0.5 * agg_loss_ref(per_token, mask, agg, normalizer, loss_scale_factor)
+    return 0.5 * agg_loss_ref(per_token, mask, agg, normalizer, loss_scale_factor, seq_count)
