@@ -1,0 +1,174 @@
+"""prefkern.integrations.verl: verl's signatures and return contracts (verl-project/verl
+1dda039 core_algos / torch_functional / linear_cross_entropy). Against verl's formulas always;
+against the installed verl package's own functions when it is importable (verl 0.9.1 was
+checked this way: every policy loss, aggregation mode and KL estimator, with dp_size 1 and 2;
+it does not install beside this project's transformers pin, so CI runs the formula tests)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from test_policy_loss import _verl_agg_loss
+
+from prefkern.integrations import verl as pv
+from prefkern.losses.policy import AGGREGATIONS
+
+
+class Config(dict):
+    """The attribute-and-get access verl's policy losses use on their ActorConfig."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _config(**info):
+    return Config(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                  tau_pos=1.0, tau_neg=1.05, global_batch_info=info,
+                  policy_loss=Config(clip_cov_ratio=1.0, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                                     kl_cov_ratio=0.05, ppo_kl_coef=1.0))
+
+
+def _rollout():
+    gen = torch.Generator().manual_seed(0)
+    b, t = 6, 20
+    old = -torch.rand(b, t, generator=gen) * 3
+    logp = old + 0.4 * torch.randn(b, t, generator=gen)
+    adv = torch.randn(b, t, generator=gen) * 2
+    mask = (torch.arange(t)[None] < torch.randint(1, t + 1, (b, 1), generator=gen)).float()
+    mask[2] = 0  # a fully masked sequence
+    ref = old + 0.2 * torch.randn(b, t, generator=gen)
+    return old, logp, adv, mask, ref
+
+
+INFOS = [dict(dp_size=1), dict(dp_size=2, batch_num_tokens=150, global_batch_size=11)]
+
+
+@pytest.mark.parametrize("info", INFOS)
+def test_agg_loss_is_verls(info):
+    _, logp, _, mask, _ = _rollout()
+    for mode in AGGREGATIONS:
+        torch.testing.assert_close(pv.agg_loss(logp, mask, mode, **info),
+                                   _verl_agg_loss(logp, mask, mode, **info))
+    with pytest.raises(ValueError, match="required when dp_size > 1"):
+        pv.agg_loss(logp, mask, "token-mean", dp_size=2)
+
+
+@pytest.mark.parametrize("info", INFOS)
+def test_vanilla_is_verls(info):
+    """compute_policy_loss_vanilla from its formula: log-ratio clamped to +-20, the PPO clip,
+    the dual clip at clip_ratio_c where A < 0, rollout IS weights, agg_loss."""
+    old, logp, adv, mask, _ = _rollout()
+    w = torch.rand(adv.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    results = []
+    for fn in ("ours", "verl"):
+        x = logp.clone().requires_grad_(True)
+        if fn == "ours":
+            loss, metrics = pv.policy_loss_fn("vanilla")(old, x, adv, mask, "token-mean",
+                                                         _config(**info), w)
+        else:
+            ratio = torch.exp((x - old).clamp(-20, 20))
+            pg1, pg2 = -adv * ratio, -adv * ratio.clamp(0.8, 1.28)
+            clip1 = torch.maximum(pg1, pg2)
+            losses = torch.where(adv < 0, torch.minimum(-adv * 3.0, clip1), clip1) * w
+            loss = _verl_agg_loss(losses, mask, "token-mean", **info)
+        loss.backward()
+        results.append((loss, x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+@pytest.mark.parametrize("kind", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k3+",
+                                  "k1+"])
+def test_kl_penalty_is_verls(kind):
+    _, logp, _, _, ref = _rollout()
+    logp = logp * 20  # large log-ratios: k3's clamps matter
+    base = kind.rstrip("+")
+    results = []
+    for fn in ("ours", "verl"):
+        x = logp.clone().requires_grad_(True)
+        if fn == "ours":
+            kl = pv.kl_penalty(x, ref, kind)
+        else:
+            d = x - ref
+            forward = {"kl": d, "k1": d, "abs": d.abs(), "mse": 0.5 * d.square(),
+                       "k2": 0.5 * d.square()}.get(base)
+            if forward is None:  # low_var_kl / k3
+                e = (ref - x).clamp(-20, 20)
+                forward = (torch.exp(e) - e - 1).clamp(-10, 10)
+            kl = forward
+            if kind.endswith("+"):
+                back = 0.5 * d.square()
+                kl = back - back.detach() + forward.detach()
+        kl.sum().backward()
+        results.append((kl, x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_linear_cross_entropy_and_logits_helpers():
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 7, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7), generator=gen)
+    logp, ent = pv.linear_cross_entropy(hidden, weight, labels, 0.7)
+    z = (hidden @ weight.T / 0.7).reshape(-1, 50)
+    want = z.log_softmax(-1).gather(-1, labels.reshape(-1, 1))[:, 0]
+    assert logp.shape == ent.shape == (14,) and logp.dtype == torch.float32
+    torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, -(z.softmax(-1) * z.log_softmax(-1)).sum(-1), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        pv.linear_cross_entropy(hidden, weight, labels, 1.0, "mean")
+    logits = z.detach().reshape(2, 7, 50).clone().requires_grad_(True)
+    torch.testing.assert_close(pv.logprobs_from_logits(logits, labels, False),
+                               want.view(2, 7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pv.entropy_from_logits(logits), ent.view(2, 7).detach(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_register_fills_verls_registry(monkeypatch):
+    """register() through a stand-in verl package: every loss lands in the registry, and
+    gspo's aggregation follows the version (0.9.1 honours loss_agg_mode, later forces
+    seq-mean-token-mean)."""
+    registry = {}
+    core = types.ModuleType("verl.trainer.ppo.core_algos")
+    core.register_policy_loss = lambda name: (lambda fn: registry.__setitem__(name, fn) or fn)
+    for version, forces in (("0.9.1", False), ("0.10.0.dev0", True)):
+        fake = types.ModuleType("verl")
+        fake.__version__ = version
+        monkeypatch.setitem(sys.modules, "verl", fake)
+        monkeypatch.setitem(sys.modules, "verl.trainer", types.ModuleType("verl.trainer"))
+        monkeypatch.setitem(sys.modules, "verl.trainer.ppo", types.ModuleType("verl.trainer.ppo"))
+        monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core)
+        pv.register()
+        assert set(registry) == set(pv.POLICY_LOSSES)
+        old, logp, adv, mask, _ = _rollout()
+        got, _ = registry["gspo"](old, logp, adv, mask, "token-mean", _config(dp_size=1))
+        seq, _ = pv.policy_loss_fn("gspo")(old, logp, adv, mask, "seq-mean-token-mean",
+                                           _config(dp_size=1))
+        assert torch.allclose(got, seq) == forces
+
+
+def test_against_the_installed_verl():
+    ca = pytest.importorskip("verl.trainer.ppo.core_algos")
+    old, logp, adv, mask, ref = _rollout()
+    for info in INFOS:
+        for mode in AGGREGATIONS:
+            torch.testing.assert_close(pv.agg_loss(logp, mask, mode, **info),
+                                       ca.agg_loss(logp, mask, mode, **info))
+    for kind in ("kl", "abs", "mse", "low_var_kl", "k3+"):
+        torch.testing.assert_close(pv.kl_penalty(logp, ref, kind),
+                                   ca.kl_penalty(logp, ref, kind))
+    for name in ("vanilla", "gpg", "kl_cov", "geo_mean", "clip_cov"):
+        for info in INFOS:
+            for mode in ("token-mean", "seq-mean-token-mean"):
+                want, want_m = ca.get_policy_loss_fn(name)(old, logp, adv, mask, mode,
+                                                          _config(**info), None)
+                got, got_m = pv.policy_loss_fn(name)(old, logp, adv, mask, mode,
+                                                     _config(**info), None)
+                torch.testing.assert_close(got, want)
+                assert got_m.keys() == want_m.keys()
