@@ -37,36 +37,55 @@ AUTO_ORDER = ("triton",)
 MODES = ("auto", "fast", "min_memory")
 
 
-def _fused_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
-                   with_entropy: bool = True, with_stats: bool = False):
-    """min_memory forward: the kernel's per-split statistics merged here."""
+def _fused_raw(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+               with_entropy: bool = True, with_stats: bool = False):
+    """min_memory: the kernel's per-split statistics, merged."""
     from prefkern._kernels import linear_logprobs_fused as fused
 
     parts = fused.linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, softcap,
                                       ignore_index, extra=with_stats)
     m_splits, s, u, z_target = parts[:4]
     m, s, u = softmax_stats.merge_along(m_splits, s, u)
-    z_target, valid = z_target.sum(0), targets != ignore_index
-    stats = None
-    if with_stats:
-        extra = softmax_stats.merge_extra_along(m_splits, *parts[4:])
-        stats = softmax_stats.finish_extra(m, s, *extra, valid, weight.shape[0])
-    return (*softmax_stats.finish(m, s, u, z_target, valid), stats)
+    extra = softmax_stats.merge_extra_along(m_splits, *parts[4:]) if with_stats else None
+    return softmax_stats.RawStats(m, s, u, z_target.sum(0), extra)
+
+
+def raw_forward(backend: str, mode: str):
+    """The unfinished-statistics forward of one backend/mode (what vocab parallelism merges
+    across ranks)."""
+    if backend == "torch":
+        return torch_chunked.linear_raw
+    if mode == "min_memory":
+        return _fused_raw
+    from prefkern.ops import linear_sliced
+
+    return linear_sliced.raw
+
+
+def _finished(raw_fn):
+    def forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+                with_entropy: bool = True, with_stats: bool = False):
+        raw = raw_fn(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+                     with_entropy, with_stats)
+        return softmax_stats.finish_raw(raw, targets != ignore_index, weight.shape[0])
+
+    return forward
 
 
 def _impl(backend: str, mode: str, deterministic: bool):
     """-> (fwd, bwd) callables of one backend/mode (same signatures as torch_chunked's; the
     kernels' forwards compute the entropy whether asked or not, it costs them nothing)."""
+    forward = _finished(raw_forward(backend, mode))
     if backend == "torch":
-        return torch_chunked.linear_forward, torch_chunked.linear_backward
+        return forward, torch_chunked.linear_backward
     if mode == "min_memory":
         from prefkern._kernels import linear_logprobs_fused as fused
 
-        return _fused_forward, functools.partial(fused.linear_logprobs_bwd,
-                                                 deterministic=deterministic)
+        return forward, functools.partial(fused.linear_logprobs_bwd,
+                                          deterministic=deterministic)
     from prefkern.ops import linear_sliced
 
-    return linear_sliced.forward, linear_sliced.backward
+    return forward, linear_sliced.backward
 
 
 STATS_COLUMNS = 4  # sum_p2, mean_logit, max_logit, first argmax column (finish_extra)

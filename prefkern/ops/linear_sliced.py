@@ -40,20 +40,24 @@ def _logits_fp32(hidden, weight, bias, c0, c1):
     return z if bias is None else z.add_(bias[c0:c1])
 
 
-def forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
-            with_entropy: bool = True, with_stats: bool = False):
-    """-> (logp, entropy, lse, (N, 4) extra statistics or None); the entropy is computed
-    whether asked or not (it costs the row kernel nothing)."""
+def raw(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+        with_entropy: bool = True, with_stats: bool = False) -> softmax_stats.RawStats:
+    """The unfinished row statistics; the entropy term is computed whether asked or not (it
+    costs the row kernel nothing)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     stats = logits_slice.new_stats(n, hidden.device, extra=with_stats)
     for c0, c1 in _slices(n, vocab, hidden.dtype):
         z = _logits_fp32(hidden, weight, bias, c0, c1)
         logits_slice.slice_stats_(z, targets, c0, stats, inv_temp, softcap, ignore_index)
-    m, s, u, z_target = stats[:4]
-    valid = targets != ignore_index
-    extra = softmax_stats.finish_extra(m, s, *stats[4:], valid, vocab) \
-        if with_stats else None
-    return (*softmax_stats.finish(m, s, u, z_target, valid), extra)
+    return softmax_stats.RawStats(*stats[:4], tuple(stats[4:]) if with_stats else None)
+
+
+def forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+            with_entropy: bool = True, with_stats: bool = False):
+    """-> (logp, entropy, lse, (N, 4) extra statistics or None)."""
+    stats = raw(hidden, weight, bias, targets, inv_temp, softcap, ignore_index, with_entropy,
+                with_stats)
+    return softmax_stats.finish_raw(stats, targets != ignore_index, weight.shape[0])
 
 
 def backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,

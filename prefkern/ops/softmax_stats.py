@@ -13,6 +13,8 @@ d sum_p2 / dz = 2 p (p - sum_p2), d mean_logit / dz = 1 / V.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # exp(-1e4) == 0 in fp32 and fp64: clamping z - m (or log p) there changes no probability and
@@ -117,6 +119,26 @@ def finish(m, s, u, z_target, valid):
     return torch.where(valid, z_target - lse, zero), entropy, torch.where(valid, lse, zero)
 
 
+class RawStats(NamedTuple):
+    """Unfinished per-row statistics of a set of columns: (m, s, u) as above, z[y] (0 where the
+    target is not among the columns), and (s2, sz, idx) for return_stats or None. Two sets of
+    columns merge (merge_along / merge_extra_along), then finish_raw."""
+
+    m: torch.Tensor
+    s: torch.Tensor
+    u: torch.Tensor | None
+    z_target: torch.Tensor
+    extra: tuple | None
+
+
+def finish_raw(raw: RawStats, valid: torch.Tensor, vocab: int):
+    """-> (logp, entropy or None, lse, (N, 4) extra statistics or None)."""
+    stats = None
+    if raw.extra is not None:
+        stats = finish_extra(raw.m, raw.s, *raw.extra, valid, vocab)
+    return (*finish(raw.m, raw.s, raw.u, raw.z_target, valid), stats)
+
+
 class RunningStats:
     """Online statistics per token across vocab chunks, plus z[y] picked from whichever chunk
     holds the target (and the extra statistics (s2, sz) with ``with_extra``)."""
@@ -150,12 +172,9 @@ class RunningStats:
         hit, picked = pick_target(z, y - col0)
         self.z_target[rows] = torch.where(hit, picked, self.z_target[rows])
 
-    def finish(self, valid: torch.Tensor):
-        """-> (logp, entropy or None, lse, (N, 4) extra statistics or None)."""
-        stats = None
-        if self.extra is not None:
-            stats = finish_extra(self.m, self.s, *self.extra, valid, self.vocab)
-        return (*finish(self.m, self.s, self.u, self.z_target, valid), stats)
+    def raw(self) -> RawStats:
+        return RawStats(self.m, self.s, self.u, self.z_target,
+                        None if self.extra is None else tuple(self.extra))
 
 
 def pick_target(z: torch.Tensor, local_y: torch.Tensor):

@@ -176,18 +176,24 @@ def _chunks(hidden, weight, bias):
         yield cols, w32, b32, [(rows, h32[rows]) for rows in row_slices]
 
 
-def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
-                   with_entropy: bool = True, with_stats: bool = False):
-    """hidden (N, H), weight (V, H), bias (V,) or None -> (logp, entropy or None, lse) (N,)
-    and the (N, 4) extra statistics or None."""
-    valid = targets != ignore_index
+def linear_raw(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+               with_entropy: bool = True, with_stats: bool = False) -> softmax_stats.RawStats:
+    """hidden (N, H), weight (V, H), bias (V,) or None -> the unfinished row statistics."""
     stats = softmax_stats.RunningStats(hidden.shape[0], compute_dtype(hidden.dtype),
                                        hidden.device, with_u=with_entropy, with_extra=with_stats)
     for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
         for rows, h32 in row_chunks:
             z, _ = capped_logits(h32, w32, b32, rows_factor(inv_temp, rows), softcap)
             stats.update(rows, z, cols.start, targets[rows])
-    return stats.finish(valid)
+    return stats.raw()
+
+
+def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+                   with_entropy: bool = True, with_stats: bool = False):
+    """-> (logp, entropy or None, lse) (N,) and the (N, 4) extra statistics or None."""
+    raw = linear_raw(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
+                     with_entropy, with_stats)
+    return softmax_stats.finish_raw(raw, targets != ignore_index, weight.shape[0])
 
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
