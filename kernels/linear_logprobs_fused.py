@@ -316,7 +316,7 @@ def _waves(length: int, block: int, other: int, other_block: int, h: int, determ
 @on_tensor_device
 def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
                         inv_temp, softcap, ignore_index: int, need_dh=True, need_dw=True,
-                        need_db=True, deterministic=False, g_extra=None):
+                        need_db=True, deterministic=False, g_extra=None, fp32_dh=False):
     """-> (dhidden, dweight, dbias) in the input dtype (None where not needed). g_extra (N, 2)
     [g_sq, g_const] or None adds g_sq p^2 + g_const to d loss / d z."""
     _check(hidden, weight, bias, targets)
@@ -328,7 +328,8 @@ def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_e
     flags = dict(HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
                  HAS_G_LSE=g_lse is not None, HAS_G_EXTRA=g_extra is not None)
     bias_arg = bias if bias is not None else weight
-    dh = torch.empty_like(hidden) if need_dh else None
+    dh = torch.empty(hidden.shape, dtype=torch.float32 if fp32_dh else hidden.dtype,
+                     device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     need_db = need_db and bias is not None
     db32 = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_db else None

@@ -29,7 +29,7 @@ from prefkern import _checks
 from prefkern._autocast import without_autocast
 from prefkern.dispatch import resolve_backend
 from prefkern.ops import head as head_mod
-from prefkern.ops import multi_target, softmax_stats, torch_chunked
+from prefkern.ops import multi_target, softmax_stats, torch_chunked, vocab_parallel
 from prefkern.outputs import HeadOutput, LinearLogprobsOutput
 from prefkern.reference.logprobs import compute_dtype
 
@@ -235,7 +235,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     softcap: float | None = None, return_entropy: bool = False,
                     return_lse: bool = False, return_stats: bool = False, mode: str = "auto",
                     deterministic: bool = False, skip_ignored: bool | None = None,
-                    backend: str | None = "auto"):
+                    process_group=None, vocab_start: int | None = None,
+                    vocab_size: int | None = None, backend: str | None = "auto"):
     """Per-token log-prob of ``targets`` under ``softmax(softcap(s * (h @ W.T + b)) / T)``.
 
     ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias).float() / softcap) / T;
@@ -268,6 +269,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             only (prompts and padding cost nothing). The row count is read on the host: one
             device-to-host sync per call on an accelerator, so None (default) skips on CPU
             only; True asks for it everywhere. Never under torch.compile or CUDA-graph capture.
+        process_group: a torch.distributed group over which the vocabulary is sharded
+            (tensor/vocab parallelism): ``weight`` (and ``bias``) are this rank's contiguous
+            rows ``[vocab_start, vocab_start + V_r)``, hidden and targets (global ids) are the
+            same on every rank, and every rank gets the full-vocabulary results; one
+            all-gather of a few floats per token forward, one all-reduce of dhidden backward
+            (every rank must ask for the same gradients). ``vocab_start`` / ``vocab_size``
+            (the full V): all-gathered and read on the host when not given. (..., K) targets
+            are not supported with it. See prefkern.ops.vocab_parallel.
         backend: "auto" | "triton" | "torch" (None: $PREFKERN_BACKEND).
     Autocast: hidden, weight and bias are cast to the autocast dtype (the GEMM's autocast
     class), then everything runs with autocast off: the backward is the exact gradient of the
@@ -292,8 +301,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if targets is None and not (return_entropy or return_lse or return_stats):
         raise ValueError("targets=None computes no log-prob: ask for return_entropy, "
                          "return_lse or return_stats")
+    vocab = weight.shape[0]
+    if process_group is not None:
+        start, vocab = vocab_parallel.shard_layout(weight, process_group, vocab_start,
+                                                   vocab_size)
+        if targets is not None and targets.shape != lead:
+            raise ValueError("(..., K) targets are not supported with process_group")
     flat, out_shape, bad, bad_rows, op_ignore = multi_target.prepare(
-        targets, lead, weight.shape[0], ignore_index, "linear_logprobs", device)
+        targets, lead, vocab, ignore_index, "linear_logprobs", device)
     fp64 = hidden.dtype == torch.float64
     name = resolve_backend("linear_logprobs", backend, device,
                            ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
@@ -302,21 +317,25 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     options = (name, "fast" if mode == "auto" else mode, bool(deterministic), head.inv_temp,
                head.softcap, int(op_ignore), bool(return_entropy), bool(return_stats))
-    rows = None
-    if targets is not None and _skips(skip_ignored, device):
-        rows = _valid_rows(flat, ignore_index)
-        if rows.numel() == flat.shape[0]:
-            rows = None
-    if rows is None:
-        outs = _fwd_op(_contiguous(hidden2d), weight.contiguous(), bias, flat,
-                       head.row_inv_temp, *options)
+    if process_group is not None:
+        *outs, stats = vocab_parallel.VocabParallelLogprobs.apply(
+            _contiguous(hidden2d), weight.contiguous(), bias, flat, head.row_inv_temp,
+            process_group, start, vocab, *options[:6], bool(return_stats))
+        hit = softmax_stats.target_hits(stats, flat, int(op_ignore)) if return_stats else None
+        outs = (*outs, stats, hit)
     else:
-        row_inv_temp = None if head.row_inv_temp is None else head.row_inv_temp[rows]
-        outs = _fwd_op(hidden2d[rows], weight.contiguous(), bias, flat[rows], row_inv_temp,
-                       *options)
-        present = (True, True, True, return_stats, return_stats)  # stats: (0, 4) when absent
-        outs = [o.new_zeros((flat.shape[0], *o.shape[1:])).index_copy(0, rows, o) if there
-                else o for o, there in zip(outs, present, strict=True)]
+        rows = _valid_rows(flat, ignore_index) if targets is not None and \
+            _skips(skip_ignored, device) else None
+        if rows is None or rows.numel() == flat.shape[0]:
+            outs = _fwd_op(_contiguous(hidden2d), weight.contiguous(), bias, flat,
+                           head.row_inv_temp, *options)
+        else:
+            row_inv_temp = None if head.row_inv_temp is None else head.row_inv_temp[rows]
+            outs = _fwd_op(hidden2d[rows], weight.contiguous(), bias, flat[rows], row_inv_temp,
+                           *options)
+            present = (True, True, True, return_stats, return_stats)  # (0, 4) when absent
+            outs = [o.new_zeros((flat.shape[0], *o.shape[1:])).index_copy(0, rows, o) if there
+                    else o for o, there in zip(outs, present, strict=True)]
     logp, entropy, lse, stats, hit = outs
     logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
     if return_stats:

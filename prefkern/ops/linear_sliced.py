@@ -61,7 +61,8 @@ def forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_index,
 
 
 def backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, inv_temp,
-             softcap, ignore_index, need_dh=True, need_dw=True, need_db=True, g_extra=None):
+             softcap, ignore_index, need_dh=True, need_dw=True, need_db=True, g_extra=None,
+             fp32_dh: bool = False):
     n = hidden.shape[0]
     dh32 = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
@@ -77,5 +78,5 @@ def backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, 
             gemm.accumulate_mm(dh32, dz, weight[c0:c1])
         if db is not None:
             db[c0:c1] = dz.sum(0, dtype=torch.float32).to(db.dtype)
-    dh = None if dh32 is None else dh32.to(hidden.dtype)
+    dh = dh32 if dh32 is None or fp32_dh else dh32.to(hidden.dtype)
     return dh, dw, db

@@ -198,7 +198,7 @@ def linear_forward(hidden, weight, bias, targets, inv_temp, softcap, ignore_inde
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse,
                     inv_temp, softcap, ignore_index, need_dh=True, need_dw=True, need_db=True,
-                    g_extra=None):
+                    g_extra=None, fp32_dh: bool = False):
     """-> (dhidden, dweight, dbias) in the input dtypes (None where not needed).
 
     The logits are recomputed in fp32 (fp64 for fp64 inputs); d loss / d logits is rounded to
@@ -243,4 +243,6 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, 
             dw[cols] = dw_acc
         if db is not None:
             db[cols] = db_acc
-    return (None if dh is None else dh.to(hidden.dtype)), dw, db
+    if dh is not None and not fp32_dh:
+        dh = dh.to(hidden.dtype)
+    return dh, dw, db

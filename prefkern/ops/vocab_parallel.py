@@ -1,0 +1,117 @@
+"""Vocab parallelism for linear_logprobs on torch.distributed: each rank of the group holds a
+contiguous shard of the LM head's rows, weight[start:start + V_r] (and bias), and the same
+hidden states; the results equal the single-device op.
+
+Forward: each rank folds its shard into unfinished row statistics (m, s, u, z[y] where the
+target is in its shard, and (s2, sz, idx) for return_stats; softmax_stats.RawStats), the ranks
+all-gather them (4 to 7 floats per token, one collective), and every rank merges and finishes
+them: the global lse, log-probs, entropy. A row whose target lies in another shard is scored
+with a sentinel target that no column matches.
+Backward: each rank recomputes its shard's logits with the global lse and entropy, so its
+d logits are those of the full softmax; dweight and dbias stay local, dhidden is all-reduced
+(summed) over the group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from prefkern.ops import softmax_stats
+
+_SENTINEL = 1 << 62
+
+
+def shard_layout(weight: Tensor, group, vocab_start: int | None,
+                 vocab_size: int | None) -> tuple[int, int]:
+    """(this rank's first row, the full vocabulary size). Without both given, the shard sizes
+    are all-gathered and read on the host (one small collective and sync per call)."""
+    if vocab_start is not None and vocab_size is not None:
+        return int(vocab_start), int(vocab_size)
+    world = dist.get_world_size(group)
+    size = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    counts = [int(s.item()) for s in sizes]
+    rank = dist.get_rank(group)
+    return sum(counts[:rank]), sum(counts)
+
+
+def local_targets(targets: Tensor, start: int, local_vocab: int, ignore_index: int) -> Tensor:
+    """Global ids -> this shard's: ids in the shard shifted to it, ids elsewhere a sentinel no
+    column matches (the row still counts), ignore_index kept. The sentinel is far past any
+    column a kernel tile could hold (tiles pad past the vocabulary)."""
+    sentinel = _SENTINEL if ignore_index != _SENTINEL else _SENTINEL + 1
+    inside = (targets >= start) & (targets < start + local_vocab)
+    shifted = torch.where(inside, targets - start, sentinel)
+    return torch.where(targets == ignore_index, targets, shifted)
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def merge_ranks(raw: softmax_stats.RawStats, start: int, group) -> softmax_stats.RawStats:
+    """All-gather every rank's statistics and merge them (the same result on every rank)."""
+    columns = [raw.m, raw.s, raw.u, raw.z_target]
+    if raw.extra is not None:
+        s2, sz, idx = raw.extra
+        columns += [s2, sz, idx + start]  # global column ids
+    gathered = _all_gather(torch.stack(columns), group)  # (R, k, N)
+    m, s, u = softmax_stats.merge_along(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+    z_target = gathered[:, 3].sum(0)  # only the owning rank holds a nonzero z[y]
+    extra = None
+    if raw.extra is not None:
+        extra = softmax_stats.merge_extra_along(gathered[:, 0], gathered[:, 4],
+                                                gathered[:, 5], gathered[:, 6])
+    return softmax_stats.RawStats(m, s, u, z_target, extra)
+
+
+class VocabParallelLogprobs(torch.autograd.Function):
+    """(logp, entropy, lse, stats (N, 4) or (0, 4)) of the full vocabulary from this rank's
+    shard; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, row_inv_temp, group, start, vocab, backend,
+                mode, deterministic, inv_temp, softcap, ignore_index, with_stats):
+        from prefkern.ops.linear_logprobs import STATS_COLUMNS, _impl, raw_forward
+
+        factor = inv_temp if row_inv_temp is None else row_inv_temp
+        local = local_targets(targets, start, weight.shape[0], ignore_index)
+        raw = raw_forward(backend, mode)(hidden, weight, bias, local, factor, softcap,
+                                         ignore_index, True, with_stats)
+        merged = merge_ranks(raw, start, group)
+        logp, entropy, lse, stats = softmax_stats.finish_raw(merged, targets != ignore_index,
+                                                             vocab)
+        if stats is None:
+            stats = lse.new_empty((0, STATS_COLUMNS))
+        ctx.save_for_backward(hidden, weight, bias, local, row_inv_temp, lse, entropy, stats)
+        ctx.options = (group, vocab, factor, softcap, ignore_index)
+        ctx.backward_fn = _impl(backend, mode, deterministic)[1]
+        return logp, entropy, lse, stats
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_lse, g_stats):
+        hidden, weight, bias, local, row_inv_temp, lse, entropy, stats = ctx.saved_tensors
+        group, vocab, factor, softcap, ignore_index = ctx.options
+        factor = factor if row_inv_temp is None else row_inv_temp
+        need = list(ctx.needs_input_grad[:3])
+        need[2] = need[2] and bias is not None
+        g_logp, g_ent, g_lse, g_stats = (None if g is None else g.to(lse.dtype).contiguous()
+                                         for g in (g_logp, g_ent, g_lse, g_stats))
+        g_extra = None
+        if g_stats is not None and stats.shape[0]:
+            g_lse, g_extra = softmax_stats.extra_gradients(stats, g_stats, g_lse, vocab)
+        if not any(need) or all(g is None for g in (g_logp, g_ent, g_lse, g_extra)):
+            return (None,) * 15
+        dh, dw, db = ctx.backward_fn(hidden, weight, bias, local, lse, entropy, g_logp, g_ent,
+                                     g_lse, factor, softcap, ignore_index, need_dh=need[0],
+                                     need_dw=need[1], need_db=need[2], g_extra=g_extra,
+                                     fp32_dh=True)
+        if dh is not None:  # every rank holds the same hidden: its gradient sums the shards
+            dist.all_reduce(dh, group=group)  # fp32 partial sums, one rounding at the end
+            dh = dh.to(hidden.dtype)
+        return (dh, dw, db, *(None,) * 12)

@@ -1,0 +1,98 @@
+"""Worker functions for the multi-process tests (spawned by torch.multiprocessing: importable
+by module name). Each rank runs the sharded op and the single-device op on the same inputs and
+raises on a mismatch; the spawning test fails with the rank's traceback."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _init(rank: int, world: int, store_path: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"file://{store_path}")
+
+
+def shard_bounds(vocab: int, world: int, rank: int) -> tuple[int, int]:
+    """Uneven contiguous shards: the first vocab % world ranks get one row more."""
+    base, extra = divmod(vocab, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def _problem(case: dict):
+    gen = torch.Generator().manual_seed(case.get("seed", 0))
+    n, h, v = case["n"], case["h"], case["v"]
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * (3.0 / h**0.5)
+    bias = torch.randn(v, generator=gen) if case.get("bias") else None
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[torch.rand(n, generator=gen) < 0.25] = -100
+    temperature = torch.rand(n, generator=gen) + 0.5 if case.get("row_temp") else 0.9
+    upstream = [torch.randn(n, generator=gen) for _ in range(4)]
+    return hidden, weight, bias, targets, temperature, upstream
+
+
+def linear_logprobs_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    from prefkern import linear_logprobs
+    from prefkern.reference import linear_logprobs_ref
+    from prefkern.testing import assert_rule
+
+    _init(rank, world, store_path)
+    try:
+        hidden, weight, bias, targets, temperature, up = _problem(case)
+        dtype = case.get("dtype", torch.float32)
+        start, stop = shard_bounds(case["v"], world, rank)
+        targets = None if case.get("no_targets") else targets
+        opts = dict(temperature=temperature, softcap=case.get("softcap"), return_entropy=True,
+                    return_lse=True, return_stats=case.get("stats", False),
+                    backend=case["backend"], mode=case.get("mode", "auto"))
+        layout = dict(vocab_start=start, vocab_size=case["v"]) if case.get("given") else {}
+
+        def run(fn, h, w, b, **kw):
+            h, w = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            b = None if b is None else b.clone().requires_grad_(True)
+            out = fn(h, w, targets, b, **opts, **kw)
+            loss = (out.entropy * up[1]).sum() + (out.lse * up[2]).sum()
+            if out.logprobs is not None:
+                loss = loss + (out.logprobs * up[0]).sum()
+            if opts["return_stats"]:
+                loss = loss + (out.stats.sum_p2 * up[3]).sum() + out.stats.mean_logit.sum()
+            loss.backward()
+            return out, h.grad, w.grad, None if b is None else b.grad
+
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        sharded = run(linear_logprobs, cast(hidden), cast(weight[start:stop]),
+                      cast(None if bias is None else bias[start:stop]),
+                      process_group=dist.group.WORLD, **layout)
+        single = run(linear_logprobs, cast(hidden), cast(weight), cast(bias))
+        exact = run(lambda *a, backend, mode, **k: linear_logprobs_ref(*a, **k),
+                    *(None if t is None else t.double() for t in (hidden, weight, bias)))
+        names = ["logprobs", "entropy", "lse"] + (["sum_p2", "mean_logit"]
+                                                  if opts["return_stats"] else [])
+
+        def field(out, name):
+            return getattr(out.stats if name in ("sum_p2", "mean_logit") else out, name)
+
+        for name in names:
+            if field(exact[0], name) is None:
+                continue
+            assert_rule(field(sharded[0], name), field(exact[0], name), field(single[0], name),
+                        f"rank {rank}: {name}", reduction=case["v"])
+        if opts["return_stats"] and targets is not None:
+            assert torch.equal(sharded[0].stats.target_is_argmax,
+                               single[0].stats.target_is_argmax), "target_is_argmax"
+        shard = slice(start, stop)
+        grads = [("dhidden", sharded[1], exact[1], single[1], case["v"]),
+                 ("dweight", sharded[2], exact[2][shard], single[2][shard], case["n"])]
+        if bias is not None:
+            grads.append(("dbias", sharded[3], exact[3][shard], single[3][shard], case["n"]))
+        for name, o, r, b, red in grads:
+            assert o.dtype == dtype, name
+            assert_rule(o, r, b, f"rank {rank}: {name}", reduction=red)
+    finally:
+        dist.destroy_process_group()

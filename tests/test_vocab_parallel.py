@@ -1,0 +1,39 @@
+"""Vocab-parallel linear_logprobs over torch.distributed (gloo, 2 and 3 CPU processes): each
+rank's shard gives the single-device results, values and every gradient (the comparison rule
+against float64), uneven shards, targets in other shards, ignored tokens, entropy without
+targets, the extra statistics."""
+
+from __future__ import annotations
+
+import distributed_workers as workers
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def _spawn(fn, world: int, case: dict, tmp_path) -> None:
+    mp.spawn(fn, args=(world, str(tmp_path / "store"), case), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", [
+    dict(backend="torch", bias=True, softcap=6.0, row_temp=True, stats=True),
+    dict(backend="torch", no_targets=True, given=True),
+    dict(backend="torch", dtype=torch.bfloat16, bias=True),
+    dict(backend="triton", mode="fast", bias=True, softcap=6.0, stats=True),
+    dict(backend="triton", mode="min_memory", row_temp=True),
+], ids=["torch-all", "torch-no-targets", "torch-bf16", "triton-fast", "triton-minmem"])
+def test_linear_logprobs_sharded_equals_single_device(world, case, tmp_path):
+    _spawn(workers.linear_logprobs_case, world, dict(n=17, h=24, v=101, **case), tmp_path)
+
+
+def test_bad_targets_are_checked_against_the_full_vocabulary():
+    """A target id valid in the full vocabulary but past this shard is accepted; one past the
+    full vocabulary raises, before any collective (vocab_start / vocab_size given)."""
+    import prefkern
+
+    hidden, weight = torch.randn(3, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"\[0, 12\)"):
+        prefkern.linear_logprobs(hidden, weight, torch.tensor([1, 12, 3]),
+                                 process_group=object(), vocab_start=5, vocab_size=12,
+                                 backend="torch")
