@@ -94,5 +94,43 @@ def linear_logprobs_case(rank: int, world: int, store_path: str, case: dict) -> 
         for name, o, r, b, red in grads:
             assert o.dtype == dtype, name
             assert_rule(o, r, b, f"rank {rank}: {name}", reduction=red)
+        dist.barrier()  # no rank tears the group down while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def dtensor_head_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """A DTensor LM head (Shard(0): vocab parallel without a gather; Shard(1) / Replicate:
+    gathered) gives the single-device log-probs and gradients, the weight's gradient arriving
+    as a DTensor with the weight's placement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from prefkern import linear_logprobs
+
+    _init(rank, world, store_path)
+    try:
+        hidden, weight, bias, targets, _, up = _problem(case)
+        mesh = init_device_mesh("cpu", (world,))
+        placement = {"rows": Shard(0), "cols": Shard(1), "replicate": Replicate()}[case["how"]]
+        w = distribute_tensor(weight, mesh, [placement]).requires_grad_(True)
+        b = distribute_tensor(bias, mesh, [Shard(0) if case["how"] == "rows" else Replicate()])
+        b.requires_grad_(True)
+        h = hidden.clone().requires_grad_(True)
+        out = linear_logprobs(h, w, targets, b, return_entropy=True, softcap=5.0,
+                              backend="torch")
+        ((out.logprobs * up[0]).sum() + (out.entropy * up[1]).sum()).backward()
+        h1, w1, b1 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        want = linear_logprobs(h1, w1, targets, b1, return_entropy=True, softcap=5.0,
+                               backend="torch")
+        ((want.logprobs * up[0]).sum() + (want.entropy * up[1]).sum()).backward()
+        close = dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.logprobs, want.logprobs, **close)
+        torch.testing.assert_close(out.entropy, want.entropy, **close)
+        torch.testing.assert_close(h.grad, h1.grad, **close)
+        assert w.grad.placements == w.placements
+        torch.testing.assert_close(w.grad.full_tensor(), w1.grad, **close)
+        torch.testing.assert_close(b.grad.full_tensor(), b1.grad, **close)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()

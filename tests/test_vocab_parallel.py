@@ -37,3 +37,8 @@ def test_bad_targets_are_checked_against_the_full_vocabulary():
         prefkern.linear_logprobs(hidden, weight, torch.tensor([1, 12, 3]),
                                  process_group=object(), vocab_start=5, vocab_size=12,
                                  backend="torch")
+
+
+@pytest.mark.parametrize("how", ["rows", "cols", "replicate"])
+def test_dtensor_head(how, tmp_path):
+    _spawn(workers.dtensor_head_case, 2, dict(n=9, h=16, v=37, bias=True, how=how), tmp_path)

@@ -276,7 +276,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             all-gather of a few floats per token forward, one all-reduce of dhidden backward
             (every rank must ask for the same gradients). ``vocab_start`` / ``vocab_size``
             (the full V): all-gathered and read on the host when not given. (..., K) targets
-            are not supported with it. See prefkern.ops.vocab_parallel.
+            are not supported with it. A DTensor weight sharded by rows (FSDP2 / tensor
+            parallel, Shard(0) on a 1-d mesh) takes this path by itself; other placements are
+            gathered (``full_tensor()``). See prefkern.ops.vocab_parallel.
         backend: "auto" | "triton" | "torch" (None: $PREFKERN_BACKEND).
     Autocast: hidden, weight and bias are cast to the autocast dtype (the GEMM's autocast
     class), then everything runs with autocast off: the backward is the exact gradient of the
@@ -288,6 +290,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         Gradients flow to hidden, weight and bias from any upstream gradient on each
         output, in the input dtype with fp32 accumulation.
     """
+    weight, bias, process_group, vocab_start, vocab_size = vocab_parallel.unwrap_dtensor_head(
+        weight, bias, process_group, vocab_start, vocab_size)
     hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
     device = head_mod.check_linear(hidden, weight, bias)
     if mode not in MODES:

@@ -14,6 +14,8 @@ d logits are those of the full softmax; dweight and dbias stay local, dhidden is
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -115,3 +117,44 @@ class VocabParallelLogprobs(torch.autograd.Function):
             dist.all_reduce(dh, group=group)  # fp32 partial sums, one rounding at the end
             dh = dh.to(hidden.dtype)
         return (dh, dw, db, *(None,) * 12)
+
+
+class HeadShards(NamedTuple):
+    """The LM head as linear_logprobs consumes it: plain tensors, and the vocab-parallel layout
+    (process group, first row, full vocabulary) when the weight is sharded by rows."""
+
+    weight: Tensor
+    bias: Tensor | None
+    group: object
+    vocab_start: int | None
+    vocab_size: int | None
+
+
+def _is_dtensor(t) -> bool:
+    return t is not None and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def unwrap_dtensor_head(weight, bias, group, vocab_start, vocab_size) -> HeadShards:
+    """A DTensor weight (FSDP2, tensor parallel): sharded by rows (Shard(0)) on a 1-d mesh it is
+    used as vocab-parallel shards over the mesh's group (no gather); any other placement is
+    gathered with ``full_tensor()`` (a (V, H) all-gather per call; its backward sends the
+    gradient back to the shards). A DTensor bias follows the weight."""
+    if not _is_dtensor(weight):
+        if _is_dtensor(bias):
+            bias = bias.full_tensor()
+        return HeadShards(weight, bias, group, vocab_start, vocab_size)
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = weight.device_mesh, weight.placements
+    by_rows = mesh.ndim == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0
+    if not by_rows or group is not None:
+        full_bias = bias.full_tensor() if _is_dtensor(bias) else bias
+        return HeadShards(weight.full_tensor(), full_bias, group, vocab_start, vocab_size)
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
+    local_bias = bias
+    if _is_dtensor(bias):
+        local_bias = bias.to_local() if bias.placements == placements else \
+            bias.full_tensor()[offset[0]:offset[0] + weight.to_local().shape[0]]
+    return HeadShards(weight.to_local(), local_bias, mesh.get_group(), int(offset[0]),
+                      int(weight.shape[0]))
