@@ -134,3 +134,34 @@ def dtensor_head_case(rank: int, world: int, store_path: str, case: dict) -> Non
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
+
+
+def data_parallel_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """Each rank holds its slice of a batch: masked_whiten over the group equals whitening the
+    whole batch, and aggregate() with global_normalizer sums over the ranks to the whole
+    batch's loss, for every aggregation mode."""
+    from prefkern.losses import aggregate, global_normalizer
+    from prefkern.losses.policy import AGGREGATIONS
+    from prefkern.ops.whiten import masked_whiten
+
+    _init(rank, world, store_path)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        b, t = 4 * world, 9
+        values = torch.randn(b, t, generator=gen)
+        mask = torch.rand(b, t, generator=gen) < 0.7
+        mask[1] = False  # an empty sequence
+        mine = slice(rank * 4, rank * 4 + 4)
+        whitened = masked_whiten(values[mine], mask[mine], process_group=dist.group.WORLD)
+        torch.testing.assert_close(whitened, masked_whiten(values, mask)[mine])
+        for agg in AGGREGATIONS:
+            for seq_count in ("all", "nonempty"):
+                norm = global_normalizer(mask[mine], agg, dist.group.WORLD, seq_count)
+                part = aggregate(values[mine], mask[mine], agg, norm, 7.0, seq_count)
+                total = part.clone()
+                dist.all_reduce(total)
+                want = aggregate(values, mask, agg, None, 7.0, seq_count)
+                torch.testing.assert_close(total, want, msg=f"{agg} {seq_count}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

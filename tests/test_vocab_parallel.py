@@ -42,3 +42,8 @@ def test_bad_targets_are_checked_against_the_full_vocabulary():
 @pytest.mark.parametrize("how", ["rows", "cols", "replicate"])
 def test_dtensor_head(how, tmp_path):
     _spawn(workers.dtensor_head_case, 2, dict(n=9, h=16, v=37, bias=True, how=how), tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_data_parallel_whitening_and_normalizers(world, tmp_path):
+    _spawn(workers.data_parallel_case, world, {}, tmp_path)

@@ -6,6 +6,7 @@ from prefkern.losses.linear_preference import linear_preference_loss
 from prefkern.losses.listwise import irepo_loss, lipo_lambda_loss, pro_loss, sppo_loss
 from prefkern.losses.policy import (
     aggregate,
+    global_normalizer,
     linear_policy_loss,
     policy_loss,
     policy_preset,
@@ -29,7 +30,7 @@ from prefkern.losses.sequence import (
 )
 from prefkern.losses.token_selection import high_entropy_mask
 
-__all__ = ["REDUCTIONS", "aggregate", "cpo_loss", "distill_loss", "irepo_loss",
+__all__ = ["REDUCTIONS", "aggregate", "global_normalizer", "cpo_loss", "distill_loss", "irepo_loss",
            "ld_sequence_logps", "ld_token_sums", "linear_distill_loss", "linear_policy_loss",
            "linear_preference_loss",
            "lipo_lambda_loss", "orpo_loss", "policy_loss", "policy_preset", "preference_loss",

@@ -102,6 +102,33 @@ def aggregation_weights(mask: Tensor, agg: str = "token-mean",
     return w
 
 
+def global_normalizer(mask: Tensor, agg: str = "token-mean", process_group=None,
+                      seq_count: str = "all", cu_seqlens: Tensor | None = None) -> Tensor:
+    """The ``normalizer`` with which each rank's aggregate(...) sums, over the ranks of
+    ``process_group`` (data parallel; also over gradient-accumulation steps when their masks
+    are summed in), to the loss of the whole batch: the global token count (token-mean) or
+    sequence count (seq-mean-*: every sequence, or those with a valid token). An fp32 0-d
+    device tensor, all-reduced: no host sync. token-sum needs none (returns 1)."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if seq_count not in SEQ_COUNTS:
+        raise ValueError(f"seq_count must be one of {SEQ_COUNTS}, got {seq_count!r}")
+    keep = mask.bool()
+    if agg == "token-sum":
+        count = torch.ones((), device=mask.device)
+    elif agg == "token-mean":
+        count = keep.sum().float()
+    else:
+        layout = _Layout(keep, cu_seqlens)
+        count = torch.full((), float(layout.n_seqs), device=mask.device) if seq_count == "all" \
+            else (layout.seq_sum(keep.float()) > 0).sum().float()
+    if process_group is not None and agg != "token-sum":
+        import torch.distributed as dist
+
+        dist.all_reduce(count, group=process_group)
+    return count.clamp(min=1)
+
+
 def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean",
               normalizer: float | Tensor | None = None,
               loss_scale_factor: float | None = None, seq_count: str = "all") -> Tensor:
