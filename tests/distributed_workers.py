@@ -165,3 +165,50 @@ def data_parallel_case(rank: int, world: int, store_path: str, case: dict) -> No
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def linear_divergence_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """linear_divergence over vocab shards of both heads equals the single-device op, the
+    divergence, the policy's log-probs and every gradient (the reference's too)."""
+    from prefkern import linear_divergence
+    from prefkern.reference import linear_divergence_ref
+    from prefkern.testing import assert_rule
+
+    _init(rank, world, store_path)
+    try:
+        hidden, weight, bias, targets, temperature, up = _problem(case)
+        gen = torch.Generator().manual_seed(11)
+        ref_hidden = hidden + 0.3 * torch.randn(hidden.shape, generator=gen)
+        ref_weight = weight + 0.3 * torch.randn(weight.shape, generator=gen)
+        start, stop = shard_bounds(case["v"], world, rank)
+        opts = dict(kind=case["kind"], beta=0.3, alpha=0.7, temperature=temperature,
+                    softcap=case.get("softcap"), return_logprobs=True)
+
+        def run(fn, shard, dtype=None, **kw):
+            rows = slice(start, stop) if shard else slice(None)
+            ts = [t.to(dtype) if dtype else t.clone() for t in
+                  (hidden, weight[rows], bias[rows], ref_hidden, ref_weight[rows])]
+            for t in ts:
+                t.requires_grad_(True)
+            out = fn(ts[0], ts[1], ts[3], ts[4], targets, bias=ts[2], **opts, **kw)
+            divergence, logprobs = out[0], out[1]
+            ((divergence * up[0]).sum() + (logprobs * up[1]).sum()).backward()
+            return [divergence, logprobs] + [t.grad for t in ts]
+
+        sharded = run(linear_divergence, True, process_group=dist.group.WORLD,
+                      backend=case["backend"])
+        single = run(linear_divergence, False, backend=case["backend"])
+        exact = run(linear_divergence_ref, False, torch.float64)
+        shard = slice(start, stop)
+        names = ["divergence", "logprobs", "dhidden", "dweight", "dbias", "dref_hidden",
+                 "dref_weight"]
+        for k, name in enumerate(names):
+            o, r, b = sharded[k], exact[k], single[k]
+            if name in ("dweight", "dbias", "dref_weight"):
+                r, b = r[shard], b[shard]
+            assert_rule(o, r.float(), b, f"rank {rank}: {name}",
+                        reduction=case["n"] if name in ("dweight", "dbias", "dref_weight")
+                        else case["v"])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

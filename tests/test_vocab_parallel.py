@@ -47,3 +47,16 @@ def test_dtensor_head(how, tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_data_parallel_whitening_and_normalizers(world, tmp_path):
     _spawn(workers.data_parallel_case, world, {}, tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", [
+    dict(backend="torch", kind="forward_kl", row_temp=True, softcap=5.0),
+    dict(backend="torch", kind="jsd"),
+    dict(backend="torch", kind="alpha"),
+    dict(backend="torch", kind="tv"),
+    dict(backend="triton", kind="reverse_kl", row_temp=True),
+], ids=["torch-fkl", "torch-jsd", "torch-alpha", "torch-tv", "triton-rkl"])
+def test_linear_divergence_sharded_equals_single_device(world, case, tmp_path):
+    _spawn(workers.linear_divergence_case, world, dict(n=13, h=16, v=61, bias=True, **case),
+           tmp_path)

@@ -183,8 +183,11 @@ class SideGrads:
         if self.dh32 is not None:
             gemm.accumulate_mm(self.dh32, dz_in, w[cols])
 
-    def result(self) -> list[Tensor | None]:
-        dh = None if self.dh32 is None else self.dh32.to(self.side.hidden.dtype)
+    def result(self, fp32_dh: bool = False) -> list[Tensor | None]:
+        """[dh (fp32 with ``fp32_dh``, else the input dtype), dW, db]."""
+        dh = self.dh32
+        if dh is not None and not fp32_dh:
+            dh = dh.to(self.side.hidden.dtype)
         return [dh, self.dw, self.db]
 
 
@@ -199,7 +202,7 @@ def _finish_dz(dz: Tensor, dcap, factor, valid: Tensor) -> Tensor:
 
 def backward(policy: Side, refs: list[Side], targets: Tensor, head_p: HeadArgs,
              head_q: HeadArgs, div: Divergence, ignore_index: int, stats, g_div, g_logp,
-             need_p: tuple[bool, bool, bool], need_ref: bool):
+             need_p: tuple[bool, bool, bool], need_ref: bool, fp32_dh: bool = False):
     """stats: forward_rows' row statistics; g_div, g_logp (N,) or None ->
     [dh, dW, db of the policy] + [dh, dW, db of each ref side if need_ref] (None if not needed)."""
     n, v = policy.hidden.shape[0], policy.weight.shape[0]
@@ -219,4 +222,4 @@ def backward(policy: Side, refs: list[Side], targets: Tensor, head_p: HeadArgs,
             dz_q = _finish_dz(dz_q, dcap_q, rows_factor(head_q.factor, every), valid)
             for g in grads_q:
                 g.add(cols, dz_q)
-    return grads_p.result() + [t for g in grads_q for t in g.result()]
+    return grads_p.result(fp32_dh) + [t for g in grads_q for t in g.result(fp32_dh)]

@@ -53,7 +53,8 @@ def _slices(n: int, vocab: int, dtype: torch.dtype, sides: int):
 
 
 def backward(policy, refs, targets, head_p: HeadArgs, head_q: HeadArgs, div: Divergence,
-             ignore_index: int, stats, g_div, g_logp, need_p, need_ref: bool):
+             ignore_index: int, stats, g_div, g_logp, need_p, need_ref: bool,
+             fp32_dh: bool = False):
     """The contract of divergence_passes.backward."""
     n, v = policy.hidden.shape[0], policy.weight.shape[0]
     dtype = policy.hidden.dtype
@@ -74,4 +75,4 @@ def backward(policy, refs, targets, head_p: HeadArgs, head_q: HeadArgs, div: Div
         grads_p.add(cols, out_p)
         for g in grads_q:
             g.add(cols, out_q)
-    return grads_p.result() + [t for g in grads_q for t in g.result()]
+    return grads_p.result(fp32_dh) + [t for g in grads_q for t in g.result(fp32_dh)]

@@ -261,9 +261,10 @@ class Prepared(NamedTuple):
 
 def prepare(hidden, weight, ref_hidden, ref_weight, targets, kind, beta, alpha, temperature,
             ignore_index, bias, ref_bias, softcap, logit_scale, ref_softcap, ref_logit_scale,
-            backend, op: str) -> Prepared:
+            backend, op: str, vocab: int | None = None) -> Prepared:
     """Validation and argument folding shared by linear_divergence and the fused losses:
-    clear errors before any kernel, no host sync."""
+    clear errors before any kernel, no host sync. ``vocab``: the full vocabulary when the
+    weights are shards (targets are checked against it)."""
     hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
     device = head_mod.check_linear(hidden, weight, bias)
     div = resolve_kind(kind, beta, alpha)
@@ -283,8 +284,8 @@ def prepare(hidden, weight, ref_hidden, ref_weight, targets, kind, beta, alpha, 
     if targets is not None and targets.shape != lead:
         raise ValueError(f"targets must have the rows' shape {tuple(lead)}, got "
                          f"{tuple(targets.shape)}")
-    flat, _, bad, _, op_ignore = multi_target.prepare(targets, lead, weight.shape[0],
-                                                      ignore_index, op, device)
+    flat, _, bad, _, op_ignore = multi_target.prepare(
+        targets, lead, weight.shape[0] if vocab is None else vocab, ignore_index, op, device)
     fp64 = hidden.dtype == torch.float64
     name = resolve_backend(op, backend, device,
                            ("torch",) if fp64 else ("triton", "torch"), () if fp64 else AUTO_ORDER)
@@ -303,7 +304,8 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
                       ref_bias: Tensor | None = None, softcap: float | None = None,
                       logit_scale: float | None = None, ref_softcap: float | None = None,
                       ref_logit_scale: float | None = None, return_logprobs: bool = False,
-                      mode: str = "auto", backend: str | None = "auto"):
+                      mode: str = "auto", process_group=None, vocab_start: int | None = None,
+                      vocab_size: int | None = None, backend: str | None = "auto"):
     """Per-token divergence between p = softmax(z_p) (the policy / student, which takes the
     gradient) and q = softmax(z_q) (the reference / teacher) over the whole vocabulary.
 
@@ -333,6 +335,12 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
         mode: "auto" / "fast": chunks of rows forward, vocabulary slices backward (cuBLAS
             GEMMs + Triton row kernels on the Triton backend). A fused-tile min_memory mode
             like linear_logprobs' does not exist for divergences yet.
+        process_group: vocab parallelism as in :func:`prefkern.linear_logprobs`: weight,
+            bias, ref_weight and ref_bias are this rank's rows [vocab_start, vocab_start +
+            V_r) (the same rows of both heads), everything else is the same on every rank;
+            two collectives per chunk of rows forward (the row math runs in torch ops on
+            every backend), an fp32 all-reduce of the hidden states' gradients backward. One
+            reference head (no mixture). See prefkern.ops.vocab_parallel_divergence.
         backend: "auto" | "triton" | "torch" (None: $PREFKERN_BACKEND).
     Returns:
         the divergence (...) fp32, or ``DivergenceOutput(divergence, logprobs)`` with
@@ -341,9 +349,19 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    vocab = None
+    if process_group is not None:
+        from prefkern.ops import vocab_parallel
+
+        start, vocab = vocab_parallel.shard_layout(weight, process_group, vocab_start,
+                                                   vocab_size)
+        if not isinstance(ref_hidden, Tensor):
+            raise ValueError("a reference mixture is not supported with process_group")
     c = prepare(hidden, weight, ref_hidden, ref_weight, targets, kind, beta, alpha, temperature,
                 ignore_index, bias, ref_bias, softcap, logit_scale, ref_softcap, ref_logit_scale,
-                backend, "linear_divergence")
+                backend, "linear_divergence", vocab)
+    if process_group is not None:
+        return _vocab_parallel(c, targets, return_logprobs, process_group, start, vocab)
     need_q = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (*c.ref_hiddens, *c.ref_weights,
                                                     *c.ref_biases))
@@ -357,4 +375,20 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
     if not return_logprobs:
         return divergence
     logprobs = None if targets is None else _checks.poison(out[1].view(c.lead), c.bad)
+    return DivergenceOutput(divergence, logprobs)
+
+
+def _vocab_parallel(c: Prepared, targets, return_logprobs, group, start, vocab):
+    from prefkern.ops.vocab_parallel_divergence import VocabParallelDivergence
+
+    head_p, head_q = _heads(c.head_p.row_inv_temp, c.head_q.row_inv_temp, c.head_p.inv_temp,
+                            c.head_p.softcap, c.head_q.inv_temp, c.head_q.softcap)
+    with without_autocast(c.hidden):
+        div, logp = VocabParallelDivergence.apply(
+            c.hidden, c.weight, c.bias, c.ref_hiddens[0], c.ref_weights[0], c.ref_biases[0],
+            c.targets, head_p, head_q, c.div, c.ignore_index, group, start, vocab, c.backend)
+    divergence = _checks.poison(div.view(c.lead), c.bad)
+    if not return_logprobs:
+        return divergence
+    logprobs = None if targets is None else _checks.poison(logp.view(c.lead), c.bad)
     return DivergenceOutput(divergence, logprobs)
