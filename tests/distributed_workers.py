@@ -212,3 +212,43 @@ def linear_divergence_case(rank: int, world: int, store_path: str, case: dict) -
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """linear_policy_loss and linear_preference_loss on vocab shards equal one device."""
+    from prefkern.losses import linear_policy_loss, linear_preference_loss
+
+    _init(rank, world, store_path)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        b, t, h, v = 4, 7, 16, 53
+        hidden = torch.randn(b, t, h, generator=gen)
+        weight = torch.randn(v, h, generator=gen) * 0.5
+        targets = torch.randint(0, v, (b, t), generator=gen)
+        targets[:, :2] = -100
+        old = -torch.rand(b, t, generator=gen) * 3
+        adv = torch.randn(b, generator=gen)
+        start, stop = shard_bounds(v, world, rank)
+
+        def grads(fn, shard, **kw):
+            hs = hidden.clone().requires_grad_(True)
+            ws = (weight[start:stop] if shard else weight).clone().requires_grad_(True)
+            loss = fn(hs, ws, **kw)[0]
+            loss.backward()
+            return loss, hs.grad, ws.grad
+
+        group = dict(process_group=dist.group.WORLD)
+        for fn in (lambda hs, ws, **kw: linear_policy_loss(hs, ws, targets, old, adv,
+                                                           loss_type="grpo", backend="torch",
+                                                           **kw),
+                   lambda hs, ws, **kw: linear_preference_loss(
+                       hs, ws, targets, ref_logps=(old[:2].sum(-1), old[2:].sum(-1)),
+                       loss_type="sigmoid", backend="torch", **kw)):
+            loss, dh, dw = grads(fn, True, **group)
+            want, want_dh, want_dw = grads(fn, False)
+            torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(dh, want_dh, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(dw, want_dw[start:stop], rtol=1e-4, atol=1e-6)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -60,3 +60,7 @@ def test_data_parallel_whitening_and_normalizers(world, tmp_path):
 def test_linear_divergence_sharded_equals_single_device(world, case, tmp_path):
     _spawn(workers.linear_divergence_case, world, dict(n=13, h=16, v=61, bias=True, **case),
            tmp_path)
+
+
+def test_losses_on_vocab_shards(tmp_path):
+    _spawn(workers.losses_case, 2, {}, tmp_path)

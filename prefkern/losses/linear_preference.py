@@ -58,8 +58,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                            ref_bias: Tensor | None = None, temperature: float = 1.0,
                            ignore_index: int = -100, softcap: float | None = None,
                            logit_scale: float | None = None, ld_alpha: float | None = None,
-                           use_weighting: bool = False, backend: str | None = "auto",
-                           **loss_kw):
+                           use_weighting: bool = False, process_group=None,
+                           backend: str | None = "auto", **loss_kw):
     """``family="dpo"``: :func:`prefkern.losses.preference_loss` (every TRL DPO loss type;
     lengths are filled in from the targets); ``"cpo"``: :func:`cpo_loss` (CPO, SimPO,
     AlphaPO; reference-free); ``"orpo"``: :func:`orpo_loss` (reference-free); ``"tdpo"``:
@@ -72,11 +72,16 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     TRL's DPOTrainer does: ``ld_alpha`` (LD-DPO sequence log-probs, policy and reference, see
     :func:`prefkern.losses.sequence.ld_token_sums`) and ``use_weighting`` (WPO pair weights
     from the sum of p^2 of the same pass, :func:`prefkern.losses.sequence.wpo_weights`).
-    Returns (loss, metrics)."""
+    ``process_group``: vocab-parallel head shards (see prefkern.linear_logprobs; not with
+    tdpo). Returns (loss, metrics)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     head = dict(temperature=temperature, ignore_index=ignore_index, softcap=softcap,
                 logit_scale=logit_scale, backend=backend)
+    if process_group is not None:
+        if family == "tdpo":
+            raise ValueError("tdpo with process_group is not supported")
+        head["process_group"] = process_group
     if family == "tdpo":
         return _tdpo(hidden, weight, targets, cu_seqlens, bias, ref_hidden, ref_weight,
                      ref_bias, head, loss_kw)

@@ -365,8 +365,9 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
                        bias: Tensor | None = None, temperature: float | Tensor = 1.0,
                        ignore_index: int = -100, softcap: float | None = None,
                        logit_scale: float | None = None, fused: bool = True,
-                       cu_seqlens: Tensor | None = None, backend: str | None = "auto",
-                       **loss_kw):
+                       cu_seqlens: Tensor | None = None, process_group=None,
+                       vocab_start: int | None = None, vocab_size: int | None = None,
+                       backend: str | None = "auto", **loss_kw):
     """:func:`policy_loss` on log-probs (and entropies, for the entropy bonus and its metric)
     computed from hidden states (B, T, H) and the LM head, with targets (B, T): no logits; or
     packed hidden (N, H), targets (N,) with ``cu_seqlens``. ``mask`` defaults to
@@ -376,15 +377,18 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
     3 GEMMs in all (prefkern.ops.policy_fused); the backward only scales it. gspo and
     geo_mean (sequence-level), clip_cov and kl_cov (batch-level token selection), or
     ``fused=False``: the two-pass path (prefkern.linear_logprobs, a recomputing backward).
-    Returns (loss, metrics)."""
+    ``process_group`` (vocab-parallel head shards, see prefkern.linear_logprobs) takes the
+    two-pass path. Returns (loss, metrics)."""
     kind, _ = resolve_loss_type(loss_kw.get("loss_type", "ppo"), loss_kw.get("agg"))
     mask = targets != ignore_index if mask is None else mask.bool()
-    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL:
+    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL or process_group is not None:
         from prefkern.ops.linear_logprobs import linear_logprobs
 
         out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
                               ignore_index=ignore_index, softcap=softcap,
-                              logit_scale=logit_scale, return_entropy=True, backend=backend)
+                              logit_scale=logit_scale, return_entropy=True,
+                              process_group=process_group, vocab_start=vocab_start,
+                              vocab_size=vocab_size, backend=backend)
         return policy_loss(out.logprobs, old_logprobs, advantages, mask, entropy=out.entropy,
                            cu_seqlens=cu_seqlens, **loss_kw)
     return _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
