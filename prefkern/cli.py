@@ -28,6 +28,7 @@ def _device(name: str | None) -> torch.device:
 def bench(args) -> int:
     from prefkern.bench import results
     from prefkern.bench.core import run_suites
+    from prefkern.bench.timing import CPU_PEAK_METHOD
     from prefkern.bench.suites import all_suites
 
     suites = all_suites()
@@ -58,7 +59,8 @@ def bench(args) -> int:
     print()
     print(results.table(rows))
     print("\nms/base: median time over the baseline's (first row of each group); % copy: GB/s "
-          "over a device copy of the same bytes; peak GiB: memory above the inputs (CUDA only)")
+          "over a device copy of the same bytes; peak GiB: memory above the inputs (CUDA: "
+          "max_memory_allocated; CPU: " + CPU_PEAK_METHOD + ")")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d_%H%M")
     stem = f"{stamp}_{'+'.join(names) if args.suite else 'all'}_{args.shapes}"
     out_dir = Path(args.out) if args.out else results.default_out_dir(device)

@@ -417,3 +417,21 @@ def test_preference_gate_fails_a_wrong_beta():
             if "status" in r}
     assert rows["torch_eager"]["status"] == "ok" and rows["prefkern"]["status"] == "ok"
     assert rows["beta_0.2"]["status"] == "MISMATCH"
+
+
+def test_cpu_peak_memory_is_measured():
+    """The CPU peak is the running maximum of the call's tensor allocations: 8 + 4 MB live
+    at once here (the 4 MB temporary is freed before the 12 MB one), inputs excluded."""
+    from prefkern.bench.timing import peak_extra_gib
+
+    x = torch.randn(1000, 1000)  # 4 MB, allocated before: not counted
+
+    def fn():
+        y = x * 2          # 4 MB
+        z = torch.empty(2_000_000)  # 8 MB (y still live: 12 MB)
+        del y
+        w = torch.empty(3_000_000)  # 12 MB (z live: 20 MB)
+        return z.sum() + w.sum()
+
+    peak = peak_extra_gib(fn, torch.device("cpu")) * 2**30
+    assert 20e6 <= peak < 20e6 + 64 * 1024, peak
