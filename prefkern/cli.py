@@ -1,8 +1,11 @@
-"""Command line: ``python -m prefkern bench`` (the main job) and ``python -m prefkern info``.
+"""Command line: ``python -m prefkern bench`` (the main job), ``python -m prefkern profile``
+(training steps with and without prefkern) and ``python -m prefkern info``.
 
     python -m prefkern bench [--suite NAME ...] [--shapes default|small|tiny] [--out DIR]
                              [--quick] [--no-check] [--device cuda|cpu] [--threads N]
                              [--list]
+    python -m prefkern profile [--preset tiny|llama3-8b-head|qwen2.5-7b-head] [--dtype fp32|bf16]
+                               [--workload dpo|grpo|distill ...] [--device cuda|cpu] [--out DIR]
     python -m prefkern info [--device cuda|cpu]
 """
 
@@ -28,8 +31,8 @@ def _device(name: str | None) -> torch.device:
 def bench(args) -> int:
     from prefkern.bench import results
     from prefkern.bench.core import run_suites
-    from prefkern.bench.timing import CPU_PEAK_METHOD
     from prefkern.bench.suites import all_suites
+    from prefkern.bench.timing import CPU_PEAK_METHOD
 
     suites = all_suites()
     if args.list:
@@ -71,6 +74,39 @@ def bench(args) -> int:
     return 0
 
 
+def profile(args) -> int:
+    import json
+
+    from prefkern.bench import profile as prof
+    from prefkern.bench.results import metadata
+
+    device = _device(args.device)
+    preset = args.preset or ("llama3-8b-head" if device.type == "cuda" else "tiny")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = prof.PRESETS[preset]
+    print(f"prefkern profile: {preset} (H={cfg.hidden} V={cfg.vocab} layers={cfg.layers} "
+          f"batch={cfg.batch}x{cfg.seq}) {str(dtype).replace('torch.', '')} on {device}")
+    rows = prof.run_profile(preset, device, dtype, args.workload)
+    print()
+    print(prof.table(rows))
+    print(f"\nforward: the backbone (and, eager, the LM head's logits); loss: the loss (prefkern: "
+          f"with its LM head); backward. Memory above the weights and inputs: "
+          f"{prof.MEMORY_METHOD.get(device.type, 'n/a')}.")
+    meta = metadata(device)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d_%H%M")
+    out_dir = Path(args.out) if args.out else Path("prefkern_profile_results") / device.type
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{stamp}_profile_{preset}"
+    payload = dict(meta=meta, preset=preset, config=cfg.__dict__, dtype=str(dtype),
+                   memory_method=prof.MEMORY_METHOD.get(device.type), rows=rows)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    print(f"\nwrote {stem.with_suffix('.json')}")
+    if prof.plot(rows, stem.with_suffix(".png")):
+        print(f"wrote {stem.with_suffix('.png')}")
+    return 0
+
+
 def info(args) -> int:
     import prefkern
     from prefkern.bench.results import metadata
@@ -105,6 +141,19 @@ def main(argv=None) -> int:
                          "baseline's before timing")
     p_bench.add_argument("--list", action="store_true", help="list the suites and exit")
     p_bench.set_defaults(func=bench)
+    p_prof = sub.add_parser("profile", help="one DPO, GRPO and distillation training step, "
+                            "materialized logits vs prefkern: time and memory per phase")
+    p_prof.add_argument("--preset", choices=["micro", "tiny", "llama3-8b-head",
+                                             "qwen2.5-7b-head"],
+                        help="model (default: tiny on CPU, llama3-8b-head on a GPU)")
+    p_prof.add_argument("--dtype", choices=["fp32", "bf16"],
+                        help="weights and activations (default: fp32 on CPU, bf16 on a GPU)")
+    p_prof.add_argument("--workload", action="append", choices=["dpo", "grpo", "distill"],
+                        help="repeatable (default: all three)")
+    p_prof.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p_prof.add_argument("--out", metavar="DIR", help="results folder "
+                        "(default: ./prefkern_profile_results/<device>/)")
+    p_prof.set_defaults(func=profile)
     p_info = sub.add_parser("info", help="versions, device and available backends")
     p_info.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p_info.set_defaults(func=info)

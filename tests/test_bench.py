@@ -435,3 +435,24 @@ def test_cpu_peak_memory_is_measured():
 
     peak = peak_extra_gib(fn, torch.device("cpu")) * 2**30
     assert 20e6 <= peak < 20e6 + 64 * 1024, peak
+
+
+def test_profile_steps_agree_and_prefkern_holds_no_logits(tmp_path):
+    """`prefkern profile` on the micro model: for DPO, GRPO and distillation the step's loss
+    is the eager (materialized logits) one, and prefkern's peak memory is below eager's, which
+    holds the (B, T, V) fp32 logits."""
+    from prefkern.cli import main
+
+    assert main(["profile", "--preset", "micro", "--device", "cpu", "--out",
+                 str(tmp_path)]) == 0
+    import json
+
+    (path,) = tmp_path.glob("*_profile_micro.json")
+    rows = json.loads(path.read_text())["rows"]
+    logits_bytes = 4 * 255 * 4000 * 4
+    for workload in ("dpo", "grpo", "distill"):
+        eager, ours = (next(r for r in rows if r["workload"] == workload and r["impl"] == impl)
+                       for impl in ("eager", "prefkern"))
+        assert abs(eager["loss"] - ours["loss"]) <= 1e-4 * max(1.0, abs(eager["loss"]))
+        assert eager["peak_GiB"] * 2**30 >= logits_bytes
+        assert ours["peak_GiB"] < 0.5 * eager["peak_GiB"], (workload, ours, eager)
