@@ -431,6 +431,36 @@ def test_listwise_and_regression(k):
                                    .mean())
 
 
+@pytest.mark.parametrize("weighting", ["deviation", "uniform"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_set_bt(weighting, reduction):
+    from prefkern.losses import set_bt_loss
+    from prefkern.reference import set_bt_loss_ref
+
+    gen = torch.Generator().manual_seed(4)
+    logratios = torch.randn(7, 5, generator=gen) * 3
+    rewards = torch.randint(0, 4, (7, 5), generator=gen).float()
+    mask = torch.rand(7, 5, generator=gen) < 0.8
+    rewards[2] = 1.0  # every reward equal: no contrast, loss 0 and out of the mean
+    kw = dict(beta=0.3, weighting=weighting, mask=mask)
+    _check(lambda s, reduction: set_bt_loss(s, rewards, reduction=reduction, **kw),
+           lambda s, reduction: set_bt_loss_ref(s, rewards, reduction=reduction, **kw),
+           [logratios], 1, reduction=reduction)
+    assert set_bt_loss(logratios, rewards, reduction="none", **kw)[2] == 0
+
+
+def test_set_bt_on_pairs_is_dpo():
+    """K = 2, uniform weights, the better response first: DPO's sigmoid loss."""
+    from prefkern.losses import set_bt_loss
+
+    gen = torch.Generator().manual_seed(5)
+    logratios = torch.randn(6, 2, generator=gen) * 4
+    rewards = torch.tensor([[1.0, 0.0]]).expand(6, 2)
+    want = -torch.nn.functional.logsigmoid(0.2 * (logratios[:, 0] - logratios[:, 1])).mean()
+    torch.testing.assert_close(set_bt_loss(logratios, rewards, beta=0.2, weighting="uniform"),
+                               want)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("version", [1, 2])
 def test_linear_tdpo(backend, version):

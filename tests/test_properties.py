@@ -900,6 +900,7 @@ def test_every_public_op_has_a_property():
     refs = {"distill_loss_ref", "topk_forward_kl_ref", "preference_loss_ref", "cpo_loss_ref",
             "orpo_loss_ref", "unpaired_loss_ref", "tdpo_loss_ref", "pro_loss_ref",
             "lipo_lambda_loss_ref", "sppo_loss_ref", "irepo_loss_ref", "agg_loss_ref",
+            "set_bt_loss_ref",
             "policy_loss_ref", "value_loss_ref", "logprobs_from_logits_ref",
             "linear_logprobs_ref", "gae_ref", "group_advantages_ref",
             "kl_estimate_ref", "linear_divergence_ref", "logits_divergence_ref",

@@ -3,7 +3,13 @@ that never re-implement the log-prob math. Each returns (loss, metrics), metrics
 
 from prefkern.losses.distill import distill_loss, linear_distill_loss, topk_forward_kl
 from prefkern.losses.linear_preference import linear_preference_loss
-from prefkern.losses.listwise import irepo_loss, lipo_lambda_loss, pro_loss, sppo_loss
+from prefkern.losses.listwise import (
+    irepo_loss,
+    lipo_lambda_loss,
+    pro_loss,
+    set_bt_loss,
+    sppo_loss,
+)
 from prefkern.losses.policy import (
     aggregate,
     global_normalizer,
@@ -36,5 +42,6 @@ __all__ = ["REDUCTIONS", "aggregate", "global_normalizer", "cpo_loss", "distill_
            "lipo_lambda_loss", "orpo_loss", "policy_loss", "policy_preset", "preference_loss",
            "pro_loss",
            "reduce_tokens", "rollout_is_weights", "high_entropy_mask", "sequence_reduce",
+           "set_bt_loss",
            "sppo_loss", "tdpo_loss", "token_sums",
            "topk_forward_kl", "unpaired_loss", "value_loss", "wpo_weights"]

@@ -51,6 +51,45 @@ def lipo_lambda_loss(scores: Tensor, labels: Tensor, *, reduction: str = "mean")
     return _reduce(losses, reduction).float()
 
 
+def set_bt_loss(logratios: Tensor, rewards: Tensor, *, beta: float = 0.1,
+                weighting: str = "deviation", mask: Tensor | None = None,
+                reduction: str = "mean") -> Tensor:
+    """Set-level Bradley-Terry (MPO: Gupta et al. 2024, "Multi-Preference Optimization:
+    Generalizing DPO via Set-Level Contrasts", arXiv 2412.04628) over K responses per prompt.
+    With s = beta * logratios (log pi - log pi_ref), r the rewards and r_bar their mean over
+    the valid responses, the positives Y+ are the responses with r > r_bar:
+    ``-log(sum_{Y+} w e^s / sum_{all} w e^s)`` per prompt, with deviation weights
+    ``w = |r - r_bar|`` (``weighting="deviation"``) or w = 1 (``"uniform"``). A prompt with no
+    positive or no negative has no contrast: loss 0, and it leaves the mean. logratios,
+    rewards, mask (B, K); mask marks the valid responses (all when None). K = 2 with uniform
+    weights is DPO's sigmoid loss."""
+    _check(reduction)
+    if weighting not in ("deviation", "uniform"):
+        raise ValueError(f"weighting must be 'deviation' or 'uniform', got {weighting!r}")
+    if logratios.dim() != 2 or rewards.shape != logratios.shape or \
+            (mask is not None and mask.shape != logratios.shape):
+        raise ValueError("logratios, rewards (and mask) must all be (B, K)")
+    s, r = beta * _f64(logratios), _f64(rewards).detach()
+    valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.bool()
+    count = valid.sum(-1, keepdim=True).clamp(min=1)
+    r_bar = torch.where(valid, r, 0).sum(-1, keepdim=True) / count
+    positive = valid & (r > r_bar)
+    negative = valid & ~positive
+    w = (r - r_bar).abs() if weighting == "deviation" else torch.ones_like(r)
+    contrast = positive.any(-1) & negative.any(-1)
+    # rows without a contrast score a constant (num = den) so that no inf - inf reaches the
+    # gradient; w = 0 drops a response (log w = -inf)
+    keep = contrast[:, None]
+    logits = torch.where(keep, s + torch.log(w), 0)
+    neg_inf = torch.full_like(s, -float("inf"))
+    num = torch.logsumexp(torch.where(positive | ~keep, logits, neg_inf), -1)
+    den = torch.logsumexp(torch.where(valid | ~keep, logits, neg_inf), -1)
+    losses = torch.where(contrast, den - num, 0)
+    if reduction == "mean":
+        return (losses.sum() / contrast.sum().clamp(min=1)).float()
+    return _reduce(losses, reduction).float()
+
+
 def sppo_loss(logratios: Tensor, win_probs: Tensor, *, eta: float = 1000.0,
               reduction: str = "mean") -> Tensor:
     """SPPO (Wu et al. 2024, "Self-Play Preference Optimization"): ``(log pi / pi_t -
@@ -74,4 +113,4 @@ def irepo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, pref_probs:
     return _reduce(losses, reduction).float()
 
 
-__all__ = ["irepo_loss", "lipo_lambda_loss", "pro_loss", "sppo_loss"]
+__all__ = ["irepo_loss", "lipo_lambda_loss", "pro_loss", "set_bt_loss", "sppo_loss"]

@@ -203,6 +203,31 @@ def lipo_lambda_loss_ref(scores, labels, *, reduction="mean"):
     return _reduced(torch.stack(out), reduction)
 
 
+def set_bt_loss_ref(logratios, rewards, *, beta=0.1, weighting="deviation", mask=None,
+                    reduction="mean"):
+    """MPO's set-level Bradley-Terry loss, one prompt at a time (see losses.set_bt_loss)."""
+    s, r = beta * logratios.double(), rewards.double()
+    valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.bool()
+    out, used = [], []
+    for row in range(s.shape[0]):
+        idx = [k for k in range(s.shape[1]) if valid[row, k]]
+        r_bar = sum(r[row, k] for k in idx) / max(len(idx), 1)
+        pos = [k for k in idx if r[row, k] > r_bar]
+        if not pos or len(pos) == len(idx):
+            out.append(torch.zeros((), dtype=torch.float64))
+            used.append(False)
+            continue
+        w = {k: abs(r[row, k] - r_bar) if weighting == "deviation" else 1.0 for k in idx}
+        num = sum(w[k] * torch.exp(s[row, k]) for k in pos)
+        den = sum(w[k] * torch.exp(s[row, k]) for k in idx)
+        out.append(-torch.log(num / den))
+        used.append(True)
+    losses = torch.stack(out)
+    if reduction == "mean":
+        return losses.sum() / max(sum(used), 1)
+    return _reduced(losses, reduction)
+
+
 def sppo_loss_ref(logratios, win_probs, *, eta=1000.0, reduction="mean"):
     return _reduced((logratios.double() - eta * (win_probs.double() - 0.5)) ** 2, reduction)
 
