@@ -134,3 +134,74 @@ def test_value_loss(clip, token_level):
 
     _compare(lambda v: value_loss(v, old, returns, mask, clip=clip, agg=agg,
                                   normalizer=normalizer)[0], theirs, values)
+
+
+# ------------------------------------------------------------------ the adapter module
+
+def test_adapter_policy_and_value_modules():
+    from prefkern.integrations import openrlhf as orl
+
+    logp, old, adv, mask, _, _ = _rollout(spread=0.4)
+    mask[1, :4] = True
+    m = mask.float()
+    rollout = old + 0.15 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
+    module = orl.PolicyLoss(0.2, 0.28, dual_clip=3.0, enable_vllm_is_correction=True,
+                            vllm_is_truncated_threshold=[0.9, 1.1],
+                            vllm_is_correction_type="icepop")
+    _compare(lambda x: module(x, old, adv, m, rollout, dp_size=2, batch_num_tokens=200.0)[0],
+             lambda x: _openrlhf_policy(x, old.double(), adv.double(), m.double(),
+                                        dual_clip=3.0, rollout=rollout.double(),
+                                        is_type="icepop", band=(0.9, 1.1), eps=(0.2, 0.28),
+                                        dp_size=2, batch_num_tokens=200.0), logp)
+    _, clip_ratio, ppo_kl, vllm_kl = module(logp, old, adv, m, rollout)
+    torch.testing.assert_close(ppo_kl, _masked_mean(old - logp, m))
+    torch.testing.assert_close(vllm_kl, _masked_mean(rollout - old, m))
+    gspo = orl.PolicyLoss(policy_loss_type="gspo")
+    _compare(lambda x: gspo(x, old, adv[:, :1].expand_as(adv), m)[0],
+             lambda x: _openrlhf_policy(x, old.double(), adv.double()[:, :1], m.double(),
+                                        kind="gspo"), logp)
+    values = torch.randn(mask.shape)
+    loss = orl.ValueLoss(0.5, token_level_loss=False)(values, values + 0.3, values * 0.5, m)
+    assert loss.dim() == 0 and loss > 0
+
+
+def test_adapter_dpo_kl_logprobs_and_gae():
+    from prefkern.integrations import openrlhf as orl
+
+    gen = torch.Generator().manual_seed(8)
+    c, r, rc, rr = (torch.randn(5, generator=gen) * 10 for _ in range(4))
+    for ipo, ls in ((False, 0.1), (True, 0.0)):
+        loss, chosen, rejected = orl.DPOLoss(0.2, ls, ipo)(c, r, rc, rr)
+        d = (c - r) - (rc - rr)
+        want = ((d - 1 / 0.4) ** 2).mean() if ipo else \
+            (-torch.nn.functional.logsigmoid(0.2 * d) * (1 - ls)
+             - torch.nn.functional.logsigmoid(-0.2 * d) * ls).mean()
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(chosen, 0.2 * (c - rc))
+    x, base = torch.randn(4, 6, generator=gen) * 8, torch.randn(4, 6, generator=gen) * 8
+    d = x - base
+    for kind, want in (("k1", d), ("k2", d**2 / 2), ("k3", (-d).exp() - 1 + d)):
+        torch.testing.assert_close(orl.compute_approx_kl(x, base, kind), want.clamp(-10, 10))
+    logits = torch.randn(3, 5, 40, generator=gen) * 3
+    labels = torch.randint(0, 40, (3, 5), generator=gen)
+    want = (logits / 0.7).log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    kept = logits.clone()
+    torch.testing.assert_close(orl.log_probs_from_logits(logits, labels, 0.7), want)
+    assert torch.equal(logits, kept)  # not divided in place
+    torch.testing.assert_close(orl.compute_entropy(logits),
+                               -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
+    # GAE: OpenRLHF zeroes rewards and values off the mask, then scans every position
+    values, rewards = torch.randn(3, 9, generator=gen), torch.randn(3, 9, generator=gen)
+    mask = torch.ones(3, 9)
+    mask[0, :2] = 0  # left padding
+    mask[1, 6:] = 0  # right padding
+    v, rw = values * mask, rewards * mask
+    last, advs = torch.zeros(3), []
+    for t in reversed(range(9)):
+        nxt = v[:, t + 1] if t < 8 else torch.zeros(3)
+        last = rw[:, t] + 0.9 * nxt - v[:, t] + 0.9 * 0.8 * last
+        advs.append(last)
+    want_adv = torch.stack(advs[::-1], 1)
+    adv, ret = orl.get_advantages_and_returns(values, rewards, mask, 0.9, 0.8)
+    torch.testing.assert_close(adv, want_adv)
+    torch.testing.assert_close(ret, want_adv + v)
