@@ -489,3 +489,70 @@ def test_linear_tdpo(backend, version):
         runs.append((loss, h.grad, w.grad))
     for name, o, r, b in zip(("loss", "dhidden", "dweight"), *runs, strict=True):
         assert_rule(o, r, b, name, reduction=120 * 20)
+
+
+# ------------------------------------------------------------ gradient in the forward pass
+
+FUSED_CASES = [
+    dict(loss_type="sigmoid"),
+    dict(loss_type=["hinge", "ipo", "robust"], loss_weights=[0.5, 1.0, 0.3], label_smoothing=0.1),
+    dict(loss_type="exo_pair", label_smoothing=0.05, f_divergence="js_divergence"),
+    dict(loss_type="apo_zero", hdpo_alpha=0.8),
+    dict(loss_type="sigmoid_norm", ld_alpha=0.4),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kw", FUSED_CASES, ids=["sigmoid", "mixture", "exo-jsd", "apo-hdpo",
+                                                 "norm-ld"])
+def test_fused_equals_two_pass(backend, kw):
+    """The gradient-in-forward path (chunks of whole pairs; a budget of two pairs forces
+    several chunks) gives the two-pass loss, metrics and gradients, with the reference model
+    inside."""
+    hidden, weight, targets, ref_hidden = _linear_batch(b=5, t=12, v=90, dtype=torch.float32)
+    bias = torch.randn(90)
+    runs = []
+    for fused in (True, False):
+        h, w, b = leaf(hidden), leaf(weight), leaf(bias)
+        loss, metrics = linear_preference_loss(
+            h, w, targets, bias=b, ref_hidden=ref_hidden, ref_weight=weight.detach(),
+            ref_bias=bias, softcap=7.0, temperature=0.9, fused=fused,
+            budget_bytes=2 * 2 * 12 * 90 * 4, backend=backend, **kw)
+        (3 * loss).backward()
+        runs.append((loss, metrics, h.grad, w.grad, b.grad))
+    (loss, metrics, *grads), (want, want_metrics, *want_grads) = runs
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+    for key in want_metrics:
+        torch.testing.assert_close(metrics[key], want_metrics[key], rtol=1e-5, atol=1e-6)
+    for g, wg in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, wg, rtol=1e-4, atol=1e-6 * wg.abs().max().item())
+
+
+def test_fused_backward_runs_no_gemm_and_falls_back(monkeypatch):
+    """The fused loss's backward only scales gradients the forward formed; a budget below one
+    pair, a packed batch or a non-separable loss type take the two-pass path."""
+    from prefkern.ops import gemm, preference_fused
+
+    hidden, weight, targets, ref_hidden = _linear_batch(b=3, t=10, v=60)
+    ref = dict(ref_logps=(torch.randn(3) - 20, torch.randn(3) - 20), backend="torch")
+    hh, ww = leaf(hidden), leaf(weight)
+    loss, _ = linear_preference_loss(hh, ww, targets, **ref)
+
+    def no_gemm(*args, **kwargs):
+        raise AssertionError("a GEMM ran in the backward")
+
+    for target, name in ((gemm, "fp32_mm"), (gemm, "accumulate_mm"), (torch, "mm"),
+                         (torch, "matmul")):
+        monkeypatch.setattr(target, name, no_gemm)
+    loss.backward()
+    monkeypatch.undo()
+    calls = []
+    real = preference_fused.fused_dpo
+    monkeypatch.setattr(preference_fused, "fused_dpo",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    linear_preference_loss(hidden, weight, targets, budget_bytes=100, **ref)
+    linear_preference_loss(hidden, weight, targets, loss_type="aot", **ref)
+    linear_preference_loss(hidden, weight, targets, loss_type=["sigmoid", "sft"], **ref)
+    assert not calls
+    linear_preference_loss(hidden, weight, targets, **ref)
+    assert calls == [1]

@@ -78,11 +78,14 @@ def _grad_triton(raw, dz, targets, stats, g_logp, g_ent, factor, head, ignore_in
 
 
 def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: int,
-                 token_loss, triton: bool, need: tuple[bool, bool, bool]):
+                 token_loss, triton: bool, need: tuple[bool, bool, bool], row_chunks=None):
     """policy: (hidden (N, H), weight, bias); targets (N,);
     ``token_loss(rows, logp, entropy) -> scalar``: the chunk's share of the loss, a
-    differentiable function of its (r,) log-probs and entropies. -> (logp (N,), entropy (N,),
-    dh, dW, db) with the gradients of the whole loss (None where not needed)."""
+    differentiable function of its (r,) log-probs and entropies. ``row_chunks``: the chunks
+    (slices or index tensors, together every row once) when the loss couples rows (whole
+    sequences or pairs); default: contiguous rows sized for the logits budget.
+    -> (logp (N,), entropy (N,), dh, dW, db) with the gradients of the whole loss (None where
+    not needed)."""
     hidden, weight, bias = policy.hidden, policy.weight, policy.bias
     n, v = hidden.shape[0], weight.shape[0]
     cdt = torch.float32 if triton else compute_dtype(hidden.dtype)
@@ -91,7 +94,8 @@ def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: in
     entropy_out = torch.zeros_like(logp_out)
     grads = RowChunkGrads(hidden, weight, bias, need)
     every = slice(None)
-    for rows in _row_chunks(n, v, hidden.device, triton):
+    for rows in row_chunks if row_chunks is not None else _row_chunks(n, v, hidden.device,
+                                                                       triton):
         raw = mixed_logits([policy], rows, every, cdt)
         y, ok = targets[rows], valid[rows]
         if triton:
