@@ -117,8 +117,10 @@ def dtensor_head_case(rank: int, world: int, store_path: str, case: dict) -> Non
         b = distribute_tensor(bias, mesh, [Shard(0) if case["how"] == "rows" else Replicate()])
         b.requires_grad_(True)
         h = hidden.clone().requires_grad_(True)
+        # vocab parallel on the mesh (same hidden everywhere) only when asked for
+        group = dict(process_group=mesh.get_group()) if case.get("vocab_parallel") else {}
         out = linear_logprobs(h, w, targets, b, return_entropy=True, softcap=5.0,
-                              backend="torch")
+                              backend="torch", **group)
         ((out.logprobs * up[0]).sum() + (out.entropy * up[1]).sum()).backward()
         h1, w1, b1 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
         want = linear_logprobs(h1, w1, targets, b1, return_entropy=True, softcap=5.0,
@@ -249,6 +251,41 @@ def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
             torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(dh, want_dh, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(dw, want_dw[start:stop], rtol=1e-4, atol=1e-6)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_style_head_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """FSDP2 shards the head by rows over data-parallel ranks whose tokens differ: a
+    Shard(0) DTensor weight without process_group is gathered, and each rank's results are
+    those of its own tokens on one device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from prefkern import linear_logprobs
+
+    _init(rank, world, store_path)
+    try:
+        _, weight, _, _, _, _ = _problem(case)
+        gen = torch.Generator().manual_seed(100 + rank)  # this rank's own tokens
+        hidden = torch.randn(case["n"] + rank, case["h"], generator=gen)
+        targets = torch.randint(0, case["v"], (case["n"] + rank,), generator=gen)
+        mesh = init_device_mesh("cpu", (world,))
+        w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
+        out = linear_logprobs(hidden, w, targets, backend="torch")
+        out.sum().backward()
+        w1 = weight.clone().requires_grad_(True)
+        want = linear_logprobs(hidden, w1, targets, backend="torch")
+        want.sum().backward()
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        # full_tensor()'s backward hands each rank its rows of its own gradient (FSDP2's hooks,
+        # not DTensor autograd, then reduce-scatter them across the data-parallel ranks)
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(w.shape, mesh, w.placements)
+        rows = slice(offset[0], offset[0] + shape[0])
+        torch.testing.assert_close(w.grad.to_local(), w1.grad[rows], rtol=1e-5, atol=1e-6)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -249,3 +249,15 @@ def test_rollout_is_weights_errors():
         rollout_is_weights(x, x, x.bool(), mode="nope")
     with pytest.raises(ValueError, match="low and high"):
         rollout_is_weights(x, x, x.bool(), mode="icepop", low=None, high=2.0)
+
+
+def test_rollout_is_weights_treat_missing_rollout_logprobs_as_ratio_one():
+    """TRL 1.16 maps a NaN log-prob difference to 0 (nan_to_num): ratio 1, never a NaN loss."""
+    old = torch.zeros(2, 4)
+    rollout = torch.tensor([[0.0, float("nan"), 0.1, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for mode in ("token_truncate", "tis", "sequence_mask"):
+        w = rollout_is_weights(old, rollout, mask, mode=mode, low=0.5, high=2.0)
+        assert torch.isfinite(w).all(), mode
+    w = rollout_is_weights(old, rollout, mask, mode="token_truncate", low=0.5, high=2.0)
+    assert w[0, 1] == 1.0

@@ -556,3 +556,26 @@ def test_fused_backward_runs_no_gemm_and_falls_back(monkeypatch):
     assert not calls
     linear_preference_loss(hidden, weight, targets, **ref)
     assert calls == [1]
+
+
+def test_fused_path_honours_pair_weights_and_autocast():
+    """Per-pair weights given by the caller take the two-pass path (the chunks would misalign
+    them); under autocast the fused path still computes fp32 logits."""
+    hidden, weight, targets, _ = _linear_batch(b=3, t=10, v=60)
+    ref = dict(ref_logps=(torch.randn(3) - 20, torch.randn(3) - 20), backend="torch")
+    w = torch.tensor([0.2, 1.0, 3.0])
+    grads = []
+    for fused in (True, False):
+        h = leaf(hidden)
+        loss, _ = linear_preference_loss(h, weight, targets, chosen_weights=w,
+                                         rejected_weights=w, fused=fused,
+                                         budget_bytes=2 * 10 * 60 * 4, **ref)
+        loss.backward()
+        grads.append((loss, h.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = linear_preference_loss(hidden.bfloat16(), weight.bfloat16(), targets, **ref)
+        two_pass, _ = linear_preference_loss(hidden.bfloat16(), weight.bfloat16(), targets,
+                                             fused=False, **ref)
+    torch.testing.assert_close(fused, two_pass, rtol=1e-5, atol=1e-5)

@@ -111,3 +111,13 @@ def test_bf16_autocast_is_closer_to_float64_than_trls():
     err_ours = (ours.double() - want).abs().max().item()
     err_theirs = (theirs.double() - want).abs().max().item()
     assert err_ours < 1e-5 < err_theirs, (err_ours, err_theirs)
+
+
+def test_generation_keeps_the_models_signature():
+    """generate() validates its kwargs against the forward's signature: TRL's patch keeps it
+    (functools.wraps), so must prefkern's."""
+    ids, _, _ = _batch()
+    model = _tiny("qwen2")
+    pk_trl.add_fused_lm_head(model)
+    out = model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, logits_to_keep=1)
+    assert out.shape == (3, 6)

@@ -39,9 +39,15 @@ def test_bad_targets_are_checked_against_the_full_vocabulary():
                                  backend="torch")
 
 
-@pytest.mark.parametrize("how", ["rows", "cols", "replicate"])
-def test_dtensor_head(how, tmp_path):
-    _spawn(workers.dtensor_head_case, 2, dict(n=9, h=16, v=37, bias=True, how=how), tmp_path)
+@pytest.mark.parametrize("how,vocab_parallel", [("rows", True), ("rows", False),
+                                                ("cols", False), ("replicate", False)])
+def test_dtensor_head(how, vocab_parallel, tmp_path):
+    _spawn(workers.dtensor_head_case, 2,
+           dict(n=9, h=16, v=37, bias=True, how=how, vocab_parallel=vocab_parallel), tmp_path)
+
+
+def test_fsdp_style_row_shards_are_gathered(tmp_path):
+    _spawn(workers.fsdp_style_head_case, 2, dict(n=7, h=16, v=37), tmp_path)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -14,6 +14,7 @@ input_ids[:, 1:])``): position t of the result is ``log p(labels[:, t + 1] | tok
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import NamedTuple
 
@@ -136,8 +137,13 @@ def from_linear(linear: torch.nn.Module, **options) -> PrefkernHead:
 # ------------------------------------------------------------------------- the causal LM
 
 def _backbone(model) -> torch.nn.Module:
-    getter = getattr(model, "get_decoder", None)
-    backbone = getter() if callable(getter) else None
+    """The module whose ``last_hidden_state`` feeds the head: ``base_model`` (for a
+    vision-language model the multimodal one, which consumes pixel inputs; TRL 1.16 uses it),
+    else ``get_decoder()``."""
+    backbone = getattr(model, "base_model", None)
+    if backbone is None or backbone is model:
+        getter = getattr(model, "get_decoder", None)
+        backbone = getter() if callable(getter) else None
     if backbone is None:
         backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if backbone is None or backbone is model:
@@ -207,6 +213,7 @@ def apply_prefkern(model, *, temperature: float = 1.0, return_entropy: bool = Fa
         return model
     original = model.forward
 
+    @functools.wraps(type(model).forward)  # generate() checks its kwargs against this
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -19,6 +19,7 @@ Nothing imports trl until one of them is called.
 
 from __future__ import annotations
 
+import functools
 import types
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -85,6 +86,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     scale, softcap = hf_head_config(model)
     want_stats = bool({"log_sum_sq_probs", "mean_logits", "is_top1"} & set(outputs))
 
+    @functools.wraps(type(model).forward)  # generate() checks its kwargs against this
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
                 num_items_in_batch=None, **kwargs):
         if not fused_lm_head:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefkern._autocast import without_autocast
 from prefkern.losses.reduction import reduce_tokens
-from prefkern.ops.grad_in_forward import GradientInForward
+from prefkern.ops.grad_in_forward import GradientInForward, gradients_needed
 from prefkern.ops.linear_divergence import linear_divergence
 from prefkern.ops.linear_logprobs import linear_logprobs
 
@@ -127,7 +128,7 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
         norm = torch.ones((), dtype=cdt, device=mask.device)
     else:
         norm = mask.sum().clamp(min=1).to(cdt)
-    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    need = gradients_needed(hidden, weight, bias)
     coeffs = c.ref_coeffs if c.ref_coeffs else [None] * len(c.ref_hiddens)
     refs = [Side(*parts) for parts in zip(c.ref_hiddens, c.ref_weights, c.ref_biases, coeffs,
                                           strict=True)]
@@ -138,7 +139,7 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
         hard = fold(1.0, logit_scale, softcap)  # the untempered student's head
         head_hard = HeadArgs(hard.inv_temp, hard.softcap)
     hidden2d = c.hidden.detach()
-    with torch.no_grad():
+    with torch.no_grad(), without_autocast(hidden2d):
         d, logp, dh, dw, db = distill_fused.fused_distill(
             Side(hidden2d, c.weight.detach(), None if c.bias is None else c.bias.detach()),
             refs, c.targets, HeadArgs(c.head_p.row_inv_temp if c.head_p.row_inv_temp is not None

@@ -153,8 +153,10 @@ def _fusable(hidden, cu_seqlens, use_weighting, process_group, loss_kw) -> bool:
 
     kinds = loss_kw.get("loss_type", "sigmoid")
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    per_pair = ("chosen_weights", "rejected_weights", "chosen_lengths", "rejected_lengths")
     return (hidden.dim() == 3 and cu_seqlens is None and not use_weighting
             and process_group is None and loss_kw.get("rpo_alpha") is None
+            and not any(loss_kw.get(k) is not None for k in per_pair)
             and loss_kw.get("reduction", "mean") == "mean" and set(kinds) <= SEPARABLE)
 
 
@@ -162,11 +164,12 @@ def _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref
            ld_alpha, budget_bytes, loss_kw):
     """The gradient-in-forward DPO path (prefkern.ops.preference_fused); None when a single
     pair's logits exceed the budget (the caller takes the two-pass path)."""
+    from prefkern._autocast import without_autocast
     from prefkern.dispatch import resolve_backend
     from prefkern.ops import head as head_mod
     from prefkern.ops import preference_fused
     from prefkern.ops.divergence_passes import HeadArgs, Side
-    from prefkern.ops.grad_in_forward import GradientInForward
+    from prefkern.ops.grad_in_forward import GradientInForward, gradients_needed
     from prefkern.reference.logprobs import compute_dtype
 
     hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
@@ -202,9 +205,8 @@ def _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref
                            compute_dtype(hidden.dtype))
     head_args = HeadArgs(folded.inv_temp if folded.row_inv_temp is None else
                          folded.row_inv_temp, folded.softcap)
-    need = (hidden.requires_grad, weight.requires_grad,
-            bias is not None and bias.requires_grad)
-    with torch.no_grad():
+    need = gradients_needed(hidden, weight, bias)
+    with torch.no_grad(), without_autocast(hidden):
         logp, dh, dw, db = preference_fused.fused_dpo(
             Side(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
                  None if bias is None else bias.detach()),

@@ -399,11 +399,12 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
 def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
                        temperature, ignore_index, softcap, logit_scale, backend, cu_seqlens,
                        loss_kw):
+    from prefkern._autocast import without_autocast
     from prefkern.dispatch import resolve_backend
     from prefkern.ops import head as head_mod
     from prefkern.ops import policy_fused
     from prefkern.ops.divergence_passes import HeadArgs, Side
-    from prefkern.ops.grad_in_forward import GradientInForward
+    from prefkern.ops.grad_in_forward import GradientInForward, gradients_needed
 
     hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
     device = head_mod.check_linear(hidden, weight, bias)
@@ -450,8 +451,8 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
                               **loss_kw)
         return loss
 
-    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    with torch.no_grad():
+    need = gradients_needed(hidden, weight, bias)
+    with torch.no_grad(), without_autocast(hidden):
         logp, entropy, dh, dw, db = policy_fused.fused_policy(
             Side(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
                  None if bias is None else bias.detach()),

@@ -51,7 +51,9 @@ def rollout_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Ten
         raise ValueError(f"mode {mode!r} needs both low and high (OpenRLHF's band)")
     mask = mask.bool()
     with torch.no_grad():
-        d = torch.where(mask, old_logprobs.float() - rollout_logprobs.float(), 0)
+        # a missing (NaN) rollout log-prob counts as ratio 1, as TRL 1.16 does (nan_to_num)
+        d = torch.nan_to_num(torch.where(mask, old_logprobs.float() - rollout_logprobs.float(),
+                                         0), nan=0.0)
         if mode.startswith("sequence") or mode == "seq-mask-tis":
             sums, counts = token_sums(d, mask, cu_seqlens)
             per_seq = sums if mode.startswith("sequence") else sums / counts.clamp(min=1)

@@ -19,3 +19,12 @@ class GradientInForward(torch.autograd.Function):
     def backward(ctx, grad):
         scaled = [None if g is None else g * grad.to(g.dtype) for g in ctx.saved_tensors]
         return (None, None, None, None, *scaled)
+
+
+def gradients_needed(hidden, weight, bias) -> tuple[bool, bool, bool]:
+    """Which of (hidden, weight, bias) a gradient-in-forward pass must form: none under
+    torch.no_grad() (evaluation), else those that require grad."""
+    if not torch.is_grad_enabled():
+        return False, False, False
+    return (hidden.requires_grad, weight.requires_grad,
+            bias is not None and bias.requires_grad)

@@ -276,9 +276,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             all-gather of a few floats per token forward, one all-reduce of dhidden backward
             (every rank must ask for the same gradients). ``vocab_start`` / ``vocab_size``
             (the full V): all-gathered and read on the host when not given. (..., K) targets
-            are not supported with it. A DTensor weight sharded by rows (FSDP2 / tensor
-            parallel, Shard(0) on a 1-d mesh) takes this path by itself; other placements are
-            gathered (``full_tensor()``). See prefkern.ops.vocab_parallel.
+            are not supported with it. A DTensor weight is gathered (``full_tensor()``:
+            FSDP2's row shards live on data-parallel ranks whose tokens differ); with a
+            process_group given, one sharded by rows (Shard(0)) on a 1-d mesh is used as
+            vocab-parallel shards of the mesh's group. See prefkern.ops.vocab_parallel.
         backend: "auto" | "triton" | "torch" (None: $PREFKERN_BACKEND).
     Autocast: hidden, weight and bias are cast to the autocast dtype (the GEMM's autocast
     class), then everything runs with autocast off: the backward is the exact gradient of the

@@ -135,10 +135,13 @@ def _is_dtensor(t) -> bool:
 
 
 def unwrap_dtensor_head(weight, bias, group, vocab_start, vocab_size) -> HeadShards:
-    """A DTensor weight (FSDP2, tensor parallel): sharded by rows (Shard(0)) on a 1-d mesh it is
-    used as vocab-parallel shards over the mesh's group (no gather); any other placement is
-    gathered with ``full_tensor()`` (a (V, H) all-gather per call; its backward sends the
-    gradient back to the shards). A DTensor bias follows the weight."""
+    """A DTensor weight is gathered with ``full_tensor()`` (a (V, H) all-gather per call; its
+    backward sends the gradient back to the shards): FSDP2 shards the head by rows over
+    data-parallel ranks whose tokens differ, so a row-sharded DTensor alone does not mean vocab
+    parallelism. With a ``process_group`` given (the caller's statement that the hidden
+    states are the same on every rank), a weight sharded by rows (Shard(0)) on a 1-d mesh is
+    used as vocab-parallel shards over the mesh's group, without a gather. A DTensor bias
+    follows the weight."""
     if not _is_dtensor(weight):
         if _is_dtensor(bias):
             bias = bias.full_tensor()
@@ -148,7 +151,7 @@ def unwrap_dtensor_head(weight, bias, group, vocab_start, vocab_size) -> HeadSha
 
     mesh, placements = weight.device_mesh, weight.placements
     by_rows = mesh.ndim == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0
-    if not by_rows or group is not None:
+    if not by_rows or group is None:
         full_bias = bias.full_tensor() if _is_dtensor(bias) else bias
         return HeadShards(weight.full_tensor(), full_bias, group, vocab_start, vocab_size)
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
