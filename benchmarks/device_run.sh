@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): build the CUDA extension, run the GPU tests, run
-# the main job on the real shapes, copy the results to $OUT. Peers come from ./.whl (made on the
+# the main job on the real shapes and the training-step profile, copy the results to $OUT. Peers come from ./.whl (made on the
 # machine with network: pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1). Usage, from the repo root:
 #   bash benchmarks/device_run.sh [extra args for `python -m prefkern bench`]
 set -uo pipefail
@@ -17,3 +17,5 @@ PREFKERN_BUILD_CUDA=1 PREFKERN_CUDA_ARCHS=90 python3 -m pip install -q --no-buil
 python3 -m prefkern info | tee "$OUT/info.txt"
 python3 -m pytest -q -m gpu -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
 python3 -m prefkern bench --out "$OUT/results" "$@" 2>&1 | tail -120 | tee "$OUT/bench.log"
+# one training step per workload, materialized logits vs prefkern, on a real head size
+python3 -m prefkern profile --out "$OUT/results" 2>&1 | tail -20 | tee "$OUT/profile.log"
