@@ -137,6 +137,8 @@ def test_register_fills_verls_registry(monkeypatch):
     registry = {}
     core = types.ModuleType("verl.trainer.ppo.core_algos")
     core.register_policy_loss = lambda name: (lambda fn: registry.__setitem__(name, fn) or fn)
+    estimators = {}
+    core.register_adv_est = lambda name: (lambda fn: estimators.__setitem__(name, fn) or fn)
     for version, forces in (("0.9.1", False), ("0.10.0.dev0", True)):
         fake = types.ModuleType("verl")
         fake.__version__ = version
@@ -146,6 +148,7 @@ def test_register_fills_verls_registry(monkeypatch):
         monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core)
         pv.register()
         assert set(registry) == set(pv.POLICY_LOSSES)
+        assert set(estimators) == set(pv.ADV_ESTIMATORS)
         old, logp, adv, mask, _ = _rollout()
         got, _ = registry["gspo"](old, logp, adv, mask, "token-mean", _config(dp_size=1))
         seq, _ = pv.policy_loss_fn("gspo")(old, logp, adv, mask, "seq-mean-token-mean",
@@ -172,3 +175,60 @@ def test_against_the_installed_verl():
                                                      _config(**info), None)
                 torch.testing.assert_close(got, want)
                 assert got_m.keys() == want_m.keys()
+
+
+def _outcome_batch():
+    gen = torch.Generator().manual_seed(6)
+    b, t = 8, 12
+    lengths = torch.randint(1, t + 1, (b,), generator=gen)
+    mask = (torch.arange(t)[None] < lengths[:, None]).float()
+    rewards = torch.zeros(b, t)
+    rewards[torch.arange(b), lengths - 1] = torch.randn(b, generator=gen)
+    index = ["a", "a", "b", "b", "b", "c", "d", "d"]  # verl's prompt uids
+    return rewards, mask, index
+
+
+def test_advantage_estimators_map_uids_to_groups():
+    """verl's estimator signatures over prefkern.group_advantages: string uids become groups
+    (first appearance order), the same as integer group ids."""
+    import prefkern
+
+    rewards, mask, index = _outcome_batch()
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
+    for fn, method in ((pv.compute_grpo_outcome_advantage, "grpo"),
+                       (pv.compute_rloo_outcome_advantage, "rloo"),
+                       (pv.compute_opo_outcome_advantage, "opo"),
+                       (pv.compute_reinforce_plus_plus_baseline_outcome_advantage,
+                        "reinforce_pp_baseline")):
+        got = fn(rewards, mask, index)
+        want = prefkern.group_advantages(rewards, groups, method=method, mask=mask)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+    adv, _ = pv.compute_gpg_outcome_advantage(rewards, mask, index, f_norm=2.0)
+    want, _ = prefkern.group_advantages(rewards, groups, method="gpg", mask=mask)
+    torch.testing.assert_close(adv, want / 2.0)
+    no_std, _ = pv.compute_grpo_outcome_advantage(rewards, mask, index,
+                                                  norm_adv_by_std_in_grpo=False)
+    torch.testing.assert_close(no_std, prefkern.group_advantages(
+        rewards, groups, method="dr_grpo", mask=mask)[0])
+
+
+def test_advantage_estimators_against_the_installed_verl():
+    np = pytest.importorskip("numpy")
+    ca = pytest.importorskip("verl.trainer.ppo.core_algos")
+    rewards, mask, index = _outcome_batch()
+    uids = np.array(index, dtype=object)
+    values = torch.randn(rewards.shape, generator=torch.Generator().manual_seed(2))
+    baseline = torch.randn(rewards.shape[0], generator=torch.Generator().manual_seed(3))
+    calls = [("compute_gae_advantage_return", (rewards, values, mask, 0.99, 0.95), {}),
+             ("compute_grpo_outcome_advantage", (rewards, mask, uids), {}),
+             ("compute_rloo_outcome_advantage", (rewards, mask, uids), {}),
+             ("compute_opo_outcome_advantage", (rewards, mask, uids), {}),
+             ("compute_gpg_outcome_advantage", (rewards, mask, uids), {"f_norm": 2.0}),
+             ("compute_reinforce_plus_plus_baseline_outcome_advantage", (rewards, mask, uids),
+              {}),
+             ("compute_remax_outcome_advantage", (rewards, baseline, mask), {})]
+    for name, args, kw in calls:
+        for got, want in zip(getattr(pv, name)(*args, **kw), getattr(ca, name)(*args, **kw),
+                             strict=True):
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-5)

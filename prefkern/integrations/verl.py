@@ -12,7 +12,11 @@
   policy_loss_fn(name) -> fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
       config, rollout_is_weights) -> (loss, metrics): vanilla, gspo, sapo, gpg, clip_cov,
       kl_cov, geo_mean, cispo, reading the same ActorConfig fields verl reads
-  register(): puts those policy losses into verl's registry (register_policy_loss)
+  compute_gae_advantage_return, compute_{grpo,rloo,opo,gpg,reinforce_plus_plus_baseline,
+      reinforce_plus_plus,remax}_outcome_advantage: verl's estimator signatures (index: the
+      prompt uids) over prefkern.gae / prefkern.group_advantages
+  register(): puts those policy losses and estimators into verl's registries
+      (register_policy_loss, register_adv_est)
 
 Nothing imports verl except :func:`register`. Metrics are floats (``.item()``), as verl's own
 policy losses return them (one host read per metric, as there).
@@ -182,6 +186,74 @@ def _verl_metrics(name, metrics, log_prob, old_log_prob, mask) -> dict:
     return {values[key][0]: float(values[key][1]) for key in _METRICS[name]}
 
 
+# ---------------------------------------------------------------- advantage estimators
+
+ADV_ESTIMATORS = ("gae", "grpo", "rloo", "opo", "gpg", "reinforce_plus_plus_baseline",
+                  "reinforce_plus_plus", "remax")
+
+
+def _group_ids(index) -> Tensor:
+    """verl's ``index`` (prompt uids: an array of strings or numbers) -> int64 group ids."""
+    if isinstance(index, Tensor):
+        return index.long()
+    ids: dict = {}
+    return torch.tensor([ids.setdefault(key, len(ids)) for key in list(index)],
+                        dtype=torch.int64)
+
+
+def _outcome(method: str, token_level_rewards, response_mask, index=None, epsilon=1e-6,
+             **kw):
+    groups = None if index is None else _group_ids(index).to(token_level_rewards.device)
+    return prefkern.group_advantages(token_level_rewards, groups, method=method, eps=epsilon,
+                                     mask=response_mask, **kw)
+
+
+def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
+    """verl's GAE: the scan over the response, then ``masked_whiten`` of the advantages."""
+    return prefkern.gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam,
+                        whiten=True)
+
+
+def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                   norm_adv_by_std_in_grpo=True, config=None):
+    return _outcome("grpo" if norm_adv_by_std_in_grpo else "dr_grpo", token_level_rewards,
+                    response_mask, index, epsilon)
+
+
+def compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                   config=None, **_):
+    return _outcome("rloo", token_level_rewards, response_mask, index, epsilon)
+
+
+def compute_opo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                  config=None, **_):
+    return _outcome("opo", token_level_rewards, response_mask, index, epsilon)
+
+
+def compute_gpg_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                  f_norm=1.0, alpha=1.0, config=None, **_):
+    adv, ret = _outcome("gpg", token_level_rewards, response_mask, index, epsilon)
+    return adv / f_norm, ret / f_norm
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards, response_mask,
+                                                           index, epsilon=1e-6, config=None,
+                                                           **_):
+    return _outcome("reinforce_pp_baseline", token_level_rewards, response_mask, index,
+                    epsilon)
+
+
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_mask,
+                                                  config=None, **_):
+    gamma = _get(config, "gamma", 1.0) if config is not None else 1.0
+    return _outcome("reinforce_pp", token_level_rewards, response_mask, gamma=gamma)
+
+
+def compute_remax_outcome_advantage(token_level_rewards, reward_baselines, response_mask,
+                                    config=None, **_):
+    return _outcome("remax", token_level_rewards, response_mask, baseline=reward_baselines)
+
+
 def _version(text: str) -> tuple[int, ...]:
     parts = []
     for piece in text.split(".")[:3]:
@@ -190,12 +262,21 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def register(names=POLICY_LOSSES) -> None:
-    """Replace verl's registered policy losses ``names`` by prefkern's (imports verl; gspo's
-    aggregation follows the installed verl version)."""
+def register(names=POLICY_LOSSES, advantage_estimators=ADV_ESTIMATORS) -> None:
+    """Replace verl's registered policy losses ``names`` and advantage estimators by
+    prefkern's (imports verl; gspo's aggregation follows the installed verl version)."""
     import verl
-    from verl.trainer.ppo.core_algos import register_policy_loss
+    from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
     forces = _version(getattr(verl, "__version__", "0")) > (0, 9, 1)
     for name in names:
         register_policy_loss(name)(policy_loss_fn(name, gspo_forces_seq_mean=forces))
+    functions = {"gae": compute_gae_advantage_return, "grpo": compute_grpo_outcome_advantage,
+                 "rloo": compute_rloo_outcome_advantage, "opo": compute_opo_outcome_advantage,
+                 "gpg": compute_gpg_outcome_advantage,
+                 "reinforce_plus_plus_baseline":
+                     compute_reinforce_plus_plus_baseline_outcome_advantage,
+                 "reinforce_plus_plus": compute_reinforce_plus_plus_outcome_advantage,
+                 "remax": compute_remax_outcome_advantage}
+    for name in advantage_estimators:
+        register_adv_est(name)(functions[name])
