@@ -105,3 +105,40 @@ def test_dpo_step_with_and_without_prefkern(loss_type, extra, tmp_path):
     for name, g in grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
                                    atol=1e-5 * want_grads[name].abs().max().item())
+
+
+def test_kto_step_with_and_without_prefkern(tmp_path):
+    """KTO (desirable/undesirable completions, the mismatched-pair KL estimate): TRL 1.16's
+    KTOTrainer loss and every gradient with and without prefkern's head."""
+    from datasets import Dataset
+
+    model = _tiny("qwen2")
+    model.config.pad_token_id = model.config.eos_token_id = V - 2
+    model.save_pretrained(tmp_path / "model")
+    data = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6", "w7 w8"],
+                              "completion": [" w7 w8", " w9 w10 w11", " w12", " w13 w14"],
+                              "label": [True, False, True, False]})
+    args = trl.KTOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                         report_to="none", use_cpu=True, bf16=False)
+    trainer = trl.KTOTrainer(model=str(tmp_path / "model"), args=args, train_dataset=data,
+                             processing_class=_tokenizer())
+    with torch.no_grad():  # off the reference: non-trivial log-ratios and KL
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+
+    def step():
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                               if p.grad is not None}
+
+    want, want_grads = step()
+    pk_trl.patch_trainer(trainer, backend="torch")
+    got, grads = step()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert set(grads) == set(want_grads) and len(grads) > 10
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
+                                   atol=1e-5 * want_grads[name].abs().max().item())
