@@ -142,3 +142,44 @@ def test_kto_step_with_and_without_prefkern(tmp_path):
     for name, g in grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
                                    atol=1e-5 * want_grads[name].abs().max().item())
+
+
+def test_sft_step_with_and_without_prefkern(tmp_path):
+    """SFT (completion-only loss, Gemma-2 softcap): TRL 1.16's SFTTrainer loss and every
+    gradient with and without prefkern's head, which the patched trainer calls."""
+    from datasets import Dataset
+
+    import prefkern.integrations.transformers as hf
+
+    model = _tiny("gemma2")
+    model.config.pad_token_id = model.config.eos_token_id = V - 2
+    model.save_pretrained(tmp_path / "model")
+    data = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5"],
+                              "completion": [" w7 w8", " w9 w10 w11"]})
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+                         report_to="none", use_cpu=True, bf16=False)
+    trainer = trl.SFTTrainer(model=str(tmp_path / "model"), args=args, train_dataset=data,
+                             processing_class=_tokenizer())
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+
+    def step():
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                               if p.grad is not None}
+
+    want, want_grads = step()
+    pk_trl.patch_trainer(trainer, backend="torch")
+    calls = []
+    real = hf.linear_logprobs
+    hf.linear_logprobs = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got, grads = step()
+    finally:
+        hf.linear_logprobs = real
+    assert calls, "the patched trainer must go through prefkern's head"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
+                                   atol=1e-5 * want_grads[name].abs().max().item())
