@@ -26,6 +26,25 @@ def _tokenizer():
                                    eos_token="<pad>")
 
 
+def _step(trainer, batch):
+    """One loss and its gradients on a fixed batch: (loss, {parameter: gradient})."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                           if p.grad is not None}
+
+
+def _assert_same_step(got, want):
+    """fp32 on both sides: the loss and every parameter gradient equal to rounding."""
+    (loss, grads), (want_loss, want_grads) = got, want
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-7)
+    assert set(grads) == set(want_grads) and len(grads) > 10
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
+                                   atol=1e-5 * want_grads[name].abs().max().item())
+
+
 def _reward(completions, **_):
     """A deterministic, non-constant rule-based reward."""
     return [float(sum(map(ord, c)) % 7) for c in completions]
@@ -49,21 +68,9 @@ def test_grpo_step_with_and_without_prefkern(loss_type, tmp_path):
     inputs = trainer._generate_and_score_completions([data[0], data[0], data[1], data[1]])
     assert inputs["advantages"].abs().sum() > 0
 
-    def step():
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, inputs)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-                               if p.grad is not None}
-
-    want, want_grads = step()
+    want = _step(trainer, inputs)
     pk_trl.patch_trainer(trainer, backend="torch")
-    got, grads = step()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert set(grads) == set(want_grads) and len(grads) > 10
-    for name, g in grads.items():  # fp32 both sides: equal to rounding
-        torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
-                                   atol=1e-5 * want_grads[name].abs().max().item())
+    _assert_same_step(_step(trainer, inputs), want)
 
 
 @pytest.mark.parametrize("loss_type,extra", [(["sigmoid", "ipo"], {"use_weighting": True}),
@@ -90,21 +97,9 @@ def test_dpo_step_with_and_without_prefkern(loss_type, extra, tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
 
-    def step():
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-                               if p.grad is not None}
-
-    want, want_grads = step()
+    want = _step(trainer, batch)
     pk_trl.patch_trainer(trainer, backend="torch")
-    got, grads = step()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert set(grads) == set(want_grads) and len(grads) > 10
-    for name, g in grads.items():
-        torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
-                                   atol=1e-5 * want_grads[name].abs().max().item())
+    _assert_same_step(_step(trainer, batch), want)
 
 
 def test_kto_step_with_and_without_prefkern(tmp_path):
@@ -127,21 +122,9 @@ def test_kto_step_with_and_without_prefkern(tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
 
-    def step():
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-                               if p.grad is not None}
-
-    want, want_grads = step()
+    want = _step(trainer, batch)
     pk_trl.patch_trainer(trainer, backend="torch")
-    got, grads = step()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert set(grads) == set(want_grads) and len(grads) > 10
-    for name, g in grads.items():
-        torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
-                                   atol=1e-5 * want_grads[name].abs().max().item())
+    _assert_same_step(_step(trainer, batch), want)
 
 
 def test_sft_step_with_and_without_prefkern(tmp_path):
@@ -162,24 +145,14 @@ def test_sft_step_with_and_without_prefkern(tmp_path):
                              processing_class=_tokenizer())
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
 
-    def step():
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-                               if p.grad is not None}
-
-    want, want_grads = step()
+    want = _step(trainer, batch)
     pk_trl.patch_trainer(trainer, backend="torch")
     calls = []
     real = hf.linear_logprobs
     hf.linear_logprobs = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        got, grads = step()
+        got = _step(trainer, batch)
     finally:
         hf.linear_logprobs = real
     assert calls, "the patched trainer must go through prefkern's head"
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    for name, g in grads.items():
-        torch.testing.assert_close(g, want_grads[name], rtol=1e-4,
-                                   atol=1e-5 * want_grads[name].abs().max().item())
+    _assert_same_step(got, want)

@@ -43,6 +43,24 @@ def _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head: dict,
     return sums, counts, weights
 
 
+def _reference(ref_logps, ref_hidden, ref_weight, ref_bias, targets, cu_seqlens, head,
+               ld_alpha) -> tuple[Tensor | None, Tensor | None]:
+    """The reference side of DPO: given (chosen, rejected) sequence log-probs, computed under
+    no_grad from the reference model's hidden states and head, or none (reference-free)."""
+    if ref_logps is not None and ref_hidden is not None:
+        raise ValueError("pass ref_logps or ref_hidden / ref_weight, not both")
+    if ref_logps is not None:
+        return ref_logps
+    if ref_hidden is None:
+        return None, None
+    if ref_weight is None:
+        raise ValueError("ref_hidden needs ref_weight")
+    with torch.no_grad():
+        ref_sums, _, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
+                                         head, ld_alpha)
+    return _halves(ref_sums)
+
+
 def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
     if t.shape[0] % 2:
         raise ValueError(f"the batch must hold B chosen then B rejected sequences: got "
@@ -108,18 +126,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
             raise ValueError(f"{family} is reference-free: pass no reference")
         fn = cpo_loss if family == "cpo" else orpo_loss
         return fn(chosen, rejected, len_c, len_r, **loss_kw)
-    ref_chosen = ref_rejected = None
-    if ref_logps is not None and ref_hidden is not None:
-        raise ValueError("pass ref_logps or ref_hidden / ref_weight, not both")
-    if ref_logps is not None:
-        ref_chosen, ref_rejected = ref_logps
-    elif ref_hidden is not None:
-        if ref_weight is None:
-            raise ValueError("ref_hidden needs ref_weight")
-        with torch.no_grad():
-            ref_sums, _, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias,
-                                             cu_seqlens, head, ld_alpha)
-        ref_chosen, ref_rejected = _halves(ref_sums)
+    ref_chosen, ref_rejected = _reference(ref_logps, ref_hidden, ref_weight, ref_bias, targets,
+                                          cu_seqlens, head, ld_alpha)
     if weights is not None:
         loss_kw = dict(loss_kw, chosen_weights=_halves(weights)[0],
                        rejected_weights=_halves(weights)[1])
@@ -181,18 +189,8 @@ def _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref
     chunks = preference_fused.pair_chunks(b2 // 2, t, weight.shape[0], budget_bytes, device)
     if chunks is None:
         return None
-    if ref_logps is not None and ref_hidden is not None:
-        raise ValueError("pass ref_logps or ref_hidden / ref_weight, not both")
-    ref_chosen = ref_rejected = None
-    if ref_logps is not None:
-        ref_chosen, ref_rejected = ref_logps
-    elif ref_hidden is not None:
-        if ref_weight is None:
-            raise ValueError("ref_hidden needs ref_weight")
-        with torch.no_grad():
-            ref_sums, _, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, None,
-                                             head, ld_alpha)
-        ref_chosen, ref_rejected = _halves(ref_sums)
+    ref_chosen, ref_rejected = _reference(ref_logps, ref_hidden, ref_weight, ref_bias, targets,
+                                          None, head, ld_alpha)
     lead = targets.shape
     temperature = head_mod.as_rows(head["temperature"], lead)
     head_mod.check_temperature(temperature, lead, device)
