@@ -217,8 +217,9 @@ def linear_divergence_case(rank: int, world: int, store_path: str, case: dict) -
 
 
 def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
-    """linear_policy_loss and linear_preference_loss on vocab shards equal one device."""
-    from prefkern.losses import linear_policy_loss, linear_preference_loss
+    """linear_distill_loss, linear_policy_loss and linear_preference_loss on vocab shards
+    equal one device."""
+    from prefkern.losses import linear_distill_loss, linear_policy_loss, linear_preference_loss
 
     _init(rank, world, store_path)
     try:
@@ -240,7 +241,15 @@ def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
             return loss, hs.grad, ws.grad
 
         group = dict(process_group=dist.group.WORLD)
-        for fn in (lambda hs, ws, **kw: linear_policy_loss(hs, ws, targets, old, adv,
+        teacher_hidden = hidden + 0.2 * torch.randn(hidden.shape, generator=gen)
+
+        def distill(hs, ws, **kw):
+            rows = slice(start, stop) if kw else slice(None)
+            return linear_distill_loss(hs, ws, teacher_hidden, weight[rows] * 1.1, targets,
+                                       kind="jsd", beta=0.3, weight_hard_loss=0.5,
+                                       backend="torch", **kw)
+
+        for fn in (distill, lambda hs, ws, **kw: linear_policy_loss(hs, ws, targets, old, adv,
                                                            loss_type="grpo", backend="torch",
                                                            **kw),
                    lambda hs, ws, **kw: linear_preference_loss(

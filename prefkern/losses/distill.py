@@ -53,7 +53,9 @@ def distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weight:
                  bias: Tensor | None = None, teacher_bias: Tensor | None = None,
                  softcap: float | None = None, logit_scale: float | None = None,
                  teacher_softcap: float | None = None,
-                 teacher_logit_scale: float | None = None, backend: str | None = "auto"):
+                 teacher_logit_scale: float | None = None, process_group=None,
+                 vocab_start: int | None = None, vocab_size: int | None = None,
+                 backend: str | None = "auto"):
     """``weight_soft_loss * reduce(D) + weight_hard_loss * reduce(-log p_1(labels))`` where D is
     the per-token :func:`prefkern.linear_divergence` of ``kind`` between the student (hidden,
     weight) and the teacher (teacher_hidden, teacher_weight, or a mixture) at ``temperature``,
@@ -65,9 +67,12 @@ def distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weight:
     ``num_items_in_batch`` as :func:`prefkern.losses.reduce_tokens` (default batchmean: the sum
     over valid tokens / their count; with num_items_in_batch, the sum / it, TRL's convention
     for gradient accumulation). The teacher takes no gradient unless its tensors require it.
+    ``process_group`` / ``vocab_start`` / ``vocab_size``: vocab-parallel head shards of both
+    models (see prefkern.linear_divergence).
     Returns (loss, metrics) with metrics {"soft_loss", "hard_loss"} detached (hard_loss is 0
     when weight_hard_loss is 0: that term is not computed).
     """
+    shards = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
     mask = labels != ignore_index
     same_pass = weight_hard_loss != 0 and not isinstance(temperature, Tensor) and \
         temperature == 1.0
@@ -76,14 +81,14 @@ def distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weight:
                             ignore_index=ignore_index, bias=bias, ref_bias=teacher_bias,
                             softcap=softcap, logit_scale=logit_scale, ref_softcap=teacher_softcap,
                             ref_logit_scale=teacher_logit_scale, return_logprobs=same_pass,
-                            backend=backend)
+                            backend=backend, **shards)
     divergence = out.divergence if same_pass else out
     soft = reduce_tokens(divergence, mask, reduction, num_items_in_batch)
     hard = torch.zeros_like(soft)
     if weight_hard_loss != 0:
         logp = out.logprobs if same_pass else linear_logprobs(
             hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-            logit_scale=logit_scale, backend=backend)
+            logit_scale=logit_scale, backend=backend, **shards)
         hard = reduce_tokens(-logp, mask, reduction, num_items_in_batch)
     loss = weight_soft_loss * soft + weight_hard_loss * hard
     return loss, {"soft_loss": soft.detach(), "hard_loss": hard.detach()}
@@ -98,14 +103,27 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
                         ignore_index: int = -100, bias: Tensor | None = None,
                         teacher_bias: Tensor | None = None, softcap: float | None = None,
                         logit_scale: float | None = None, teacher_softcap: float | None = None,
-                        teacher_logit_scale: float | None = None,
+                        teacher_logit_scale: float | None = None, process_group=None,
+                        vocab_start: int | None = None, vocab_size: int | None = None,
                         backend: str | None = "auto"):
     """:func:`distill_loss` (same arguments and value) with the student's gradient computed
     in the forward pass: 4 GEMMs in all (prefkern.ops.distill_fused). The teacher takes no
     gradient (pass frozen tensors); ``reduction`` is batchmean, mean or sum (the per-token
     gradient must be known in the forward). Runs eagerly (an autograd.Function around the
-    fused pass, not a custom op: torch.compile traces into it).
+    fused pass, not a custom op: torch.compile traces into it). With ``process_group``
+    (vocab-parallel shards) it is :func:`distill_loss`'s two-pass path.
     Returns (loss, metrics) with metrics {"soft_loss", "hard_loss"} detached."""
+    if process_group is not None:
+        return distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind=kind,
+                            beta=beta, alpha=alpha, temperature=temperature,
+                            weight_soft_loss=weight_soft_loss,
+                            weight_hard_loss=weight_hard_loss, reduction=reduction,
+                            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                            bias=bias, teacher_bias=teacher_bias, softcap=softcap,
+                            logit_scale=logit_scale, teacher_softcap=teacher_softcap,
+                            teacher_logit_scale=teacher_logit_scale,
+                            process_group=process_group, vocab_start=vocab_start,
+                            vocab_size=vocab_size, backend=backend)
     from prefkern.ops import distill_fused
     from prefkern.ops.divergence_passes import HeadArgs, Side
     from prefkern.ops.linear_divergence import prepare
