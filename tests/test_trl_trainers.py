@@ -156,3 +156,25 @@ def test_sft_step_with_and_without_prefkern(tmp_path):
         hf.linear_logprobs = real
     assert calls, "the patched trainer must go through prefkern's head"
     _assert_same_step(got, want)
+
+
+def test_rloo_step_with_and_without_prefkern(tmp_path):
+    """RLOO (TRL 1.16's RLOOTrainer, leave-one-out baseline, KL to the reference): the loss
+    and every gradient on a fixed generated batch with and without prefkern's head."""
+    from datasets import Dataset
+
+    model = _tiny("cohere")
+    model.config.pad_token_id = V - 2
+    model.save_pretrained(tmp_path / "model")
+    args = trl.RLOOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                          num_generations=2, max_completion_length=6, report_to="none",
+                          use_cpu=True, bf16=False, temperature=0.9, beta=0.05)
+    data = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5"]})
+    trainer = trl.RLOOTrainer(model=str(tmp_path / "model"), reward_funcs=_reward, args=args,
+                              train_dataset=data, processing_class=_tokenizer())
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([data[0], data[0], data[1], data[1]])
+    assert inputs["advantages"].abs().sum() > 0
+    want = _step(trainer, inputs)
+    pk_trl.patch_trainer(trainer, backend="torch")
+    _assert_same_step(_step(trainer, inputs), want)
