@@ -5,6 +5,7 @@ raises on a mismatch; the spawning test fails with the rank's traceback."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,15 @@ def _init(rank: int, world: int, store_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             init_method=f"file://{store_path}")
+
+
+def _finish() -> None:
+    """Tear the group down and leave without the interpreter's shutdown: gloo's threads can
+    abort it ("terminate called without an active exception", SIGABRT, about 1 run in 20)."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def shard_bounds(vocab: int, world: int, rank: int) -> tuple[int, int]:
@@ -95,8 +105,10 @@ def linear_logprobs_case(rank: int, world: int, store_path: str, case: dict) -> 
             assert o.dtype == dtype, name
             assert_rule(o, r, b, f"rank {rank}: {name}", reduction=red)
         dist.barrier()  # no rank tears the group down while another still uses it
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def dtensor_head_case(rank: int, world: int, store_path: str, case: dict) -> None:
@@ -134,8 +146,10 @@ def dtensor_head_case(rank: int, world: int, store_path: str, case: dict) -> Non
         torch.testing.assert_close(w.grad.full_tensor(), w1.grad, **close)
         torch.testing.assert_close(b.grad.full_tensor(), b1.grad, **close)
         dist.barrier()  # no rank tears the group down while another still uses it
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def data_parallel_case(rank: int, world: int, store_path: str, case: dict) -> None:
@@ -165,8 +179,10 @@ def data_parallel_case(rank: int, world: int, store_path: str, case: dict) -> No
                 want = aggregate(values, mask, agg, None, 7.0, seq_count)
                 torch.testing.assert_close(total, want, msg=f"{agg} {seq_count}")
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def linear_divergence_case(rank: int, world: int, store_path: str, case: dict) -> None:
@@ -212,8 +228,10 @@ def linear_divergence_case(rank: int, world: int, store_path: str, case: dict) -
                         reduction=case["n"] if name in ("dweight", "dbias", "dref_weight")
                         else case["v"])
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
@@ -261,8 +279,10 @@ def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
             torch.testing.assert_close(dh, want_dh, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(dw, want_dw[start:stop], rtol=1e-4, atol=1e-6)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def fsdp_style_head_case(rank: int, world: int, store_path: str, case: dict) -> None:
@@ -296,5 +316,7 @@ def fsdp_style_head_case(rank: int, world: int, store_path: str, case: dict) -> 
         rows = slice(offset[0], offset[0] + shape[0])
         torch.testing.assert_close(w.grad.to_local(), w1.grad[rows], rtol=1e-5, atol=1e-6)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _finish()
