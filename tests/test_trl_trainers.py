@@ -45,6 +45,28 @@ def _assert_same_step(got, want):
                                    atol=1e-5 * want_grads[name].abs().max().item())
 
 
+def _online_rl_step(trainer_cls, config_cls, kind, tmp_path, **config):
+    """GRPO / RLOO: generate and score one fixed batch (non-zero advantages, KL to the
+    reference), then the loss and every gradient with and without prefkern's head."""
+    from datasets import Dataset
+
+    model = _tiny(kind)
+    model.config.pad_token_id = V - 2
+    model.save_pretrained(tmp_path / "model")
+    args = config_cls(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                      num_generations=2, max_completion_length=6, report_to="none",
+                      use_cpu=True, bf16=False, temperature=0.9, beta=0.05, **config)
+    data = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5"]})
+    trainer = trainer_cls(model=str(tmp_path / "model"), reward_funcs=_reward, args=args,
+                          train_dataset=data, processing_class=_tokenizer())
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([data[0], data[0], data[1], data[1]])
+    assert inputs["advantages"].abs().sum() > 0
+    want = _step(trainer, inputs)
+    pk_trl.patch_trainer(trainer, backend="torch")
+    _assert_same_step(_step(trainer, inputs), want)
+
+
 def _reward(completions, **_):
     """A deterministic, non-constant rule-based reward."""
     return [float(sum(map(ord, c)) % 7) for c in completions]
@@ -52,25 +74,7 @@ def _reward(completions, **_):
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_grpo_step_with_and_without_prefkern(loss_type, tmp_path):
-    from datasets import Dataset
-
-    model = _tiny("gemma2")
-    model.config.pad_token_id = V - 2
-    model.save_pretrained(tmp_path / "model")
-    args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
-                          num_generations=2, max_completion_length=6, report_to="none",
-                          use_cpu=True, bf16=False, temperature=0.9, beta=0.05,
-                          loss_type=loss_type)
-    data = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5"]})
-    trainer = trl.GRPOTrainer(model=str(tmp_path / "model"), reward_funcs=_reward, args=args,
-                              train_dataset=data, processing_class=_tokenizer())
-    torch.manual_seed(0)
-    inputs = trainer._generate_and_score_completions([data[0], data[0], data[1], data[1]])
-    assert inputs["advantages"].abs().sum() > 0
-
-    want = _step(trainer, inputs)
-    pk_trl.patch_trainer(trainer, backend="torch")
-    _assert_same_step(_step(trainer, inputs), want)
+    _online_rl_step(trl.GRPOTrainer, trl.GRPOConfig, "gemma2", tmp_path, loss_type=loss_type)
 
 
 @pytest.mark.parametrize("loss_type,extra", [(["sigmoid", "ipo"], {"use_weighting": True}),
@@ -161,20 +165,4 @@ def test_sft_step_with_and_without_prefkern(tmp_path):
 def test_rloo_step_with_and_without_prefkern(tmp_path):
     """RLOO (TRL 1.16's RLOOTrainer, leave-one-out baseline, KL to the reference): the loss
     and every gradient on a fixed generated batch with and without prefkern's head."""
-    from datasets import Dataset
-
-    model = _tiny("cohere")
-    model.config.pad_token_id = V - 2
-    model.save_pretrained(tmp_path / "model")
-    args = trl.RLOOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
-                          num_generations=2, max_completion_length=6, report_to="none",
-                          use_cpu=True, bf16=False, temperature=0.9, beta=0.05)
-    data = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5"]})
-    trainer = trl.RLOOTrainer(model=str(tmp_path / "model"), reward_funcs=_reward, args=args,
-                              train_dataset=data, processing_class=_tokenizer())
-    torch.manual_seed(0)
-    inputs = trainer._generate_and_score_completions([data[0], data[0], data[1], data[1]])
-    assert inputs["advantages"].abs().sum() > 0
-    want = _step(trainer, inputs)
-    pk_trl.patch_trainer(trainer, backend="torch")
-    _assert_same_step(_step(trainer, inputs), want)
+    _online_rl_step(trl.RLOOTrainer, trl.RLOOConfig, "cohere", tmp_path)
