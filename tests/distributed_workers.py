@@ -236,7 +236,8 @@ def linear_divergence_case(rank: int, world: int, store_path: str, case: dict) -
 
 def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
     """linear_distill_loss, linear_policy_loss and linear_preference_loss on vocab shards
-    equal one device."""
+    equal one device (loss, dhidden, the dweight shard), on the fused (gradient-in-forward)
+    path, which the sharded call must take too, and on the two-pass path."""
     from prefkern.losses import linear_distill_loss, linear_policy_loss, linear_preference_loss
 
     _init(rank, world, store_path)
@@ -250,34 +251,46 @@ def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
         old = -torch.rand(b, t, generator=gen) * 3
         adv = torch.randn(b, generator=gen)
         start, stop = shard_bounds(v, world, rank)
+        backend, fused = case["backend"], case["fused"]
+        temperature = torch.rand(b, t, generator=gen) + 0.5 if case.get("row_temp") else 0.7
 
         def grads(fn, shard, **kw):
             hs = hidden.clone().requires_grad_(True)
             ws = (weight[start:stop] if shard else weight).clone().requires_grad_(True)
             loss = fn(hs, ws, **kw)[0]
+            took_fused = type(loss.grad_fn).__name__.startswith("GradientInForward")
             loss.backward()
-            return loss, hs.grad, ws.grad
+            return loss, hs.grad, ws.grad, took_fused
 
         group = dict(process_group=dist.group.WORLD)
         teacher_hidden = hidden + 0.2 * torch.randn(hidden.shape, generator=gen)
 
         def distill(hs, ws, **kw):
             rows = slice(start, stop) if kw else slice(None)
-            return linear_distill_loss(hs, ws, teacher_hidden, weight[rows] * 1.1, targets,
-                                       kind="jsd", beta=0.3, weight_hard_loss=0.5,
-                                       backend="torch", **kw)
+            fn = linear_distill_loss if fused else \
+                __import__("prefkern.losses", fromlist=["distill_loss"]).distill_loss
+            return fn(hs, ws, teacher_hidden, weight[rows] * 1.1, targets, kind="jsd", beta=0.3,
+                      weight_hard_loss=0.5, temperature=2.0, softcap=case.get("softcap"),
+                      backend=backend, **kw)
 
-        for fn in (distill, lambda hs, ws, **kw: linear_policy_loss(hs, ws, targets, old, adv,
-                                                           loss_type="grpo", backend="torch",
-                                                           **kw),
-                   lambda hs, ws, **kw: linear_preference_loss(
-                       hs, ws, targets, ref_logps=(old[:2].sum(-1), old[2:].sum(-1)),
-                       loss_type="sigmoid", backend="torch", **kw)):
-            loss, dh, dw = grads(fn, True, **group)
-            want, want_dh, want_dw = grads(fn, False)
-            torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(dh, want_dh, rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(dw, want_dw[start:stop], rtol=1e-4, atol=1e-6)
+        def policy(hs, ws, **kw):
+            return linear_policy_loss(hs, ws, targets, old, adv, loss_type="grpo",
+                                      temperature=temperature, softcap=case.get("softcap"),
+                                      entropy_coef=0.01, fused=fused, backend=backend, **kw)
+
+        def preference(hs, ws, **kw):
+            return linear_preference_loss(hs, ws, targets, ref_logps=(old[:2].sum(-1),
+                                                                      old[2:].sum(-1)),
+                                          loss_type="sigmoid", fused=fused, backend=backend,
+                                          **kw)
+
+        for name, fn in (("distill", distill), ("policy", policy), ("preference", preference)):
+            loss, dh, dw, took = grads(fn, True, **group)
+            want, want_dh, want_dw, _ = grads(fn, False)
+            assert took == fused, f"{name}: fused path taken = {took}, wanted {fused}"
+            torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(dh, want_dh, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(dw, want_dw[start:stop], rtol=1e-4, atol=1e-6, msg=name)
         dist.barrier()
     except BaseException:
         dist.destroy_process_group()

@@ -68,5 +68,11 @@ def test_linear_divergence_sharded_equals_single_device(world, case, tmp_path):
            tmp_path)
 
 
-def test_losses_on_vocab_shards(tmp_path):
-    _spawn(workers.losses_case, 2, {}, tmp_path)
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", [
+    dict(backend="torch", fused=True, softcap=4.0, row_temp=True),
+    dict(backend="torch", fused=False),
+    dict(backend="triton", fused=True, row_temp=True),
+], ids=["torch-fused", "torch-two-pass", "triton-fused"])
+def test_losses_on_vocab_shards(world, case, tmp_path):
+    _spawn(workers.losses_case, world, case, tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefkern import _checks
 from prefkern._autocast import without_autocast
 from prefkern.losses.reduction import reduce_tokens
 from prefkern.ops.grad_in_forward import GradientInForward, gradients_needed
@@ -110,20 +111,10 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
     in the forward pass: 4 GEMMs in all (prefkern.ops.distill_fused). The teacher takes no
     gradient (pass frozen tensors); ``reduction`` is batchmean, mean or sum (the per-token
     gradient must be known in the forward). Runs eagerly (an autograd.Function around the
-    fused pass, not a custom op: torch.compile traces into it). With ``process_group``
-    (vocab-parallel shards) it is :func:`distill_loss`'s two-pass path.
-    Returns (loss, metrics) with metrics {"soft_loss", "hard_loss"} detached."""
-    if process_group is not None:
-        return distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind=kind,
-                            beta=beta, alpha=alpha, temperature=temperature,
-                            weight_soft_loss=weight_soft_loss,
-                            weight_hard_loss=weight_hard_loss, reduction=reduction,
-                            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-                            bias=bias, teacher_bias=teacher_bias, softcap=softcap,
-                            logit_scale=logit_scale, teacher_softcap=teacher_softcap,
-                            teacher_logit_scale=teacher_logit_scale,
-                            process_group=process_group, vocab_start=vocab_start,
-                            vocab_size=vocab_size, backend=backend)
+    fused pass, not a custom op: torch.compile traces into it). ``process_group`` /
+    ``vocab_start`` / ``vocab_size``: vocab-parallel shards of both heads (as
+    :func:`distill_loss`), each chunk's row statistics merged over the group in the same
+    fused pass. Returns (loss, metrics) with metrics {"soft_loss", "hard_loss"} detached."""
     from prefkern.ops import distill_fused
     from prefkern.ops.divergence_passes import HeadArgs, Side
     from prefkern.ops.linear_divergence import prepare
@@ -131,9 +122,18 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
     if reduction not in ("batchmean", "mean", "sum"):
         raise ValueError(f"linear_distill_loss needs a reduced loss (batchmean, mean or sum), "
                          f"got {reduction!r}: use distill_loss for per-token losses")
+    shard = None
+    if process_group is not None:
+        from prefkern.ops.vocab_parallel import VocabShard, shard_layout
+
+        if not isinstance(teacher_hidden, Tensor):
+            raise ValueError("a teacher mixture is not supported with process_group")
+        shard = VocabShard(process_group, *shard_layout(weight, process_group, vocab_start,
+                                                        vocab_size))
     c = prepare(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta, alpha,
                 temperature, ignore_index, bias, teacher_bias, softcap, logit_scale,
-                teacher_softcap, teacher_logit_scale, backend, "linear_distill_loss")
+                teacher_softcap, teacher_logit_scale, backend, "linear_distill_loss",
+                None if shard is None else shard.vocab)
     teacher = (*c.ref_hiddens, *c.ref_weights, *(b for b in c.ref_biases if b is not None))
     if any(t.requires_grad for t in teacher):
         raise ValueError("linear_distill_loss computes no teacher gradient: pass detached "
@@ -165,12 +165,13 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
             HeadArgs(c.head_q.row_inv_temp if c.head_q.row_inv_temp is not None
                      else c.head_q.inv_temp, c.head_q.softcap),
             head_hard, c.div, c.ignore_index, weight_soft_loss / norm, weight_hard_loss / norm,
-            c.backend == "triton", need)
+            c.backend == "triton", need, shard)
         soft = torch.where(mask, d, 0).sum() / norm
         hard = -torch.where(mask, logp, 0).sum() / norm
         if weight_hard_loss == 0:
             hard = torch.zeros_like(hard)  # the term is off (as distill_loss reports it)
         value = weight_soft_loss * soft + weight_hard_loss * hard
+        value = _checks.poison(value, None if c.bad is None else c.bad.any())
     dh = None if dh is None else dh.view(hidden.shape)
     loss = GradientInForward.apply(value, dh, dw, db, hidden, weight, bias)
     return loss, {"soft_loss": soft, "hard_loss": hard}

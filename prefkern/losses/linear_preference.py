@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefkern import _checks
 from prefkern.losses.preference import cpo_loss, orpo_loss, preference_loss, tdpo_loss
 from prefkern.losses.sequence import ld_token_sums, token_sums, wpo_weights
 from prefkern.ops.linear_divergence import linear_divergence
@@ -92,9 +93,10 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     :func:`prefkern.losses.sequence.ld_token_sums`) and ``use_weighting`` (WPO pair weights
     from the sum of p^2 of the same pass, :func:`prefkern.losses.sequence.wpo_weights`).
     ``process_group``: vocab-parallel head shards (see prefkern.linear_logprobs; not with
-    tdpo). ``fused`` (DPO on the padded layout with pair-separable loss types: every type but
-    aot, aot_unpaired and sft, without rpo_alpha or use_weighting): the gradient is formed in
-    the forward pass a chunk of whole pairs at a time, 3 GEMMs instead of 4 and at most
+    tdpo), on the fused path too. ``fused`` (DPO on the padded layout with pair-separable loss
+    types: every type but aot, aot_unpaired and sft, without rpo_alpha or use_weighting): the
+    gradient is formed in the forward pass a chunk of whole pairs at a time, 3 GEMMs instead
+    of 4 and at most
     ``budget_bytes`` of logits at once (prefkern.ops.preference_fused); otherwise, or when
     one pair exceeds the budget, the two-pass path (a pair of 2 x 2048 tokens at V = 128256 is
     2 GiB of fp32 logits: raise the budget to take the fused path there). Returns (loss,
@@ -113,7 +115,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     if family != "dpo" and (ld_alpha is not None or use_weighting):
         raise ValueError("ld_alpha and use_weighting are DPO options (family='dpo')")
     if family == "dpo" and fused and \
-            _fusable(hidden, cu_seqlens, use_weighting, process_group, loss_kw):
+            _fusable(hidden, cu_seqlens, use_weighting, loss_kw):
         out = _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
                      head, ld_alpha, budget_bytes, loss_kw)
         if out is not None:
@@ -156,14 +158,14 @@ def _tdpo(hidden, weight, targets, cu_seqlens, bias, ref_hidden, ref_weight, ref
     return tdpo_loss(chosen, rejected, ref_c, ref_r, kl_c, kl_r, **loss_kw)
 
 
-def _fusable(hidden, cu_seqlens, use_weighting, process_group, loss_kw) -> bool:
+def _fusable(hidden, cu_seqlens, use_weighting, loss_kw) -> bool:
     from prefkern.ops.preference_fused import SEPARABLE
 
     kinds = loss_kw.get("loss_type", "sigmoid")
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     per_pair = ("chosen_weights", "rejected_weights", "chosen_lengths", "rejected_lengths")
     return (hidden.dim() == 3 and cu_seqlens is None and not use_weighting
-            and process_group is None and loss_kw.get("rpo_alpha") is None
+            and loss_kw.get("rpo_alpha") is None
             and not any(loss_kw.get(k) is not None for k in per_pair)
             and loss_kw.get("reduction", "mean") == "mean" and set(kinds) <= SEPARABLE)
 
@@ -178,15 +180,20 @@ def _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref
     from prefkern.ops import preference_fused
     from prefkern.ops.divergence_passes import HeadArgs, Side
     from prefkern.ops.grad_in_forward import GradientInForward, gradients_needed
+    from prefkern.ops.vocab_parallel import resolve_head
     from prefkern.reference.logprobs import compute_dtype
 
+    weight, bias, shard = resolve_head(weight, bias, head.get("process_group"), None, None)
     hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
     device = head_mod.check_linear(hidden, weight, bias)
     if targets.shape != hidden.shape[:-1]:
         raise ValueError("targets must be (2B, T), the rows of hidden (2B, T, H)")
     _halves(targets)
+    targets, bad = head_mod.screen_fused_targets(targets, weight, shard, head["ignore_index"],
+                                                 "linear_preference_loss")
     b2, t = targets.shape
-    chunks = preference_fused.pair_chunks(b2 // 2, t, weight.shape[0], budget_bytes, device)
+    vocab = weight.shape[0] if shard is None else shard.vocab
+    chunks = preference_fused.pair_chunks(b2 // 2, t, vocab, budget_bytes, device)
     if chunks is None:
         return None
     ref_chosen, ref_rejected = _reference(ref_logps, ref_hidden, ref_weight, ref_bias, targets,
@@ -209,7 +216,7 @@ def _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref
             Side(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
                  None if bias is None else bias.detach()),
             targets, head_args, head["ignore_index"], ref_chosen, ref_rejected, chunks,
-            name == "triton", need, ld_alpha, loss_kw)
+            name == "triton", need, ld_alpha, loss_kw, shard)
         mask = targets != head["ignore_index"]
         per_token = logp.view(lead)
         sums = ld_token_sums(per_token, mask, None, ld_alpha) if ld_alpha is not None else \
@@ -219,5 +226,6 @@ def _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref
         value, metrics = preference_loss(chosen, rejected, ref_chosen, ref_rejected,
                                          chosen_lengths=len_c, rejected_lengths=len_r,
                                          **loss_kw)
+        value = _checks.poison(value, None if bad is None else bad.any())
     dh = None if dh is None else dh.view(hidden.shape)
     return GradientInForward.apply(value, dh, dw, db, hidden, weight, bias), metrics

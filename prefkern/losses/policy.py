@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefkern import _checks
 from prefkern.losses.sequence import _segment_ids
 from prefkern.losses.token_selection import clip_cov_selection, kl_cov_selection
 from prefkern.ops.kl_estimate import kl_estimate
@@ -377,11 +378,12 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
     3 GEMMs in all (prefkern.ops.policy_fused); the backward only scales it. gspo and
     geo_mean (sequence-level), clip_cov and kl_cov (batch-level token selection), or
     ``fused=False``: the two-pass path (prefkern.linear_logprobs, a recomputing backward).
-    ``process_group`` (vocab-parallel head shards, see prefkern.linear_logprobs) takes the
-    two-pass path. Returns (loss, metrics)."""
+    ``process_group`` (vocab-parallel head shards, see prefkern.linear_logprobs) works on
+    both paths (the fused one merges each chunk's row statistics across the group).
+    Returns (loss, metrics)."""
     kind, _ = resolve_loss_type(loss_kw.get("loss_type", "ppo"), loss_kw.get("agg"))
     mask = targets != ignore_index if mask is None else mask.bool()
-    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL or process_group is not None:
+    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL:
         from prefkern.ops.linear_logprobs import linear_logprobs
 
         out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
@@ -393,25 +395,29 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
                            cu_seqlens=cu_seqlens, **loss_kw)
     return _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
                               temperature, ignore_index, softcap, logit_scale, backend,
-                              cu_seqlens, loss_kw)
+                              cu_seqlens, (process_group, vocab_start, vocab_size), loss_kw)
 
 
 def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
                        temperature, ignore_index, softcap, logit_scale, backend, cu_seqlens,
-                       loss_kw):
+                       shards, loss_kw):
     from prefkern._autocast import without_autocast
     from prefkern.dispatch import resolve_backend
     from prefkern.ops import head as head_mod
     from prefkern.ops import policy_fused
     from prefkern.ops.divergence_passes import HeadArgs, Side
     from prefkern.ops.grad_in_forward import GradientInForward, gradients_needed
+    from prefkern.ops.vocab_parallel import resolve_head
 
+    weight, bias, shard = resolve_head(weight, bias, *shards)
     hidden, weight, bias = head_mod.autocast_inputs(hidden, weight, bias)
     device = head_mod.check_linear(hidden, weight, bias)
     if hidden.dim() != (2 if cu_seqlens is not None else 3) or \
             targets.shape != hidden.shape[:-1]:
         raise ValueError("hidden must be (B, T, H) with targets (B, T), or packed (N, H) with "
                          "targets (N,) and cu_seqlens")
+    targets, bad = head_mod.screen_fused_targets(targets, weight, shard, ignore_index,
+                                                 "linear_policy_loss")
     for name, t in (("old_logprobs", old_logprobs), ("mask", mask)):
         if t.shape != targets.shape:
             raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}")
@@ -456,12 +462,14 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
         logp, entropy, dh, dw, db = policy_fused.fused_policy(
             Side(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
                  None if bias is None else bias.detach()),
-            targets.reshape(-1), head, ignore_index, token_loss, name == "triton", need)
+            targets.reshape(-1), head, ignore_index, token_loss, name == "triton", need,
+            shard=shard)
         value, metrics = policy_loss(logp.view(lead), old_logprobs, advantages, mask,
                                      loss_type=kind, agg=agg, normalizer=normalizer,
                                      loss_scale_factor=scale_factor, seq_count=seq_count,
                                      entropy=entropy.view(lead),
                                      cu_seqlens=cu_seqlens, **per_token, **loss_kw)
+        value = _checks.poison(value, None if bad is None else bad.any())
     dh = None if dh is None else dh.view(hidden.shape)
     return GradientInForward.apply(value, dh, dw, db, hidden, weight, bias), metrics
 

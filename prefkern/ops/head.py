@@ -116,3 +116,11 @@ def head_stats(stats: Tensor, hit: Tensor, lead: torch.Size, target_shape, bad_r
 
     argmax = None if target_shape is None else hit.reshape(target_shape)
     return HeadStats(column(0), column(1), argmax)
+
+
+def screen_fused_targets(targets: Tensor, weight: Tensor, shard, ignore_index: int, op: str):
+    """Targets of a gradient-in-forward loss -> (targets, bad or None) as
+    :func:`prefkern._checks.screen_targets` gives them, against the full vocabulary (the
+    shard's when the head is vocab parallel)."""
+    vocab = weight.shape[0] if shard is None else shard.vocab
+    return _checks.screen_targets(targets, vocab, ignore_index, op)

@@ -22,10 +22,15 @@ from prefkern.ops.linear_sliced import SLICE_BYTES
 from prefkern.ops.row_chunk_grads import RowChunkGrads
 from prefkern.ops.torch_chunked import (
     _is_unit,
-    full_row_stats,
     grad_logits,
     head_transform_,
     rows_factor,
+)
+from prefkern.ops.vocab_parallel import (
+    VocabShard,
+    local_targets,
+    merge_chunk_stats,
+    sum_over_shards,
 )
 from prefkern.reference.logprobs import compute_dtype
 
@@ -35,16 +40,19 @@ FUSED_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
 
 
 def _row_chunks(n: int, v: int, device: torch.device, triton: bool):
+    """v: the full vocabulary (vocab-parallel ranks must agree on the chunks)."""
     step = max(1, SLICE_BYTES // (6 * v)) if triton else \
         max(1, FUSED_CHUNK_ELEMENTS.get(device.type, FUSED_CHUNK_ELEMENTS["cuda"]) // (3 * v))
     return [slice(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
 
 
-def _stats_torch(raw, head, rows, targets, valid):
+def _stats_torch(raw, head, rows, targets):
+    """-> unfinished (m, s, u, z[y] or 0 where y is not a column) and the gradient state."""
     factor = rows_factor(head.factor, rows)
     z, dcap = head_transform_(raw, factor, head.softcap, with_grad=True)
-    logp, entropy, lse, _ = full_row_stats(z, targets, valid)
-    return (logp, entropy, lse), (z, dcap, factor)
+    m, s, u = softmax_stats.row_stats(z)
+    hit, picked = softmax_stats.pick_target(z, targets)
+    return (m, s, u, torch.where(hit, picked, 0)), (z, dcap, factor)
 
 
 def _grad_torch(state, targets, valid, stats, g_logp, g_ent):
@@ -59,13 +67,13 @@ def _grad_torch(state, targets, valid, stats, g_logp, g_ent):
     return dz.masked_fill_(~valid[:, None], 0)
 
 
-def _stats_triton(raw, head, rows, targets, valid, ignore_index):
+def _stats_triton(raw, head, rows, targets, ignore_index):
     from prefkern._kernels import logits_slice
 
     factor = head.factor[rows] if isinstance(head.factor, Tensor) else head.factor
     stats = logits_slice.new_stats(raw.shape[0], raw.device)
     logits_slice.slice_stats_(raw, targets, 0, stats, factor, head.softcap, ignore_index)
-    return softmax_stats.finish(*stats, valid), factor
+    return stats, factor
 
 
 def _grad_triton(raw, dz, targets, stats, g_logp, g_ent, factor, head, ignore_index):
@@ -78,30 +86,38 @@ def _grad_triton(raw, dz, targets, stats, g_logp, g_ent, factor, head, ignore_in
 
 
 def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: int,
-                 token_loss, triton: bool, need: tuple[bool, bool, bool], row_chunks=None):
+                 token_loss, triton: bool, need: tuple[bool, bool, bool], row_chunks=None,
+                 shard: VocabShard | None = None):
     """policy: (hidden (N, H), weight, bias); targets (N,);
     ``token_loss(rows, logp, entropy) -> scalar``: the chunk's share of the loss, a
     differentiable function of its (r,) log-probs and entropies. ``row_chunks``: the chunks
     (slices or index tensors, together every row once) when the loss couples rows (whole
     sequences or pairs); default: contiguous rows sized for the logits budget.
+    ``shard``: policy.weight (and bias) are this rank's rows of a vocab-parallel head
+    (prefkern.ops.vocab_parallel): every chunk's row statistics are merged across the group
+    (one all-gather), d logits is local, dW and db stay local and dh is summed over the group.
     -> (logp (N,), entropy (N,), dh, dW, db) with the gradients of the whole loss (None where
     not needed)."""
     hidden, weight, bias = policy.hidden, policy.weight, policy.bias
     n, v = hidden.shape[0], weight.shape[0]
     cdt = torch.float32 if triton else compute_dtype(hidden.dtype)
     valid = targets != ignore_index
+    if shard is not None:
+        v = shard.vocab
+        targets = local_targets(targets, shard.start, weight.shape[0], ignore_index)
     logp_out = torch.zeros(n, dtype=cdt, device=hidden.device)
     entropy_out = torch.zeros_like(logp_out)
-    grads = RowChunkGrads(hidden, weight, bias, need)
+    grads = RowChunkGrads(hidden, weight, bias, need, fp32_dh=shard is not None)
     every = slice(None)
     for rows in row_chunks if row_chunks is not None else _row_chunks(n, v, hidden.device,
                                                                        triton):
         raw = mixed_logits([policy], rows, every, cdt)
         y, ok = targets[rows], valid[rows]
         if triton:
-            stats, factor = _stats_triton(raw, head, rows, y, ok, ignore_index)
+            raw_stats, factor = _stats_triton(raw, head, rows, y, ignore_index)
         else:
-            stats, state = _stats_torch(raw, head, rows, y, ok)
+            raw_stats, state = _stats_torch(raw, head, rows, y)
+        stats = softmax_stats.finish(*merge_chunk_stats(*raw_stats, shard), ok)
         logp, entropy = stats[0], stats[1]
         with torch.enable_grad():
             lp = logp.detach().requires_grad_(True)
@@ -117,4 +133,7 @@ def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: in
             dz = _grad_torch(state, y, ok, stats, g_logp, g_ent)
         logp_out[rows], entropy_out[rows] = logp, entropy
         grads.add(rows, dz)
-    return (logp_out, entropy_out, *grads.result())
+    dh, dw, db = grads.result()
+    if shard is not None and dh is not None:  # the hidden states are every rank's
+        dh = sum_over_shards(dh, shard).to(hidden.dtype)
+    return logp_out, entropy_out, dh, dw, db

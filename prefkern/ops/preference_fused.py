@@ -47,9 +47,10 @@ def pair_chunks(b: int, t: int, vocab: int, budget_bytes: int, device) -> list[T
 
 def fused_dpo(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: int,
               ref_chosen: Tensor | None, ref_rejected: Tensor | None, chunks, triton: bool,
-              need, ld_alpha: float | None, loss_kw: dict):
+              need, ld_alpha: float | None, loss_kw: dict, shard=None):
     """-> (token log-probs (2B * T,), dh, dW, db) of ``preference_loss`` (reduction mean)
-    on TRL's padded concatenated batch, ``chunks`` from :func:`pair_chunks`."""
+    on TRL's padded concatenated batch, ``chunks`` from :func:`pair_chunks`; ``shard``: a
+    vocab-parallel head (prefkern.ops.policy_fused.fused_policy)."""
     b2, t = targets.shape
     b = b2 // 2
     flat = targets.reshape(-1)
@@ -71,5 +72,5 @@ def fused_dpo(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: int,
 
     logp, _, dh, dw, db = policy_fused.fused_policy(policy, flat, head, ignore_index,
                                                     token_loss, triton, need,
-                                                    row_chunks=chunks)
+                                                    row_chunks=chunks, shard=shard)
     return logp, dh, dw, db

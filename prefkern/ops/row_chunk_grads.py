@@ -15,10 +15,14 @@ class RowChunkGrads:
     """dh, dW, db of ``hidden @ weight.T + bias`` from d-logit chunks over rows."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                 need: tuple[bool, bool, bool]):
+                 need: tuple[bool, bool, bool], fp32_dh: bool = False):
+        """``fp32_dh``: keep dh in the compute dtype (partial sums still to be reduced)."""
         self.hidden, self.weight, self.bias = hidden, weight, bias
         acc = compute_dtype(weight.dtype)
-        self.dh = torch.empty_like(hidden) if need[0] else None
+        self.dh = None
+        if need[0]:
+            self.dh = torch.empty(hidden.shape, dtype=compute_dtype(hidden.dtype),
+                                  device=hidden.device) if fp32_dh else torch.empty_like(hidden)
         self.dw32 = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if need[1] else None
         self.db32 = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) \
@@ -29,7 +33,7 @@ class RowChunkGrads:
         input dtype)."""
         dz_in = dz if dz.dtype == self.hidden.dtype else dz.to(self.hidden.dtype)
         if self.dh is not None:
-            self.dh[rows] = gemm.fp32_mm(dz_in, self.weight).to(self.hidden.dtype)
+            self.dh[rows] = gemm.fp32_mm(dz_in, self.weight).to(self.dh.dtype)
         if self.dw32 is not None:
             gemm.accumulate_mm(self.dw32, dz_in.T, self.hidden[rows])
         if self.db32 is not None:

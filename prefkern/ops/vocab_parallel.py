@@ -119,6 +119,31 @@ class VocabParallelLogprobs(torch.autograd.Function):
         return (dh, dw, db, *(None,) * 12)
 
 
+class VocabShard(NamedTuple):
+    """Where this rank's head rows sit: the group, its first row and the full vocabulary."""
+
+    group: object
+    start: int
+    vocab: int
+
+
+def merge_chunk_stats(m, s, u, z_target, shard: VocabShard | None):
+    """(m, s, u, z[y]) of one chunk of rows over this rank's columns -> those of the full
+    vocabulary (unchanged without a shard). Every rank must call it for the same rows."""
+    if shard is None:
+        return m, s, u, z_target
+    merged = merge_ranks(softmax_stats.RawStats(m, s, u, z_target, None), shard.start,
+                         shard.group)
+    return merged.m, merged.s, merged.u, merged.z_target
+
+
+def sum_over_shards(t: Tensor, shard: VocabShard | None) -> Tensor:
+    """All-reduce (sum) ``t`` in place over the shard's group; a no-op without a shard."""
+    if shard is not None:
+        dist.all_reduce(t, group=shard.group)
+    return t
+
+
 class HeadShards(NamedTuple):
     """The LM head as linear_logprobs consumes it: plain tensors, and the vocab-parallel layout
     (process group, first row, full vocabulary) when the weight is sharded by rows."""
@@ -161,3 +186,13 @@ def unwrap_dtensor_head(weight, bias, group, vocab_start, vocab_size) -> HeadSha
             bias.full_tensor()[offset[0]:offset[0] + weight.to_local().shape[0]]
     return HeadShards(weight.to_local(), local_bias, mesh.get_group(), int(offset[0]),
                       int(weight.shape[0]))
+
+
+def resolve_head(weight, bias, group, vocab_start, vocab_size):
+    """-> (weight, bias, VocabShard or None) as the fused losses consume the head: a DTensor
+    unwrapped as :func:`unwrap_dtensor_head` does, the layout from :func:`shard_layout`."""
+    head = unwrap_dtensor_head(weight, bias, group, vocab_start, vocab_size)
+    if head.group is None:
+        return head.weight, head.bias, None
+    start, vocab = shard_layout(head.weight, head.group, head.vocab_start, head.vocab_size)
+    return head.weight, head.bias, VocabShard(head.group, start, vocab)

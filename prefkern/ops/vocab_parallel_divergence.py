@@ -23,7 +23,7 @@ from prefkern.ops.vocab_parallel import _all_gather, local_targets
 from prefkern.reference.logprobs import compute_dtype
 
 
-def _global_log_softmax(z, group):
+def global_log_softmax(z, group):
     """z (r, V_r) -> (log p of the shard in z's storage, m, log s) with the full row's m, s."""
     m_local = z.amax(-1)
     s_local = (z - m_local[:, None]).exp_().sum(-1)
@@ -33,6 +33,21 @@ def _global_log_softmax(z, group):
         m, s, _ = merge(m, s, None, gathered[k, 0], gathered[k, 1], None)
     log_s = s.log()
     return z.sub_(m[:, None]).sub_(log_s[:, None]), m, log_s
+
+
+def chunk_statistics(z_p, z_q, y, valid, div, need_q: bool, group) -> list:
+    """One chunk of rows on every rank: z_p, z_q (r, V_r) this rank's logits (consumed), y (r,)
+    local targets, valid (r,) -> [D, logp, m_p, log_s_p, m_q, log_s_q, c_p, c_q] (r,) of the
+    full vocabulary, 0 where not valid (c_q 0 unless need_q)."""
+    a, m_p, log_s_p = global_log_softmax(z_p, group)
+    b, m_q, log_s_q = global_log_softmax(z_q, group)
+    d, c_p, c_q = divergence_math.row_values(a, b, div, need_q)
+    owned = valid & (y >= 0) & (y < a.shape[1])
+    logp = torch.where(owned, a.gather(1, torch.where(owned, y, 0).long()[:, None])[:, 0], 0)
+    sums = torch.stack([d, logp, c_p, torch.zeros_like(d) if c_q is None else c_q])
+    dist.all_reduce(sums, group=group)
+    parts = (sums[0], sums[1], m_p, log_s_p, m_q, log_s_q, sums[2], sums[3])
+    return [torch.where(valid, part, 0) for part in parts]
 
 
 def forward(policy, refs, local, head_p, head_q, div, ignore_index, need_q, group, vocab):
@@ -46,19 +61,9 @@ def forward(policy, refs, local, head_p, head_q, div, ignore_index, need_q, grou
     for rows in passes._row_chunks(n, vocab, device):  # vocab: the same chunks on every rank
         z_p = passes._logits([policy], head_p, rows, every, cdt)[0]
         z_q = passes._logits(refs, head_q, rows, every, cdt)[0]
-        a, m_p, log_s_p = _global_log_softmax(z_p, group)
-        b, m_q, log_s_q = _global_log_softmax(z_q, group)
-        d, c_p, c_q = divergence_math.row_values(a, b, div, need_q)
-        y = local[rows]
-        owned = valid[rows] & (y >= 0) & (y < a.shape[1])
-        logp = torch.where(owned, a.gather(1, torch.where(owned, y, 0).long()[:, None])[:, 0], 0)
-        sums = torch.stack([d, logp, c_p, torch.zeros_like(d) if c_q is None else c_q])
-        dist.all_reduce(sums, group=group)
-        keep = valid[rows]
-        for k, part in zip((0, 1, 2, 3, 4, 5, 6, 7),
-                           (sums[0], sums[1], m_p, log_s_p, m_q, log_s_q, sums[2], sums[3]),
-                           strict=True):
-            out[k][rows] = torch.where(keep, part, 0)
+        parts = chunk_statistics(z_p, z_q, local[rows], valid[rows], div, need_q, group)
+        for k, part in enumerate(parts):
+            out[k][rows] = part
     return out
 
 

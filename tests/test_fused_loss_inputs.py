@@ -1,0 +1,49 @@
+"""Bad target ids on the gradient-in-forward losses: a clear error before any GEMM on CPU
+(PREFKERN_CHECKS=auto/sync), a NaN loss without a host read where checks are lazy (what CUDA
+tensors get); never a silent finite loss (an id past the vocabulary used to score as -lse)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefkern import _checks
+from prefkern.losses import linear_distill_loss, linear_policy_loss, linear_preference_loss
+
+
+def _problem(bad_id: int):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5), generator=gen)
+    targets[0, 1] = bad_id
+    return hidden, weight, targets
+
+
+LOSSES = {
+    "policy": lambda h, w, t: linear_policy_loss(h, w, t, -torch.ones(2, 5), torch.ones(2),
+                                                 backend="torch"),
+    "preference": lambda h, w, t: linear_preference_loss(
+        h, w, t, ref_logps=(torch.zeros(1), torch.zeros(1)), backend="torch"),
+    "distill": lambda h, w, t: linear_distill_loss(h, w, h.detach() * 0.5, w.detach(), t,
+                                                   backend="torch"),
+}
+
+
+@pytest.mark.parametrize("bad_id", [11, -3])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_bad_target_raises_on_cpu(name, bad_id):
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 11\)"):
+        LOSSES[name](*_problem(bad_id))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_bad_target_poisons_the_loss_when_checks_are_lazy(name, monkeypatch):
+    monkeypatch.setenv(_checks.CHECKS_ENV, "lazy")
+    loss, _ = LOSSES[name](*_problem(11))
+    assert torch.isnan(loss), f"{name}: {loss}"
+    with pytest.raises(ValueError, match="bad input"):  # the record, read later
+        _checks.raise_on_bad_input()
+    good, _ = LOSSES[name](*_problem(4))
+    assert torch.isfinite(good)
+    _checks.raise_on_bad_input()  # cleared
