@@ -58,6 +58,13 @@ def linear_logprobs_case(rank: int, world: int, store_path: str, case: dict) -> 
         dtype = case.get("dtype", torch.float32)
         start, stop = shard_bounds(case["v"], world, rank)
         targets = None if case.get("no_targets") else targets
+        if case.get("k"):  # K ids per row (a teacher's top-k), some ignored, repeats allowed
+            gen = torch.Generator().manual_seed(11)
+            targets = torch.randint(0, case["v"], (case["n"], case["k"]), generator=gen)
+            targets[:, 1] = targets[:, 0]
+            targets[torch.rand(targets.shape, generator=gen) < 0.2] = -100
+            targets[0] = -100  # a row with no valid id
+            up[0] = torch.randn(targets.shape, generator=gen)
         opts = dict(temperature=temperature, softcap=case.get("softcap"), return_entropy=True,
                     return_lse=True, return_stats=case.get("stats", False),
                     backend=case["backend"], mode=case.get("mode", "auto"))

@@ -22,7 +22,10 @@ def _spawn(fn, world: int, case: dict, tmp_path) -> None:
     dict(backend="torch", dtype=torch.bfloat16, bias=True),
     dict(backend="triton", mode="fast", bias=True, softcap=6.0, stats=True),
     dict(backend="triton", mode="min_memory", row_temp=True),
-], ids=["torch-all", "torch-no-targets", "torch-bf16", "triton-fast", "triton-minmem"])
+    dict(backend="torch", k=4, bias=True, softcap=6.0, stats=True),
+    dict(backend="triton", mode="fast", k=3, row_temp=True),
+], ids=["torch-all", "torch-no-targets", "torch-bf16", "triton-fast", "triton-minmem",
+        "torch-k-targets", "triton-k-targets"])
 def test_linear_logprobs_sharded_equals_single_device(world, case, tmp_path):
     _spawn(workers.linear_logprobs_case, world, dict(n=17, h=24, v=101, **case), tmp_path)
 

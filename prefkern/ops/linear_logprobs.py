@@ -275,8 +275,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             same on every rank, and every rank gets the full-vocabulary results; one
             all-gather of a few floats per token forward, one all-reduce of dhidden backward
             (every rank must ask for the same gradients). ``vocab_start`` / ``vocab_size``
-            (the full V): all-gathered and read on the host when not given. (..., K) targets
-            are not supported with it. A DTensor weight is gathered (``full_tensor()``:
+            (the full V): all-gathered and read on the host when not given. (..., K)
+            targets: each rank picks the ids its shard owns (one all-reduce of (N, K)). A
+            DTensor weight is gathered (``full_tensor()``:
             FSDP2's row shards live on data-parallel ranks whose tokens differ); with a
             process_group given, one sharded by rows (Shard(0)) on a 1-d mesh is used as
             vocab-parallel shards of the mesh's group. See prefkern.ops.vocab_parallel.
@@ -310,8 +311,6 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if process_group is not None:
         start, vocab = vocab_parallel.shard_layout(weight, process_group, vocab_start,
                                                    vocab_size)
-        if targets is not None and targets.shape != lead:
-            raise ValueError("(..., K) targets are not supported with process_group")
     flat, out_shape, bad, bad_rows, op_ignore = multi_target.prepare(
         targets, lead, vocab, ignore_index, "linear_logprobs", device)
     fp64 = hidden.dtype == torch.float64

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from prefkern.ops import softmax_stats
+from prefkern.ops import multi_target, softmax_stats
 
 _SENTINEL = 1 << 62
 
@@ -82,23 +82,36 @@ class VocabParallelLogprobs(torch.autograd.Function):
         from prefkern.ops.linear_logprobs import STATS_COLUMNS, _impl, raw_forward
 
         factor = inv_temp if row_inv_temp is None else row_inv_temp
-        local = local_targets(targets, start, weight.shape[0], ignore_index)
+        multi = targets.dim() == 2
+        row_targets = multi_target.representative(targets, ignore_index) if multi else targets
+        local = local_targets(row_targets, start, weight.shape[0], ignore_index)
         raw = raw_forward(backend, mode)(hidden, weight, bias, local, factor, softcap,
                                          ignore_index, True, with_stats)
         merged = merge_ranks(raw, start, group)
-        logp, entropy, lse, stats = softmax_stats.finish_raw(merged, targets != ignore_index,
-                                                             vocab)
+        logp, entropy, lse, stats = softmax_stats.finish_raw(merged,
+                                                             row_targets != ignore_index, vocab)
+        local_ids = hidden.new_empty((0, 0), dtype=torch.int64)
+        if multi:  # z at the K ids from the shards that own them, summed over the group
+            local_ids = local_targets(targets, start, weight.shape[0], ignore_index)
+            ids, owned = _owned_ids(local_ids, weight.shape[0], targets != ignore_index)
+            picked = multi_target.linear_picked_logits(hidden, weight, bias, ids, factor,
+                                                       softcap)
+            picked = torch.where(owned, picked, 0)
+            dist.all_reduce(picked, group=group)
+            logp = torch.where(targets != ignore_index, picked - lse.unsqueeze(-1), 0)
         if stats is None:
             stats = lse.new_empty((0, STATS_COLUMNS))
-        ctx.save_for_backward(hidden, weight, bias, local, row_inv_temp, lse, entropy, stats)
-        ctx.options = (group, vocab, factor, softcap, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, local, local_ids, targets, row_inv_temp,
+                              lse, entropy, stats)
+        ctx.options = (group, vocab, factor, softcap, ignore_index, deterministic)
         ctx.backward_fn = _impl(backend, mode, deterministic)[1]
         return logp, entropy, lse, stats
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_lse, g_stats):
-        hidden, weight, bias, local, row_inv_temp, lse, entropy, stats = ctx.saved_tensors
-        group, vocab, factor, softcap, ignore_index = ctx.options
+        (hidden, weight, bias, local, local_ids, targets, row_inv_temp, lse, entropy,
+         stats) = ctx.saved_tensors
+        group, vocab, factor, softcap, ignore_index, deterministic = ctx.options
         factor = factor if row_inv_temp is None else row_inv_temp
         need = list(ctx.needs_input_grad[:3])
         need[2] = need[2] and bias is not None
@@ -109,14 +122,30 @@ class VocabParallelLogprobs(torch.autograd.Function):
             g_lse, g_extra = softmax_stats.extra_gradients(stats, g_stats, g_lse, vocab)
         if not any(need) or all(g is None for g in (g_logp, g_ent, g_lse, g_extra)):
             return (None,) * 15
+        multi = targets.dim() == 2
+        g_picked = None
+        if multi and g_logp is not None:  # the softmax part goes through the lse gradient
+            g_lse = multi_target.lse_gradient(g_lse, g_logp, targets != ignore_index)
+            g_picked, g_logp = g_logp, None
         dh, dw, db = ctx.backward_fn(hidden, weight, bias, local, lse, entropy, g_logp, g_ent,
                                      g_lse, factor, softcap, ignore_index, need_dh=need[0],
                                      need_dw=need[1], need_db=need[2], g_extra=g_extra,
                                      fp32_dh=True)
+        if g_picked is not None:  # the target columns this shard owns
+            ids, owned = _owned_ids(local_ids, weight.shape[0], targets != ignore_index)
+            multi_target.linear_picked_grads_(dh, dw, db, hidden, weight, bias, ids, owned,
+                                              g_picked, factor, softcap, deterministic)
         if dh is not None:  # every rank holds the same hidden: its gradient sums the shards
             dist.all_reduce(dh, group=group)  # fp32 partial sums, one rounding at the end
             dh = dh.to(hidden.dtype)
         return (dh, dw, db, *(None,) * 12)
+
+
+def _owned_ids(local_ids: Tensor, local_vocab: int, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, K) shard-local ids (local_targets) -> (ids safe to gather, 0 elsewhere; whether
+    this shard owns each valid entry)."""
+    owned = valid & (local_ids >= 0) & (local_ids < local_vocab)
+    return torch.where(owned, local_ids, 0), owned
 
 
 class VocabShard(NamedTuple):
