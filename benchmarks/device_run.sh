@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): build the CUDA extension, run the GPU tests, run
 # the main job on the real shapes and the training-step profile, copy the results to $OUT. Peers come from ./.whl (made on the
-# machine with network: pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1). Usage, from the repo root:
+# machine with network: pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1 tabulate tqdm). Usage, from the repo root:
 #   bash benchmarks/device_run.sh [extra args for `python -m prefkern bench`]
 set -uo pipefail
 OUT="${OUT:-/tmp/prefkern_out}"

@@ -37,9 +37,11 @@ def bench(args) -> int:
     suites = all_suites()
     if args.list:
         for name, suite in suites.items():
-            print(f"{name:<24}{suite.description}")
+            note = " (a sweep: only when named with --suite)" if suite.sweep else ""
+            print(f"{name:<24}{suite.description}{note}")
         return 0
-    names = list(dict.fromkeys(args.suite)) if args.suite else list(suites)
+    names = list(dict.fromkeys(args.suite)) if args.suite else \
+        [name for name, suite in suites.items() if suite.sweep is None]
     unknown = [n for n in names if n not in suites]
     if unknown:
         print(f"unknown suite(s) {unknown}; known: {list(suites)}", file=sys.stderr)

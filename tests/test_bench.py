@@ -34,7 +34,8 @@ def test_bench_cli_tiny(tmp_path, capsys):
     data = json.loads(json_path.read_text())
     assert {"device", "torch", "triton", "git_commit", "date"} <= set(data["meta"])
     rows = data["rows"]
-    assert {r["op"] for r in rows} == set(all_suites())
+    assert {r["op"] for r in rows} == {name for name, suite in all_suites().items()
+                                       if suite.sweep is None}
     timed = [r for r in rows if r.get("ms_p50") is not None]
     assert timed and all(r["status"] == "ok" for r in timed), [
         (r["op"], r["provider"], r["status"]) for r in timed if r["status"] != "ok"]
@@ -75,6 +76,26 @@ def test_one_suite_and_list(tmp_path, capsys):
     (json_path,) = tmp_path.glob("*_logprobs_from_logits_tiny.json")
     assert {r["op"] for r in json.loads(json_path.read_text())["rows"]} == {
         "logprobs_from_logits"}
+
+
+def test_sweeps_run_only_when_named_and_are_plotted_against_the_swept_size(tmp_path, capsys):
+    assert main(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "sweep_tokens" in listed and "only when named" in listed
+    args = ["bench", "--suite", "sweep_tokens", "--suite", "sweep_vocab", "--shapes", "tiny",
+            "--quick", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (json_path,) = tmp_path.glob("*_sweep_tokens+sweep_vocab_tiny.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    eager = [r for r in rows if r["provider"] == "torch_eager"]
+    assert sorted((r["op"], r["sweep_axis"], r["N"], r["V"]) for r in eager) == [
+        ("sweep_tokens", "N", 16, 1000), ("sweep_tokens", "N", 32, 1000),
+        ("sweep_vocab", "V", 32, 500), ("sweep_vocab", "V", 32, 1000)]
+    mine = [r for r in rows if r["provider"] == "prefkern_torch"]
+    assert len(mine) == 4 and all(r["status"] == "ok" and r["peak_extra_GiB"] is not None
+                                  for r in mine)
+    pytest.importorskip("matplotlib")
+    assert list(tmp_path.glob("*_sweep.png")) and not list(tmp_path.glob("*_tiny.png"))
 
 
 def _problem(cases, mode="fwd"):

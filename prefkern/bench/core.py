@@ -63,16 +63,21 @@ class Problem:
     # ground truth of the check: an object with check(outputs, grads) -> [TensorCheck] and
     # release() (prefkern.bench.reference_check); None: compare with the baseline's result
     reference: object = None
+    # numbers copied into every row of the problem (a sweep's x axis: {"N": 4096, ...})
+    params: dict = field(default_factory=dict)
 
 
 @dataclass
 class Suite:
     """``problems(device, shapes)`` yields Problems; ``shapes`` is a preset name ("default",
-    "small", "tiny") that the suite interprets for the device (CPU: "default" means small)."""
+    "small", "tiny") that the suite interprets for the device (CPU: "default" means small).
+    ``sweep``: the row parameter a sweep suite varies (its results are plotted against it);
+    sweeps run only when named (``--suite``), not in the default run."""
 
     name: str
     problems: Callable[[torch.device, str], Iterable[Problem]]
     description: str = ""
+    sweep: str | None = None
 
 
 def _signature(case: Case, value) -> dict[str, torch.Tensor] | None:
@@ -123,7 +128,7 @@ def run_problem(suite: str, problem: Problem, device: torch.device, quick: bool 
     cases = sorted(problem.cases, key=lambda c: c.provider != problem.baseline)
     for case in cases:
         row = dict(op=suite, provider=case.provider, mode=problem.mode, shape=problem.shape,
-                   dtype=problem.dtype, approx=case.approx)
+                   dtype=problem.dtype, approx=case.approx, **problem.params)
         try:
             for t in case.grad_to_none:
                 t.grad = None
@@ -174,25 +179,56 @@ def _relative_columns(rows: list[dict], baseline: str) -> None:
             r["pct_of_copy"] = 100.0 * r["GBps"] / copy_bw
 
 
+class _NoBar:
+    """Stands in for tqdm where it is not installed (the bench extra brings it)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    write = staticmethod(print)
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def update(self, *args):
+        pass
+
+
+def _progress():
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(desc="bench", unit="problem", delay=2.0, disable=None, leave=False)
+
+
 def run_suites(suites: list[Suite], device: torch.device, shapes: str = "default",
                quick: bool = False, check: bool = True,
-               log=print) -> tuple[list[dict], list[dict]]:
-    """-> (result rows, input descriptions: one per distinct input, e.g. logit statistics)."""
+               log=None) -> tuple[list[dict], list[dict]]:
+    """-> (result rows, input descriptions: one per distinct input, e.g. logit statistics).
+    A progress bar (tqdm, on a terminal, once a run takes more than 2 s) counts the problems;
+    ``log`` (default: printed above the bar) gets one line per new input."""
     rows, infos = [], []
-    for suite in suites:
-        for problem in suite.problems(device, shapes):
-            info = dict(op=suite.name, **problem.info)
-            if problem.info and info not in infos:  # once per input, not per mode
-                infos.append(info)
-                facts = {k: v for k, v in problem.info.items() if k != "input"}
-                log(f"[{suite.name}] input {problem.info.get('input', '')}: " + ", ".join(
-                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in facts.items()))
-            log(f"[{suite.name}] {problem.mode} {problem.shape} {problem.dtype}: "
-                f"{', '.join(c.provider for c in problem.cases)}")
-            rows.extend(run_problem(suite.name, problem, device, quick, check))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    with _progress() as bar:
+        say = log or bar.write
+        for suite in suites:
+            for problem in suite.problems(device, shapes):
+                info = dict(op=suite.name, **problem.info)
+                if problem.info and info not in infos:  # once per input, not per mode
+                    infos.append(info)
+                    facts = {k: v for k, v in problem.info.items() if k != "input"}
+                    say(f"[{suite.name}] input {problem.info.get('input', '')}: " + ", ".join(
+                        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in facts.items()))
+                bar.set_postfix_str(f"{suite.name} {problem.mode} {problem.shape} "
+                                    f"({len(problem.cases)} providers)", refresh=False)
+                rows.extend(run_problem(suite.name, problem, device, quick, check))
+                bar.update()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows, infos
 
 

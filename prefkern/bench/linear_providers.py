@@ -91,12 +91,65 @@ def _peer_cce(hidden, weight, targets, exact: bool):
     return step
 
 
-def _peer_torch_linear_ce(hidden, weight, targets):
+def _peer_torch_linear_ce(hidden, weight, targets, chunked: bool):
+    """torch's F.linear_cross_entropy: the reference path (the full logits), or with
+    ``options=nn.LinearCrossEntropyOptions()`` its chunked path (torch >= 2.13)."""
     linear_ce = torch.nn.functional.linear_cross_entropy
+    kw = {"options": torch.nn.LinearCrossEntropyOptions()} if chunked else {}
 
     def step():
-        loss = linear_ce(hidden, weight, targets, reduction="none", ignore_index=IGNORE_INDEX)
+        loss = linear_ce(hidden, weight, targets, reduction="none", ignore_index=IGNORE_INDEX,
+                         **kw)
         return -loss, None
+
+    return step
+
+
+def _peer_verl(hidden, weight, targets):
+    """verl's fused kernel (verl.utils.kernel.linear_cross_entropy: log-probs and entropy from
+    hidden states, Triton, CUDA only). verl scores every token and masks in the loss: ignored
+    targets are scored as id 0 here and their outputs masked after."""
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    valid = targets != IGNORE_INDEX
+    labels = torch.where(valid, targets, 0)
+
+    def step():
+        logp, entropy = linear_cross_entropy(hidden, weight, labels, 1.0, "none")
+        return logp.masked_fill(~valid, 0.0), entropy.masked_fill(~valid, 0.0)
+
+    return step
+
+
+def _chunk_logprobs(hidden, weight, targets, with_entropy: bool):
+    """Eager's math on one chunk of rows (the body that torch.compile fuses)."""
+    log_p = (hidden @ weight.T).float().log_softmax(-1)
+    valid = targets != IGNORE_INDEX
+    logp = log_p.gather(-1, targets.clamp_min(0)[:, None])[:, 0].masked_fill(~valid, 0.0)
+    if not with_entropy:
+        return logp, None
+    return logp, (-(log_p.exp() * log_p).sum(-1)).masked_fill(~valid, 0.0)
+
+
+COMPILED_CHUNK_ROWS = 1024
+
+
+def _compiled_chunked(hidden, weight, targets, with_entropy: bool):
+    """What a user writes with torch.compile instead of a kernel library: a compiled chunk body
+    under activation checkpointing (the chunk's logits are recomputed in the backward instead
+    of kept), rows in chunks of COMPILED_CHUNK_ROWS."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.compiler.reset()  # a fresh compile for this input (no recompile limit across shapes)
+    body = torch.compile(_chunk_logprobs, dynamic=False, fullgraph=True)
+    step_rows = min(COMPILED_CHUNK_ROWS, hidden.shape[0])
+
+    def step():
+        parts = [checkpoint(body, hidden[r0:r0 + step_rows], weight,
+                            targets[r0:r0 + step_rows], with_entropy, use_reentrant=False)
+                 for r0 in range(0, hidden.shape[0], step_rows)]
+        logp = torch.cat([p[0] for p in parts])
+        return logp, (torch.cat([p[1] for p in parts]) if with_entropy else None)
 
     return step
 
@@ -120,8 +173,11 @@ def providers(hidden, weight, targets, mode: str, with_entropy: bool) -> tuple[d
     else:
         steps["prefkern_torch"] = _prefkern(hidden, weight, targets, with_entropy, "torch",
                                             "auto")
+    steps["torch_compile_chunked"] = _compiled_chunked(hidden, weight, targets, with_entropy)
+    add_peer(steps, skipped, "verl_linear_cross_entropy",
+             lambda: _peer_verl(hidden, weight, targets), device)
     if with_entropy:
-        skipped["peers"] = "Liger-Kernel and Cut Cross-Entropy return no entropy"
+        skipped["liger, cce, torch F.linear_cross_entropy"] = "return no entropy"
         return steps, skipped
     peers = {
         "liger_flce_none": lambda: _peer_liger(hidden, weight, targets),
@@ -130,7 +186,10 @@ def providers(hidden, weight, targets, mode: str, with_entropy: bool) -> tuple[d
     }
     if hasattr(torch.nn.functional, "linear_cross_entropy"):
         peers["torch_linear_cross_entropy"] = lambda: _peer_torch_linear_ce(
-            hidden, weight, targets)
+            hidden, weight, targets, chunked=False)
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        peers["torch_linear_cross_entropy_chunked"] = lambda: _peer_torch_linear_ce(
+            hidden, weight, targets, chunked=True)
     for name, make in peers.items():
         add_peer(steps, skipped, name, make, device, needs_cuda=not name.startswith("torch_"))
     return steps, skipped

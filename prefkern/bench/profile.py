@@ -255,18 +255,18 @@ def run_profile(preset: str = "tiny", device=None, dtype=torch.float32, workload
 
 
 def table(rows) -> str:
+    """The printed table (tabulate)."""
+    from tabulate import tabulate
+
     header = ["workload", "impl", "fwd ms", "loss ms", "bwd ms", "step ms", "fwd GiB",
               "loss GiB", "bwd GiB", "peak GiB", "loss"]
-    lines = [header]
-    for r in rows:
-        lines.append([r["workload"], r["impl"]] +
-                     [f"{r[k]:.1f}" for k in ("forward_ms", "loss_ms", "backward_ms", "step_ms")]
-                     + [f"{r.get(k, float('nan')):.3f}" for k in
-                        ("forward_peak_GiB", "loss_peak_GiB", "backward_peak_GiB", "peak_GiB")]
-                     + [f"{r['loss']:.4f}"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
-                     for line in lines)
+    lines = [[r["workload"], r["impl"]]
+             + [f"{r[k]:.1f}" for k in ("forward_ms", "loss_ms", "backward_ms", "step_ms")]
+             + [f"{r.get(k, float('nan')):.3f}" for k in
+                ("forward_peak_GiB", "loss_peak_GiB", "backward_peak_GiB", "peak_GiB")]
+             + [f"{r['loss']:.4f}"] for r in rows]
+    return tabulate(lines, headers=header, colalign=["left"] * 2 + ["right"] * 9,
+                    disable_numparse=True)
 
 
 def plot(rows, path) -> bool:

@@ -89,14 +89,22 @@ def write(rows: list[dict], infos: list[dict], meta: dict, out_dir: Path, stem: 
         for r in rows:
             writer.writerow({**r, **{k: meta.get(k) for k in META_COLUMNS}})
     paths = [json_path, csv_path]
-    png = _plot(rows, out_dir / f"{stem}.png", meta)
-    if png:
-        paths.append(png)
+    swept = [r for r in rows if r.get("sweep_axis")]
+    plain = [r for r in rows if not r.get("sweep_axis")]
+    for png in (_plot(plain, out_dir / f"{stem}.png", meta) if plain else None,
+                sweep_plot(swept, out_dir / f"{stem}_sweep.png", meta) if swept else None):
+        if png:
+            paths.append(png)
     return paths
 
 
-def _plot(rows: list[dict], path: Path, meta: dict) -> Path | None:
-    """One horizontal bar chart of median ms per (op, mode, shape), p20-p80 as error bars."""
+def _figure_label(meta: dict) -> str:
+    """Device, versions, commit and date: every figure says where its numbers come from."""
+    return (f"{meta['device']} - torch {meta['torch']}, triton {meta.get('triton')} - commit "
+            f"{(meta.get('git_commit') or 'unknown')[:12]} - {meta['date'][:10]}")
+
+
+def _pyplot():
     try:
         import matplotlib
 
@@ -104,6 +112,56 @@ def _plot(rows: list[dict], path: Path, meta: dict) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("(matplotlib not installed: no PNG plot; pip install matplotlib)")
+        return None
+    return plt
+
+
+def sweep_plot(rows: list[dict], path: Path, meta: dict) -> Path | None:
+    """Sweep rows (with ``sweep_axis``): one row of panels per (op, fixed sizes), median ms
+    (p20-p80 band) and peak extra GiB against the swept size, one line per provider, log-log.
+    A MISMATCH point is drawn as a red cross."""
+    plt = _pyplot()
+    timed = [r for r in rows if r.get("ms_p50")]
+    if plt is None or not timed:
+        return None
+    ops = list(dict.fromkeys((r["op"], r["sweep_axis"], r["dtype"]) for r in timed))
+    fig, axes = plt.subplots(len(ops), 2, figsize=(11, 3.8 * len(ops)), squeeze=False)
+    for (op, axis, dtype), (ax_ms, ax_mem) in zip(ops, axes, strict=True):
+        sel = [r for r in timed if (r["op"], r["sweep_axis"], r["dtype"]) == (op, axis, dtype)]
+        fixed = ", ".join(f"{k}={sel[0][k]}" for k in ("N", "H", "V") if k != axis and k in sel[0])
+        for provider in dict.fromkeys(r["provider"] for r in sel):
+            pts = sorted((r for r in sel if r["provider"] == provider), key=lambda r: r[axis])
+            xs = [r[axis] for r in pts]
+            line, = ax_ms.plot(xs, [r["ms_p50"] for r in pts], marker="o", label=provider)
+            ax_ms.fill_between(xs, [r["ms_p20"] for r in pts], [r["ms_p80"] for r in pts],
+                               color=line.get_color(), alpha=0.15)
+            mem = [(r[axis], r["peak_extra_GiB"]) for r in pts if r.get("peak_extra_GiB")]
+            if mem:
+                ax_mem.plot(*zip(*mem, strict=True), marker="o", color=line.get_color(),
+                            label=provider)
+            bad = [r for r in pts if r.get("status") == "MISMATCH"]
+            if bad:
+                ax_ms.plot([r[axis] for r in bad], [r["ms_p50"] for r in bad], "x",
+                           color="tab:red", markersize=10)
+        for ax, label in ((ax_ms, "ms (median, p20-p80)"), (ax_mem, "peak extra GiB")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(axis)
+            ax.set_ylabel(label)
+            ax.set_title(f"{op} {dtype} ({fixed})", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_ms.legend(fontsize=7)
+    fig.suptitle(_figure_label(meta), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot(rows: list[dict], path: Path, meta: dict) -> Path | None:
+    """One horizontal bar chart of median ms per (op, mode, shape), p20-p80 as error bars."""
+    plt = _pyplot()
+    if plt is None:
         return None
     timed = [r for r in rows if r.get("ms_p50")]
     groups = list(dict.fromkeys((r["op"], r["mode"], r["shape"], r["dtype"]) for r in timed))
@@ -126,7 +184,7 @@ def _plot(rows: list[dict], path: Path, meta: dict) -> Path | None:
         ax.set_xlabel("ms (median, p20-p80)")
         ax.set_title(" ".join(group), fontsize=9)
         ax.tick_params(labelsize=8)
-    fig.suptitle(f"{meta['device']} - torch {meta['torch']} - {meta['date'][:10]}", fontsize=9)
+    fig.suptitle(_figure_label(meta), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / sum(heights)))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -143,7 +201,9 @@ def _num(value, digits: int = 3) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Plain-text table: one line per row, columns sized to their content."""
+    """The printed table (tabulate): one line per row, numbers right-aligned."""
+    from tabulate import tabulate
+
     header = ["op", "mode", "shape", "dtype", "provider", "ms p50", "p20-p80", "GB/s", "TFLOP/s",
               "% copy", "peak GiB", "ms/base", "err/bound", "status"]
     lines = []
@@ -157,14 +217,5 @@ def table(rows: list[dict]) -> str:
                       "n/a" if "ms_p50" in r and peak is None else _num(peak),
                       _num(r.get("ratio_to_baseline")), _num(r.get("err_over_bound")),
                       str(r.get("status", "")) + (" (approx)" if r.get("approx") else "")])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-              for i, h in enumerate(header)]
-    numeric = set(range(5, 13))
-
-    def fmt(cells):
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    out = [fmt(header), "-" * len(fmt(header))]
-    out += [fmt(line) for line in lines]
-    return "\n".join(out)
+    align = ["left"] * 5 + ["right"] * 8 + ["left"]
+    return tabulate(lines, headers=header, colalign=align, disable_numparse=True)
