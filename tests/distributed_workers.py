@@ -340,3 +340,93 @@ def fsdp_style_head_case(rank: int, world: int, store_path: str, case: dict) -> 
         dist.destroy_process_group()
         raise
     _finish()
+
+
+def deepspeed_zero3_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """A tiny model under DeepSpeed ZeRO-3 (every parameter partitioned between calls), the same
+    data on every rank: log-probs through head_logprobs, and a gradient-in-forward policy loss
+    through head_call, equal a plain copy of the model (values, the head's and the body's
+    gradients, gathered with safe_get_full_grad); the raw partitioned weight, and a weight
+    gathered for the forward only, are clear errors."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from prefkern import linear_logprobs
+    from prefkern.integrations.transformers import head_call, head_logprobs
+    from prefkern.losses import linear_policy_loss
+
+    _init(rank, world, store_path)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")  # takes the group made above
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        n, v = 6, 37
+        x = torch.randn(n, 8, generator=gen)
+        y = torch.randint(0, v, (n,), generator=gen)
+        y[1] = -100
+        up = torch.randn(n, generator=gen)
+        old, adv = -torch.rand(1, n, generator=gen), torch.randn(1, generator=gen)
+
+        fused_nodes = []
+
+        def policy(w, b, h):
+            out = linear_policy_loss(h[None], w, y[None], old, adv, bias=b, loss_type="grpo",
+                                     backend="torch")
+            fused_nodes.append(type(out[0].grad_fn).__name__)
+            return out
+
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = torch.nn.Linear(8, 16)
+                self.lm_head = torch.nn.Linear(16, v, bias=case.get("bias", False))
+
+            def forward(self, inputs):
+                hidden = self.body(inputs)
+                if case["what"] == "logprobs":
+                    return (head_logprobs(self.lm_head, hidden, y, backend="torch") * up).sum()
+                return head_call(self.lm_head, policy, hidden)[0]
+
+        model, plain = Tiny(), Tiny()
+        plain.load_state_dict(model.state_dict())
+        config = {"train_micro_batch_size_per_gpu": 1,
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+                  "zero_allow_untested_optimizer": True}
+        engine, *_ = deepspeed.initialize(model=model, config=config,
+                                          model_parameters=model.parameters())
+        head = engine.module.lm_head
+        assert head.weight.numel() == 0, "ZeRO-3 did not partition the head"
+        loss = engine(x)
+        if case["what"] == "policy":  # the gradient-in-forward path (DeepSpeed wraps it)
+            assert fused_nodes[0].startswith("GradientInForward"), fused_nodes
+        engine.backward(loss)
+        want = plain(x)
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+        for name in ("lm_head.weight", "body.weight", "body.bias") + \
+                (("lm_head.bias",) if case.get("bias") else ()):
+            got = safe_get_full_grad(engine.module.get_parameter(name))
+            torch.testing.assert_close(got, plain.get_parameter(name).grad, rtol=1e-5,
+                                       atol=1e-6, msg=name)
+        try:  # the partition itself, outside the module's call
+            linear_logprobs(engine.module.body(x), head.weight, y)
+        except ValueError as err:
+            assert "ZeRO-3" in str(err), err
+        else:
+            raise AssertionError("an empty ZeRO-3 partition was accepted")
+        hidden = engine.module.body(x).detach().requires_grad_(True)
+        with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
+            out = linear_logprobs(hidden, head.weight, y, backend="torch")
+        try:  # gathered for the forward only: the backward finds the partition
+            out.sum().backward()
+        except ValueError as err:
+            assert "ZeRO-3" in str(err), err
+        else:
+            raise AssertionError("a released ZeRO-3 weight reached the backward")
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()

@@ -77,36 +77,49 @@ def _full(t: Tensor | None) -> Tensor | None:
 def _check_not_empty(weight: Tensor) -> None:
     if weight.numel() == 0:
         hint = " (a DeepSpeed ZeRO-3 shard)" if hasattr(weight, "ds_id") else ""
-        raise ValueError(f"the LM head weight is empty{hint}: gather it around the call, e.g. "
-                         "`with deepspeed.zero.GatheredParameters(lm_head.weight, "
-                         "modifier_rank=None):`, or run the head inside the module's forward")
+        raise ValueError(f"the LM head weight is empty{hint} inside the head module's call: "
+                         "no hook gathered it (a ZeRO-3 model used outside its DeepSpeed "
+                         "engine, or a shard of another parallel scheme)")
 
 
-def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor | None, *,
-                  fp32: bool = False, **options):
-    """``linear_logprobs(hidden, head.weight, targets, head.bias, **options)`` computed inside
-    ``head(...)``'s call, so that its forward hooks (FSDP2 unshard, DeepSpeed gather) and the
-    backward hooks on its outputs run as for ``head(hidden)``. ``fp32``: the head's inputs are
-    cast to fp32 first (gradients flow back through the casts)."""
-    def forward(self, h):
+def head_call(head: torch.nn.Module, fn, *tensors: Tensor, fp32: bool = False):
+    """``fn(weight, bias, *tensors)`` run inside ``head(*tensors)``'s call, with the head's own
+    weight and bias (a DTensor gathered once, an empty ZeRO-3 shard refused), so that the
+    module's hooks see a normal forward and backward: FSDP2 unshards the weight, DeepSpeed
+    ZeRO-3 gathers it for the forward and again before the backward reaches the head (its
+    hooks on the outputs), which is what a gradient-in-forward loss needs to hand dW to a
+    partitioned parameter. ``fn`` may return tensors or a (loss, metrics) pair. ``fp32``: the
+    tensors, weight and bias are cast to fp32 first (gradients flow back through the casts).
+    E.g. ``head_call(model.lm_head, lambda w, b, h: linear_policy_loss(h, w, ..., bias=b),
+    hidden)``."""
+    def forward(self, *args):
         weight = _full(self.weight)
         _check_not_empty(weight)
         bias = _full(getattr(self, "bias", None))
         if fp32:
-            h, weight = h.float(), weight.float()
+            args = tuple(a.float() for a in args)
+            weight = weight.float()
             bias = None if bias is None else bias.float()
-        return linear_logprobs(h, weight, targets, bias, **options)
+        return fn(weight, bias, *args)
 
     had_own = "forward" in vars(head)
     previous = vars(head).get("forward")
     head.forward = types.MethodType(forward, head)
     try:
-        return head(hidden)
+        return head(*tensors)
     finally:
         if had_own:
             head.forward = previous
         else:
             del head.forward
+
+
+def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor | None, *,
+                  fp32: bool = False, **options):
+    """``linear_logprobs(hidden, head.weight, targets, head.bias, **options)`` computed inside
+    ``head(...)``'s call (:func:`head_call`)."""
+    return head_call(head, lambda w, b, h: linear_logprobs(h, w, targets, b, **options),
+                     hidden, fp32=fp32)
 
 
 class PrefkernHead(torch.nn.Module):

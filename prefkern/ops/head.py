@@ -71,6 +71,16 @@ def fold(temperature, logit_scale: float | None, softcap: float | None,
     return Head(scale / float(temperature), cap, None)
 
 
+def check_not_released(weight: Tensor, name: str = "weight") -> None:
+    """An empty DeepSpeed ZeRO-3 parameter (partitioned between its module's calls) gets a
+    message that says what to do."""
+    if weight.numel() == 0 and hasattr(weight, "ds_id"):
+        raise ValueError(f"{name} is an empty DeepSpeed ZeRO-3 partition: run the op inside the "
+                         "head module's call (prefkern.integrations.transformers.head_call / "
+                         "head_logprobs / from_linear), whose hooks gather it for the forward "
+                         "and again for the backward")
+
+
 def check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None,
                  names=("hidden", "weight", "bias")) -> torch.device:
     """hidden (..., H), weight (V, H), bias (V,) or None, one float dtype, one device."""
@@ -79,6 +89,7 @@ def check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     _checks.check_float(w_name, weight)
     if hidden.dim() < 1:
         raise ValueError(f"{h_name} must be (..., H)")
+    check_not_released(weight, w_name)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"{w_name} must be (V, H) with H = {h_name}.shape[-1] = "
                          f"{hidden.shape[-1]} and V > 0, got {tuple(weight.shape)}")

@@ -190,6 +190,7 @@ def _backward(ctx, g_logp, g_ent, g_lse, g_stats, _g_hit):
         g_stats = None
     if not any(need) or all(g is None for g in (g_logp, g_ent, g_lse, g_stats)):
         return (None, None, None, *no_grads)
+    head_mod.check_not_released(weight)  # gathered for the forward only (ZeRO-3)
     g_logp, g_ent, g_lse, g_stats = (None if g is None else g.to(lse.dtype).contiguous()
                                      for g in (g_logp, g_ent, g_lse, g_stats))
     g_extra = None
