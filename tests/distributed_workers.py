@@ -430,3 +430,42 @@ def deepspeed_zero3_case(rank: int, world: int, store_path: str, case: dict) -> 
         dist.destroy_process_group()
         raise
     _finish()
+
+
+def verl_linear_cross_entropy_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """verl's vocab-parallel layout (equal shards, rank r rows [r V_r, (r + 1) V_r)) through
+    prefkern.integrations.verl.linear_cross_entropy equals one device."""
+    from prefkern.integrations.verl import linear_cross_entropy
+
+    _init(rank, world, store_path)
+    try:
+        gen = torch.Generator().manual_seed(2)
+        local, n, h = 13, 9, 16
+        hidden = torch.randn(n, h, generator=gen)
+        weight = torch.randn(world * local, h, generator=gen) * 0.7
+        labels = torch.randint(0, world * local, (n,), generator=gen)
+        g_logp, g_ent = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+
+        def run(w, group, dtype=torch.float32):
+            hs = hidden.to(dtype, copy=True).requires_grad_(True)
+            ws = w.to(dtype, copy=True).requires_grad_(True)
+            logp, entropy = linear_cross_entropy(hs, ws, labels, 0.8, "none", group)
+            ((logp * g_logp.to(dtype)).sum() + (entropy * g_ent.to(dtype)).sum()).backward()
+            return logp, entropy, hs.grad, ws.grad
+
+        from prefkern.testing import assert_rule
+
+        rows = slice(rank * local, (rank + 1) * local)
+        sharded = run(weight[rows], dist.group.WORLD)
+        single = run(weight, None)
+        exact = run(weight, None, torch.float64)
+        for k, (name, red) in enumerate((("logp", world * local), ("entropy", world * local),
+                                          ("dhidden", world * local), ("dweight", n))):
+            pick = (lambda t: t[rows]) if name == "dweight" else (lambda t: t)
+            assert_rule(sharded[k], pick(exact[k]), pick(single[k]), f"rank {rank}: {name}",
+                        reduction=red)
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()

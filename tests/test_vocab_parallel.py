@@ -79,3 +79,8 @@ def test_linear_divergence_sharded_equals_single_device(world, case, tmp_path):
 ], ids=["torch-fused", "torch-two-pass", "triton-fused"])
 def test_losses_on_vocab_shards(world, case, tmp_path):
     _spawn(workers.losses_case, world, case, tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_verl_vocab_parallel_linear_cross_entropy(world, tmp_path):
+    _spawn(workers.verl_linear_cross_entropy_case, world, {}, tmp_path)

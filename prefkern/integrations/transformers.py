@@ -149,7 +149,7 @@ def from_linear(linear: torch.nn.Module, **options) -> PrefkernHead:
 
 # ------------------------------------------------------------------------- the causal LM
 
-def _backbone(model) -> torch.nn.Module:
+def backbone_of(model) -> torch.nn.Module:
     """The module whose ``last_hidden_state`` feeds the head: ``base_model`` (for a
     vision-language model the multimodal one, which consumes pixel inputs; TRL 1.16 uses it),
     else ``get_decoder()``."""
@@ -194,7 +194,7 @@ def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None =
     head = lm_head_of(model)
     scale, softcap = hf_head_config(model)
     model_kwargs.setdefault("use_cache", False)
-    outputs = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+    outputs = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask,
                                **model_kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     targets = shifted_targets(input_ids, attention_mask, labels, ignore_index)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from prefkern.integrations.hf_head import hf_head_config
-from prefkern.integrations.transformers import _backbone, head_logprobs, lm_head_of
+from prefkern.integrations.transformers import backbone_of, head_logprobs, lm_head_of
 
 SUPPORTED_TRL = ((1, 16),)  # (major, minor) releases whose add_fused_lm_head contract this is
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -97,7 +97,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
-        backbone_outputs = _backbone(self)(*args, **kwargs)
+        backbone_outputs = backbone_of(self)(*args, **kwargs)
         hidden = backbone_outputs.last_hidden_state
         if shift_labels is None:
             hidden, targets = hidden[:, :-1], labels[:, 1:]

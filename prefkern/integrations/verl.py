@@ -46,17 +46,24 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
                          dist_process_group=None) -> tuple[Tensor, Tensor]:
     """verl's fused LM-head kernel: ``(logprobs, entropy)`` of ``labels`` under
     ``softmax(hidden @ weight.T / temperature)``, each (N,) fp32 over the flattened tokens,
-    both with gradients. Only ``reduction="none"`` (what verl's callers pass) and no
-    ``dist_process_group`` (vocab parallelism) are supported; anything else raises."""
+    both with gradients. Only ``reduction="none"`` (what verl's callers pass) is supported.
+    ``dist_process_group``: verl's vocab-parallel layout, every rank holding an equal
+    contiguous shard, rank r rows [r * V_r, (r + 1) * V_r) (its kernel offsets label ids by
+    ``rank * vocab_size``): prefkern's ``process_group`` with that layout, no host read."""
     if reduction != "none":
         raise ValueError("prefkern's verl linear_cross_entropy supports reduction='none' (the "
                          "only value verl's model forwards pass)")
+    shards = {}
     if dist_process_group is not None:
-        raise ValueError("vocab-parallel linear_cross_entropy (dist_process_group) is not "
-                         "supported by prefkern yet")
+        import torch.distributed as dist
+
+        local = weight.shape[0]
+        shards = dict(process_group=dist_process_group,
+                      vocab_start=dist.get_rank(dist_process_group) * local,
+                      vocab_size=dist.get_world_size(dist_process_group) * local)
     out = prefkern.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
                                    labels.reshape(-1), temperature=temperature,
-                                   ignore_index=_NO_IGNORE, return_entropy=True)
+                                   ignore_index=_NO_IGNORE, return_entropy=True, **shards)
     return out.logprobs, out.entropy
 
 
