@@ -9,6 +9,8 @@ openrlhf/trainer/ppo_utils/experience_maker.py). Nothing here imports OpenRLHF.
   get_advantages_and_returns(values, rewards, action_mask, gamma, lambd)
       OpenRLHF zeroes rewards and values off the mask, then scans every position
   PolicyLoss, ValueLoss, DPOLoss: nn.Modules with OpenRLHF's constructors and forward returns
+
+The actor's forward without logits: prefkern.integrations.openrlhf_actor.patch_actor.
 """
 
 from __future__ import annotations
