@@ -81,7 +81,7 @@ class Actor(torch.nn.Module):
             if self.packing_samples:
                 entropy = gather_and_pad_tensor(entropy, ring_attn_group, ring_attn_pad_len,
                                                 indices, batch, seqlen)
-            setattr(output, "entropy", entropy[:, :-1])
+            output.entropy = entropy[:, :-1]
         return_action_log_probs = action_mask is not None
         if not return_action_log_probs and not return_logprobs:
             assert return_output
