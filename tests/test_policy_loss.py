@@ -69,6 +69,10 @@ def test_aggregations_kl_entropy_is_weights(agg):
            is_weights=is_w, dual_clip=3.0)
     _check(mask, logp, old, adv, ref, entropy, agg=agg, kl_coef=0.1, kl_kind="k3",
            kl_input_clamp=None, kl_output_clamp=None, is_weights=is_w[:, 0])
+    # TRL's use_bias_correction_kl: the KL times the raw ratio, gradient through both
+    _check(mask, logp, old, adv, ref, entropy, agg=agg, kl_coef=0.1, kl_kind="k3",
+           kl_input_clamp=None, kl_output_clamp=None, kl_ratio_weighted=True,
+           ratio_log_clamp=None)
 
 
 def test_sequence_advantages_equal_broadcast_token_advantages():
@@ -269,6 +273,32 @@ def test_fused_equals_two_pass(backend, loss_type, kw, dtype):
     for name, o, r, b in zip(("loss", "dhidden", "dweight"), *runs, strict=True):
         assert_rule(o, r, b, name, reduction=100 * 64)
     assert "approx_kl" in metrics[0] and "entropy" in metrics[0]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_on_policy_old_logprobs_none(fused):
+    """old_logprobs=None is the pass's own detached log-probs (TRL without an old-policy pass):
+    the same loss and gradients as passing them, and return_per_token gives them back."""
+    from prefkern.reference import linear_logprobs_ref
+
+    hidden, weight, targets, _, adv = _linear_rollout()
+    with torch.no_grad():
+        own = linear_logprobs_ref(hidden, weight, targets, temperature=0.8)
+    runs = []
+    for old in (None, own):
+        hh, ww = leaf(hidden), leaf(weight)
+        loss, metrics = prefkern.losses.linear_policy_loss(
+            hh, ww, targets, old, adv, loss_type="dapo", temperature=0.8, kl_coef=0.1,
+            ref_logprobs=own - 0.3, fused=fused, return_per_token=True, backend="torch")
+        loss.backward()
+        runs.append((loss, hh.grad, ww.grad, metrics))
+    (loss, dh, dw, metrics), (want, want_dh, want_dw, _) = runs
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dh, want_dh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw, want_dw, rtol=1e-4, atol=1e-6)
+    assert metrics["logprobs"].shape == targets.shape and not metrics["logprobs"].requires_grad
+    torch.testing.assert_close(metrics["logprobs"], own, rtol=1e-5, atol=1e-5)
+    assert metrics["entropy"].shape == targets.shape
 
 
 def test_fused_backward_runs_no_gemm(monkeypatch):

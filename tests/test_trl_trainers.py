@@ -45,9 +45,12 @@ def _assert_same_step(got, want):
                                    atol=1e-5 * want_grads[name].abs().max().item())
 
 
-def _online_rl_step(trainer_cls, config_cls, kind, tmp_path, **config):
+def _online_rl_step(trainer_cls, config_cls, kind, tmp_path, fused_loss=None,
+                    accumulation=None, **config):
     """GRPO / RLOO: generate and score one fixed batch (non-zero advantages, KL to the
-    reference), then the loss and every gradient with and without prefkern's head."""
+    reference), then the loss and every gradient with and without prefkern's head.
+    ``fused_loss`` (True: must take prefkern's fused loss, False: must fall back to TRL's):
+    patch_trainer(fused_loss=True), and TRL's logged metrics must match too."""
     from datasets import Dataset
 
     model = _tiny(kind)
@@ -62,9 +65,27 @@ def _online_rl_step(trainer_cls, config_cls, kind, tmp_path, **config):
     torch.manual_seed(0)
     inputs = trainer._generate_and_score_completions([data[0], data[0], data[1], data[1]])
     assert inputs["advantages"].abs().sum() > 0
+    if accumulation is not None:  # inside training: the normalizers count accumulation steps
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = accumulation
+    logged = trainer._metrics["train" if trainer.model.training else "eval"]
+    logged.clear()
     want = _step(trainer, inputs)
-    pk_trl.patch_trainer(trainer, backend="torch")
+    want_metrics = {k: v[-1] for k, v in logged.items()}
+    logged.clear()
+    if fused_loss is None:
+        pk_trl.patch_trainer(trainer, backend="torch")
+        _assert_same_step(_step(trainer, inputs), want)
+        return
+    pk_trl.patch_trainer(trainer, backend="torch", fused_loss=True)
+    original, fell_back = trainer._prefkern_original_compute_loss, []
+    trainer._prefkern_original_compute_loss = lambda *a: fell_back.append(1) or original(*a)
     _assert_same_step(_step(trainer, inputs), want)
+    assert bool(fell_back) != fused_loss, "the fused loss path was (not) taken"
+    got_metrics = {k: v[-1] for k, v in logged.items()}
+    assert set(got_metrics) == set(want_metrics) and want_metrics
+    for name, value in want_metrics.items():
+        assert got_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), name
 
 
 def _reward(completions, **_):
@@ -75,6 +96,27 @@ def _reward(completions, **_):
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_grpo_step_with_and_without_prefkern(loss_type, tmp_path):
     _online_rl_step(trl.GRPOTrainer, trl.GRPOConfig, "gemma2", tmp_path, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("loss_type,extra,fused", [
+    ("grpo", {}, True), ("bnpo", {"epsilon_high": 0.28}, True), ("dr_grpo", {}, True),
+    ("dapo", {"delta": 1.5}, True), ("dapo", {"use_bias_correction_kl": False}, True),
+    ("dapo", {"top_entropy_quantile": 0.5}, False), ("cispo", {}, False)],
+    ids=["grpo", "bnpo", "dr_grpo", "dapo-delta", "dapo-no-kl-correction",
+         "entropy-mask-falls-back", "cispo-falls-back"])
+def test_grpo_fused_loss_is_trls(loss_type, extra, fused, tmp_path):
+    """patch_trainer(fused_loss=True): TRL's GRPO loss, every parameter gradient and the
+    logged metrics from one gradient-in-forward pass (KL to the reference on: beta 0.05)."""
+    _online_rl_step(trl.GRPOTrainer, trl.GRPOConfig, "gemma2", tmp_path, fused_loss=fused,
+                    loss_type=loss_type, **extra)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_grpo_fused_loss_in_training_mode(loss_type, tmp_path):
+    """Training mode with 2 accumulation steps: TRL's normalizers divide by them (dapo also
+    rescales num_items_in_batch by steps_per_generation)."""
+    _online_rl_step(trl.GRPOTrainer, trl.GRPOConfig, "qwen2", tmp_path, fused_loss=True,
+                    accumulation=2, loss_type=loss_type, gradient_accumulation_steps=2)
 
 
 @pytest.mark.parametrize("loss_type,extra", [(["sigmoid", "ipo"], {"use_weighting": True}),

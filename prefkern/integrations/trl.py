@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from prefkern.integrations.hf_head import hf_head_config
-from prefkern.integrations.transformers import backbone_of, head_logprobs, lm_head_of
+from prefkern.integrations.transformers import backbone_of, head_call, head_logprobs, lm_head_of
 
 SUPPORTED_TRL = ((1, 16),)  # (major, minor) releases whose add_fused_lm_head contract this is
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -88,7 +88,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 
     @functools.wraps(type(model).forward)  # generate() checks its kwargs against this
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
-                num_items_in_batch=None, **kwargs):
+                num_items_in_batch=None, prefkern_loss=None, **kwargs):
         if not fused_lm_head:
             extra = dict(labels=labels, shift_labels=shift_labels,
                          num_items_in_batch=num_items_in_batch)
@@ -111,6 +111,12 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         if cast_lm_head_to_fp32:
             hidden = hidden.float()
             context = torch.autocast(hidden.device.type, enabled=False)
+        if prefkern_loss is not None:  # a whole loss from the hidden states (fused_grpo_loss)
+            with context:
+                head_options = dict(temperature=temperature, logit_scale=scale, softcap=softcap)
+                return head_call(head, lambda w, b, h: prefkern_loss(h, w, b, targets,
+                                                                     head_options),
+                                 hidden, fp32=cast_lm_head_to_fp32)
         with context:
             out = head_logprobs(head, hidden, targets, temperature=temperature,
                                 logit_scale=scale, softcap=softcap,
@@ -163,13 +169,25 @@ def patch_trl():
     return undo
 
 
-def patch_trainer(trainer, *, backend: str | None = "auto", mode: str = "auto"):
+def patch_trainer(trainer, *, backend: str | None = "auto", mode: str = "auto",
+                  fused_loss: bool = False):
     """Put prefkern's fused head on an existing TRL trainer's model (its base model under
     PEFT) and reference model, with the trainer's temperature and
-    ``cast_lm_head_to_fp32``; every optional output is computed. Returns the trainer."""
+    ``cast_lm_head_to_fp32``; every optional output is computed. ``fused_loss`` (GRPOTrainer):
+    the loss itself in one gradient-in-forward pass from the hidden states
+    (prefkern.integrations.trl_grpo_loss; TRL's own loss code for the configurations it does
+    not cover). Returns the trainer."""
     import trl
 
     check_trl_version(trl.__version__)
+    if fused_loss:
+        if not isinstance(trainer, trl.GRPOTrainer):
+            raise ValueError("fused_loss is for GRPOTrainer")
+        from prefkern.integrations.trl_grpo_loss import fused_grpo_loss
+
+        if not hasattr(trainer, "_prefkern_original_compute_loss"):
+            trainer._prefkern_original_compute_loss = trainer._compute_loss
+        trainer._compute_loss = types.MethodType(fused_grpo_loss, trainer)
     args = getattr(trainer, "args", None)
     options = dict(temperature=getattr(trainer, "temperature", 1.0),
                    cast_lm_head_to_fp32=bool(getattr(args, "cast_lm_head_to_fp32", False)),

@@ -201,6 +201,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                 loss_scale_factor: float | None = None, is_weights: Tensor | None = None,
                 ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
                 kl_input_clamp: float | None = 20.0, kl_output_clamp="auto",
+                kl_ratio_weighted: bool = False,
                 entropy: Tensor | None = None, entropy_coef: float = 0.0,
                 cu_seqlens: Tensor | None = None, token_weights: Tensor | None = None,
                 token_mask: Tensor | None = None, clip_cov_ratio: float = 2e-4,
@@ -238,7 +239,9 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     Then times ``token_mask`` ((B, T) 0/1: TRL's high-entropy mask, an off-policy mask; the
     aggregation still counts ``mask``), times ``is_weights`` ((B, T) or (B,), detached:
     rollout importance weights, prefkern.losses.rollout_is_weights), plus
-    ``kl_coef * kl_estimate(logp, ref_logprobs, kl_kind, ...)`` per token, aggregated with
+    ``kl_coef * kl_estimate(logp, ref_logprobs, kl_kind, ...)`` per token (times the
+    unclamped ratio exp(logp - old), gradient included, with ``kl_ratio_weighted``: TRL's
+    ``use_bias_correction_kl``, its default), aggregated with
     :func:`aggregate` (``agg`` None: the loss type's own; ``seq_count`` as there), minus
     ``entropy_coef`` times the
     aggregated ``entropy``. ``token_weights`` (B, T) replaces the aggregation by
@@ -273,6 +276,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
         x = (logp - logp.detach() + seq_x.detach()).clamp(max=10.0) if gspo_form == "verl" \
             else seq_x
     if kind == "geo_mean":
+        if kl_ratio_weighted:
+            raise ValueError("kl_ratio_weighted is a token-level weight: not with geo_mean")
         return _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normalizer,
                          ref_logprobs, kl_coef, kl_kind, kl_input_clamp, kl_output_clamp,
                          entropy, entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count)
@@ -320,8 +325,10 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     if ref_logprobs is not None and kl_coef != 0.0:
         kl = kl_estimate(logprobs, ref_logprobs, kl_kind, input_clamp=kl_input_clamp,
                          output_clamp=kl_output_clamp).float()
-        per_token = per_token + kl_coef * kl
         metrics["kl"] = _masked_mean(kl.detach(), mask)
+        if kl_ratio_weighted:  # the importance-sampled KL: TRL weights it by the raw ratio
+            kl = kl * torch.exp(logp - old)
+        per_token = per_token + kl_coef * kl
     w = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens,
                             seq_count) if token_weights is None else token_weights
     loss = torch.where(mask, per_token * w, 0).sum()
@@ -361,8 +368,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 
 
-def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor,
-                       advantages: Tensor, *, mask: Tensor | None = None,
+def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
+                       old_logprobs: Tensor | None, advantages: Tensor, *,
+                       mask: Tensor | None = None, return_per_token: bool = False,
                        bias: Tensor | None = None, temperature: float | Tensor = 1.0,
                        ignore_index: int = -100, softcap: float | None = None,
                        logit_scale: float | None = None, fused: bool = True,
@@ -380,7 +388,9 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
     ``fused=False``: the two-pass path (prefkern.linear_logprobs, a recomputing backward).
     ``process_group`` (vocab-parallel head shards, see prefkern.linear_logprobs) works on
     both paths (the fused one merges each chunk's row statistics across the group).
-    Returns (loss, metrics)."""
+    ``old_logprobs=None``: on-policy, the detached log-probs of this very pass (ratio 1 with
+    the gradient of logp, as TRL does when it skips the old-policy pass). Returns (loss,
+    metrics); ``return_per_token`` adds the detached per-token "logprobs" and "entropy"."""
     kind, _ = resolve_loss_type(loss_kw.get("loss_type", "ppo"), loss_kw.get("agg"))
     mask = targets != ignore_index if mask is None else mask.bool()
     if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL:
@@ -391,11 +401,18 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp
                               logit_scale=logit_scale, return_entropy=True,
                               process_group=process_group, vocab_start=vocab_start,
                               vocab_size=vocab_size, backend=backend)
-        return policy_loss(out.logprobs, old_logprobs, advantages, mask, entropy=out.entropy,
-                           cu_seqlens=cu_seqlens, **loss_kw)
-    return _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
-                              temperature, ignore_index, softcap, logit_scale, backend,
-                              cu_seqlens, (process_group, vocab_start, vocab_size), loss_kw)
+        old = out.logprobs.detach() if old_logprobs is None else old_logprobs
+        loss, metrics = policy_loss(out.logprobs, old, advantages, mask, entropy=out.entropy,
+                                    cu_seqlens=cu_seqlens, **loss_kw)
+        per_token = (out.logprobs, out.entropy)
+    else:
+        loss, metrics, per_token = _fused_policy_loss(
+            hidden, weight, targets, old_logprobs, advantages, mask, bias, temperature,
+            ignore_index, softcap, logit_scale, backend, cu_seqlens,
+            (process_group, vocab_start, vocab_size), loss_kw)
+    if return_per_token:
+        metrics = dict(metrics, logprobs=per_token[0].detach(), entropy=per_token[1].detach())
+    return loss, metrics
 
 
 def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, bias,
@@ -419,7 +436,7 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     targets, bad = head_mod.screen_fused_targets(targets, weight, shard, ignore_index,
                                                  "linear_policy_loss")
     for name, t in (("old_logprobs", old_logprobs), ("mask", mask)):
-        if t.shape != targets.shape:
+        if t is not None and t.shape != targets.shape:
             raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}")
     lead = targets.shape
     temperature = head_mod.as_rows(temperature, lead)
@@ -450,7 +467,8 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
 
     def token_loss(rows, lp, ent):
         col = {k: None if t is None else t[rows][:, None] for k, t in flat.items()}
-        loss, _ = policy_loss(lp[:, None], col["old"], col["adv"], col["mask"],
+        old = lp.detach()[:, None] if col["old"] is None else col["old"]
+        loss, _ = policy_loss(lp[:, None], old, col["adv"], col["mask"],
                               loss_type=kind, token_weights=weights[rows][:, None],
                               entropy=ent[:, None], ref_logprobs=col["ref_logprobs"],
                               is_weights=col["is_weights"], token_mask=col["token_mask"],
@@ -464,14 +482,16 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
                  None if bias is None else bias.detach()),
             targets.reshape(-1), head, ignore_index, token_loss, name == "triton", need,
             shard=shard)
-        value, metrics = policy_loss(logp.view(lead), old_logprobs, advantages, mask,
+        old = logp.view(lead) if old_logprobs is None else old_logprobs
+        value, metrics = policy_loss(logp.view(lead), old, advantages, mask,
                                      loss_type=kind, agg=agg, normalizer=normalizer,
                                      loss_scale_factor=scale_factor, seq_count=seq_count,
                                      entropy=entropy.view(lead),
                                      cu_seqlens=cu_seqlens, **per_token, **loss_kw)
         value = _checks.poison(value, None if bad is None else bad.any())
     dh = None if dh is None else dh.view(hidden.shape)
-    return GradientInForward.apply(value, dh, dw, db, hidden, weight, bias), metrics
+    loss = GradientInForward.apply(value, dh, dw, db, hidden, weight, bias)
+    return loss, metrics, (logp.view(lead), entropy.view(lead))
 
 
 # Each trainer's defaults for policy_loss, read from its source (commits in the module doc;

@@ -45,7 +45,8 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
                     gspo_form="verl", cispo_form="verl", tau_pos=1.0, tau_neg=1.05, agg=None,
                     normalizer=None, loss_scale_factor=None, is_weights=None,
                     ref_logprobs=None, kl_coef=0.0, kl_kind="k3", kl_input_clamp=20.0,
-                    kl_output_clamp="auto", entropy=None, entropy_coef=0.0, token_mask=None,
+                    kl_output_clamp="auto", kl_ratio_weighted=False, entropy=None,
+                    entropy_coef=0.0, token_mask=None,
                     clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0, kl_cov_ratio=2e-4,
                     ppo_kl_coef=1.0, generator=None, seq_count="all"):
     """-> the loss of :func:`prefkern.losses.policy_loss` (metrics not included). Clip-Cov's
@@ -139,9 +140,11 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
         w = is_weights.double().detach()
         losses = losses * (w.unsqueeze(-1) if w.dim() == 1 else w)
     if ref_logprobs is not None and kl_coef != 0.0:
-        losses = losses + kl_coef * kl_estimate_ref(logprobs.double(), ref_logprobs.double(),
-                                                    kl_kind, input_clamp=kl_input_clamp,
-                                                    output_clamp=kl_output_clamp)
+        kl = kl_estimate_ref(logprobs.double(), ref_logprobs.double(), kl_kind,
+                             input_clamp=kl_input_clamp, output_clamp=kl_output_clamp)
+        if kl_ratio_weighted:  # TRL's use_bias_correction_kl: per_token_kl * coef_1
+            kl = kl * torch.exp(neg_kl)
+        losses = losses + kl_coef * kl
     loss = agg_loss_ref(losses, mask, agg, normalizer, loss_scale_factor, seq_count)
     if entropy is not None and entropy_coef != 0.0:
         loss = loss - entropy_coef * agg_loss_ref(entropy.double(), mask, agg, normalizer,
