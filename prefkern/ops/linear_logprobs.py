@@ -115,7 +115,7 @@ def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
             ids, valid = multi_target.safe_ids(targets, ignore_index)
             picked = multi_target.linear_picked_logits(hidden, weight, bias, ids, factor,
                                                        softcap)
-            logp = torch.where(valid, picked - lse.unsqueeze(-1), 0).to(lse.dtype)
+            logp = multi_target.picked_logprobs(picked, lse, valid)
         if with_stats:
             hit = softmax_stats.target_hits(stats, targets, ignore_index)
     if not with_entropy or entropy is None:

@@ -72,7 +72,7 @@ def _fwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, backen
         if multi:
             ids, valid = multi_target.safe_ids(targets, ignore_index)
             picked = multi_target.logits_picked(logits, ids, factor)
-            logp = torch.where(valid, picked - lse.unsqueeze(-1), 0).to(lse.dtype)
+            logp = multi_target.picked_logprobs(picked, lse, valid)
         if with_stats:
             hit = softmax_stats.target_hits(stats, targets, ignore_index)
     if stats is None:

@@ -33,6 +33,14 @@ def safe_ids(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, to
     return torch.where(valid, targets, 0).long(), valid
 
 
+def picked_logprobs(picked, lse, valid):
+    """(N, K) log-probs ``picked - lse`` (0 where not valid), at most 0: the K logits are
+    recomputed outside the pass that fixed the row's max and lse, so a different summation
+    order can put a dominant one a few ulps above lse; its true log-prob is <= 0. (The
+    backward forms its gradient separately, exactly.)"""
+    return torch.where(valid, (picked - lse.unsqueeze(-1)).clamp(max=0), 0).to(lse.dtype)
+
+
 def lse_gradient(g_lse, g_logp, valid):
     """The lse gradient the backend sees: g_lse - sum_k g_logp[:, k] over valid entries."""
     total = torch.where(valid, g_logp, 0).sum(-1)

@@ -98,7 +98,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
                                                        softcap)
             picked = torch.where(owned, picked, 0)
             dist.all_reduce(picked, group=group)
-            logp = torch.where(targets != ignore_index, picked - lse.unsqueeze(-1), 0)
+            logp = multi_target.picked_logprobs(picked, lse, targets != ignore_index)
         if stats is None:
             stats = lse.new_empty((0, STATS_COLUMNS))
         ctx.save_for_backward(hidden, weight, bias, local, local_ids, targets, row_inv_temp,
