@@ -19,3 +19,11 @@ python3 -m pytest -q -m gpu -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
 python3 -m prefkern bench --out "$OUT/results" "$@" 2>&1 | tail -120 | tee "$OUT/bench.log"
 # one training step per workload, materialized logits vs prefkern, on a real head size
 python3 -m prefkern profile --out "$OUT/results" 2>&1 | tail -20 | tee "$OUT/profile.log"
+# short TRL GRPO / DPO runs on a Llama-3.2-1B-shaped random model, with and without prefkern
+# (needs trl 1.16 + transformers 5.23 and their dependencies carried in .whl)
+if python3 -c "import trl, transformers, datasets" 2>/dev/null; then
+  python3 benchmarks/trl_runs.py --preset llama-1b --steps 6 --out "$OUT/results" 2>&1 \
+    | tail -12 | tee "$OUT/trl_runs.log"
+else
+  echo "trl / transformers / datasets not installed: TRL runs skipped" | tee "$OUT/trl_runs.log"
+fi

@@ -10,29 +10,52 @@ import torch
 VOCAB = 256
 
 
-def tiny_model_dir() -> str:
+def tiny_model_dir(preset: str = "tiny") -> str:
+    """Save a random causal LM and its word-level tokenizer to a new folder -> the folder.
+    ``preset``: "tiny" (Qwen2, V=256, 2 layers of width 64) or "llama-1b" (Llama-3.2-1B's
+    shape: 16 layers of width 2048, V=128256, tied embeddings; bf16 weights)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, pad_token_id=VOCAB - 2,
-                         eos_token_id=VOCAB - 2, bos_token_id=None)
-    model = Qwen2ForCausalLM(config)
-    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
-    vocab.update({"<pad>": VOCAB - 2, "<unk>": VOCAB - 1})
+    vocab_size = vocab_of(preset)
+    special = dict(pad_token_id=vocab_size - 2, eos_token_id=vocab_size - 2, bos_token_id=None)
+    if preset == "tiny":
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            **special))
+    elif preset == "llama-1b":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192,
+            num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+            max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True,
+            **special)).to(torch.bfloat16)
+    else:
+        raise ValueError(f"unknown preset {preset!r}")
+    vocab = {f"w{i}": i for i in range(vocab_size - 2)}
+    vocab.update({"<pad>": vocab_size - 2, "<unk>": vocab_size - 1})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
                                         unk_token="<unk>", eos_token="<pad>")
-    folder = tempfile.mkdtemp(prefix="prefkern_tiny_")
+    folder = tempfile.mkdtemp(prefix=f"prefkern_{preset}_")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def prompts(n: int) -> list[str]:
+def vocab_of(preset: str) -> int:
+    return {"tiny": VOCAB, "llama-1b": 128256}[preset]
+
+
+def prompts(n: int, words: int = 4, vocab: int = VOCAB) -> list[str]:
     gen = torch.Generator().manual_seed(1)
-    return [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (4,), generator=gen))
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, vocab - 2, (words,), generator=gen))
             for _ in range(n)]
