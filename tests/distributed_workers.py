@@ -469,3 +469,65 @@ def verl_linear_cross_entropy_case(rank: int, world: int, store_path: str, case:
         dist.destroy_process_group()
         raise
     _finish()
+
+
+def fsdp2_model_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """A tiny model wrapped with FSDP2 (fully_shard: every parameter a Shard(0) DTensor, the
+    head's rows spread over the data-parallel ranks), each rank its own tokens: log-probs
+    through head_logprobs and a gradient-in-forward loss through head_call equal the plain
+    model's, and the gradients FSDP2 reduce-scatters are the mean of the ranks' plain ones."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from prefkern.integrations.transformers import head_call, head_logprobs
+    from prefkern.losses import linear_policy_loss
+
+    _init(rank, world, store_path)
+    try:
+        torch.manual_seed(0)
+        v = 37
+
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = torch.nn.Linear(8, 16)
+                self.lm_head = torch.nn.Linear(16, v, bias=True)
+
+            def forward(self, x, y, old, adv):
+                hidden = self.body(x)
+                if case["what"] == "logprobs":
+                    return head_logprobs(self.lm_head, hidden, y, backend="torch").sum()
+                return head_call(self.lm_head, lambda w, b, h: linear_policy_loss(
+                    h[None], w, y[None], old, adv, bias=b, loss_type="grpo",
+                    backend="torch")[0], hidden)
+
+        model, plain = Tiny(), Tiny()
+        plain.load_state_dict(model.state_dict())
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model.lm_head, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+        def batch(r):
+            gen = torch.Generator().manual_seed(10 + r)
+            y = torch.randint(0, v, (5,), generator=gen)
+            y[0] = -100
+            return (torch.randn(5, 8, generator=gen), y, -torch.rand(1, 5, generator=gen),
+                    torch.randn(1, generator=gen))
+
+        loss = model(*batch(rank))
+        loss.backward()
+        want = plain(*batch(rank))
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        want.backward()
+        for r in range(world):  # the mean over the ranks' batches
+            if r != rank:
+                plain(*batch(r)).backward()
+        for name, p in model.named_parameters():
+            got = p.grad.full_tensor()
+            torch.testing.assert_close(got, plain.get_parameter(name).grad / world, rtol=1e-5,
+                                       atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()

@@ -84,3 +84,8 @@ def test_losses_on_vocab_shards(world, case, tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_verl_vocab_parallel_linear_cross_entropy(world, tmp_path):
     _spawn(workers.verl_linear_cross_entropy_case, world, {}, tmp_path)
+
+
+@pytest.mark.parametrize("what", ["logprobs", "fused-policy-loss"])
+def test_fsdp2_wrapped_model(what, tmp_path):
+    _spawn(workers.fsdp2_model_case, 2, {"what": what}, tmp_path)
