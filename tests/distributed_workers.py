@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 
 
-def _init(rank: int, world: int, store_path: str) -> None:
+def _init(rank: int, world: int, store_path: str, backend: str = "gloo") -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world,
                             init_method=f"file://{store_path}")
 
 
@@ -52,9 +54,17 @@ def linear_logprobs_case(rank: int, world: int, store_path: str, case: dict) -> 
     from prefkern.reference import linear_logprobs_ref
     from prefkern.testing import assert_rule
 
-    _init(rank, world, store_path)
+    nccl = case.get("nccl", False)  # one GPU per rank
+    _init(rank, world, store_path, "nccl" if nccl else "gloo")
     try:
         hidden, weight, bias, targets, temperature, up = _problem(case)
+        if nccl:
+            device = torch.device("cuda", rank)
+            hidden, weight, targets = (t.to(device) for t in (hidden, weight, targets))
+            bias = None if bias is None else bias.to(device)
+            temperature = temperature.to(device) if torch.is_tensor(temperature) else \
+                temperature
+            up = [u.to(device) for u in up]
         dtype = case.get("dtype", torch.float32)
         start, stop = shard_bounds(case["v"], world, rank)
         targets = None if case.get("no_targets") else targets

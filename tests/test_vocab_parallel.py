@@ -89,3 +89,16 @@ def test_verl_vocab_parallel_linear_cross_entropy(world, tmp_path):
 @pytest.mark.parametrize("what", ["logprobs", "fused-policy-loss"])
 def test_fsdp2_wrapped_model(what, tmp_path):
     _spawn(workers.fsdp2_model_case, 2, {"what": what}, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank (>= 2)")
+@pytest.mark.parametrize("backend,mode", [("triton", "fast"), ("triton", "min_memory"),
+                                          ("torch", "auto")])
+def test_nccl_sharded_equals_single_device(backend, mode, tmp_path):
+    """The same check over NCCL, one GPU per rank (run on a machine with >= 2 GPUs:
+    ``pytest -m gpu tests/test_vocab_parallel.py``)."""
+    world = min(torch.cuda.device_count(), 4)
+    _spawn(workers.linear_logprobs_case, world,
+           dict(n=33, h=64, v=1001, backend=backend, mode=mode, bias=True, softcap=6.0,
+                dtype=torch.bfloat16, stats=True, nccl=True), tmp_path)
