@@ -171,8 +171,9 @@ def dtensor_head_case(rank: int, world: int, store_path: str, case: dict) -> Non
 
 def data_parallel_case(rank: int, world: int, store_path: str, case: dict) -> None:
     """Each rank holds its slice of a batch: masked_whiten over the group equals whitening the
-    whole batch, and aggregate() with global_normalizer sums over the ranks to the whole
-    batch's loss, for every aggregation mode."""
+    whole batch, aggregate() with global_normalizer sums over the ranks to the whole batch's
+    loss, for every aggregation mode, and group advantages of groups spread over the ranks
+    equal the whole batch's."""
     from prefkern.losses import aggregate, global_normalizer
     from prefkern.losses.policy import AGGREGATIONS
     from prefkern.ops.whiten import masked_whiten
@@ -195,6 +196,17 @@ def data_parallel_case(rank: int, world: int, store_path: str, case: dict) -> No
                 dist.all_reduce(total)
                 want = aggregate(values, mask, agg, None, 7.0, seq_count)
                 torch.testing.assert_close(total, want, msg=f"{agg} {seq_count}")
+        # group advantages whose groups span the ranks (ids interleaved over the batch)
+        from prefkern import group_advantages
+
+        scores = torch.randn(b, generator=gen)
+        scores[::5] = 0.0  # gpg counts the nonzero scores of the whole batch
+        ids = torch.arange(b) % 3 * 1000 + 7  # 3 groups, every rank holding some of each
+        for method in ("grpo", "dr_grpo", "rloo", "opo", "gpg", "reinforce_pp_baseline"):
+            got, _ = group_advantages(scores[mine], ids[mine], method=method, mask=mask[mine],
+                                      process_group=dist.group.WORLD)
+            want, _ = group_advantages(scores, ids, method=method, mask=mask)
+            torch.testing.assert_close(got, want[mine], msg=method)
         dist.barrier()
     except BaseException:
         dist.destroy_process_group()

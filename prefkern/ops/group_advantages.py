@@ -70,6 +70,23 @@ def _check(scores, group_ids, method, mask, baseline) -> None:
     _checks.check_same_device(scores=scores, group_ids=group_ids, mask=mask, baseline=baseline)
 
 
+def _gather_batch(s, group_ids, lengths, group):
+    """All-gather (scores, ids, lengths) of equal-sized per-rank batches -> the whole batch's
+    and this rank's row slice of it."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def gather(t):
+        out = t.new_empty((world * t.shape[0], *t.shape[1:]))
+        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+        return out
+
+    b = s.shape[0]
+    return (gather(s), gather(group_ids), None if lengths is None else gather(lengths),
+            slice(rank * b, (rank + 1) * b))
+
+
 @torch.no_grad()
 def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor | None = None, *,
                      method: str, eps: float = 1e-6, mask: torch.Tensor | None = None,
@@ -87,8 +104,10 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor | None = None
         reinforce_pp  returns_t = r_t + gamma m_{t+1} returns_{t+1}; masked_whiten(returns) * mask
         remax    returns = reverse cumsum of r * mask; advantages = returns - baseline * mask
     Outcome advantages are broadcast over tokens times ``mask`` when it is given (or scores is
-    (B, T)), else returned per sample. ``process_group`` all-reduces the whitening statistics
-    of the reinforce_pp methods (verl whitens per rank).
+    (B, T)), else returned per sample. ``process_group`` (data parallel, every rank the same
+    B, ranks in batch order): the group statistics are those of the whole batch, a group's
+    samples on any ranks (one all-gather of B scores and ids, and of the lengths for opo; gpg
+    counts the whole batch), and the reinforce_pp methods whiten over the group; no host sync.
 
     Args:
         scores: (B,) or (B, T) float. group_ids: (B,) integer, any values (unused by
@@ -119,6 +138,10 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor | None = None
         return x - base, x
 
     s = x.sum(-1) if token_level else x
+    lengths = None if mask_f is None else mask_f.sum(-1)
+    rows = None
+    if process_group is not None:  # the whole batch's groups, then this rank's rows
+        s, group_ids, lengths, rows = _gather_batch(s, group_ids, lengths, process_group)
     group = dense_group_index(group_ids)
     n = _group_sum(torch.ones_like(s), group)
     s64 = s.to(torch.float64)
@@ -135,11 +158,12 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor | None = None
         alpha = s.shape[0] / torch.count_nonzero(s).clamp(min=1).to(torch.float64)
         adv = alpha * (s64 - mean)
     else:  # opo
-        lengths = mask_f.sum(-1)
         total_len = _group_sum(lengths, group)
         weighted = _group_sum(lengths * s, group)
         adv = s64 - torch.where(many & (total_len > 0), weighted / total_len.clamp(min=1e-30), 0.0)
     adv = adv.to(dtype)
+    if rows is not None:
+        adv = adv[rows]
 
     if method == "reinforce_pp_baseline":
         tiled = adv if mask_f is None else adv[:, None] * mask_f
