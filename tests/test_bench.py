@@ -37,8 +37,19 @@ def test_bench_cli_tiny(tmp_path, capsys):
     assert {r["op"] for r in rows} == {name for name, suite in all_suites().items()
                                        if suite.sweep is None}
     timed = [r for r in rows if r.get("ms_p50") is not None]
-    assert timed and all(r["status"] == "ok" for r in timed), [
-        (r["op"], r["provider"], r["status"]) for r in timed if r["status"] != "ok"]
+    # prefkern and the baselines pass the gate; a peer may not (TRL's selective_log_softmax
+    # takes the log-softmax of bf16 logits in bf16: MISMATCH on bf16 rows), never an error
+    ours = [r for r in timed if not r["provider"].startswith(("trl_", "torch_linear_cross"))]
+    assert ours and all(r["status"] == "ok" for r in ours), [
+        (r["op"], r["provider"], r["status"]) for r in ours if r["status"] != "ok"]
+    assert all(r["status"] in ("ok", "MISMATCH") for r in timed), [
+        (r["op"], r["provider"], r["status"]) for r in timed
+        if r["status"] not in ("ok", "MISMATCH")]
+    assert all(r["err_over_bound"] > 1 for r in timed if r["status"] == "MISMATCH")
+    trl_rows = {(r["dtype"], r["status"]) for r in timed
+                if r["provider"] == "trl_selective_log_softmax"}
+    if trl_rows:  # trl installed (the test extra): fp32 passes, bf16 is caught
+        assert trl_rows == {("float32", "ok"), ("bfloat16", "MISMATCH")}, trl_rows
     logits_rows = [r for r in timed if r["op"] == "logprobs_from_logits"]
     assert {(r["mode"], r["dtype"]) for r in logits_rows} == {
         (m, d) for m in ("fwd", "fwd+bwd") for d in ("bfloat16", "float32")}
@@ -48,9 +59,10 @@ def test_bench_cli_tiny(tmp_path, capsys):
                for r in logits_rows)
     # prefkern's torch backend was checked against the fp64 reference on outputs and gradients
     checked = [r for r in logits_rows if r["provider"] == "prefkern_torch"]
-    assert len(checked) == 4 and all(r["err_over_bound"] <= 1.0 for r in checked)
+    assert len(checked) == 8 and all(r["err_over_bound"] <= 1.0 for r in checked)  # +entropy
     assert all(r["max_rel_err"] < 1e-4 for r in checked if r["dtype"] == "float32")
-    gated = [r for r in timed if r["op"] != "gae" and not r["provider"].startswith("copy")]
+    gated = [r for r in timed if r["op"] != "gae" and not r["provider"].startswith("copy")
+             and r["status"] == "ok"]
     assert gated and all(r["err_over_bound"] <= 1.0 and r["check"] for r in gated)
     assert {"logprobs=", "dlogits=", "dhidden=", "dweight=", "entropy="} <= {
         c.split("=")[0] + "=" for r in gated for c in r["check"].split()}

@@ -109,7 +109,9 @@ def gae_loop_over_time(rewards: torch.Tensor, values: torch.Tensor,
                        lam: float = 0.95, bootstrap: torch.Tensor | None = None,
                        truncated: torch.Tensor | None = None, lam_critic: float | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What trainers write today: verl's loop over time, vectorized over the rows of (B, T)
+    """What trainers write today: verl's loop over time (verl-project/verl 1dda039,
+    core_algos.compute_gae_advantage_return, without its whitening), vectorized over the rows
+    of (B, T)
     padded tensors, in the inputs' compute dtype (fp32 for half inputs). Same math as
     :func:`gae_ref` (no whitening); the tests' practitioner baseline and the benchmark's
     "python loop" peer."""

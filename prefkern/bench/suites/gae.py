@@ -1,6 +1,10 @@
-"""Suite: GAE / EGAE advantages. verl's Python loop over time vs prefkern's backends vs a
-device copy moving the same bytes (read rewards, values, mask; write advantages and returns in
-fp32): throughput / copy throughput is the fraction of achievable bandwidth."""
+"""Suite: GAE / EGAE advantages. The baseline ``loop_as_verl_1dda039`` is verl's Python loop over
+time (verl-project/verl 1dda039, verl/trainer/ppo/core_algos.py compute_gae_advantage_return:
+one step per token, masked positions carry the next value and advantage through), reimplemented
+without its final whitening and vectorized over the rows as there
+(prefkern.reference.advantages.gae_loop_over_time); against prefkern's backends and a device
+copy moving the same bytes (read rewards, values, mask; write advantages and returns in fp32):
+throughput / copy throughput is the fraction of achievable bandwidth."""
 
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def problems(device: torch.device, shapes: str):
         for mode, kw in (("gae", {}), ("egae", {"truncated": truncated, "lam_critic": 1.0})):
             kw = dict(gamma=1.0, lam=0.95, **kw)
             inputs = (rewards, values, mask)
-            cases = [Case("python_loop_verl", _call(gae_loop_over_time, inputs, kw), moved,
+            cases = [Case("loop_as_verl_1dda039", _call(gae_loop_over_time, inputs, kw), moved,
                           "GB/s")]
             for b in backends:
                 cases.append(Case(f"prefkern_{b}", _call(prefkern.gae, inputs, dict(kw, backend=b)),
@@ -57,7 +61,7 @@ def problems(device: torch.device, shapes: str):
                 dst = torch.empty_like(src)
                 cases.append(Case("copy_floor", lambda src=src, dst=dst: (dst.copy_(src), None)[1],
                                   moved, "GB/s"))
-            yield Problem(f"B={n_rows} T={seq_len}", mode, "fp32", cases, "python_loop_verl")
+            yield Problem(f"B={n_rows} T={seq_len}", mode, "fp32", cases, "loop_as_verl_1dda039")
 
 
 register(Suite("gae", problems, "GAE / EGAE advantages vs the Python loop over time"))
