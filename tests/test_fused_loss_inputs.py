@@ -47,3 +47,36 @@ def test_bad_target_poisons_the_loss_when_checks_are_lazy(name, monkeypatch):
     good, _ = LOSSES[name](*_problem(4))
     assert torch.isfinite(good)
     _checks.raise_on_bad_input()  # cleared
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_dw_budget_picks_the_two_pass_path_for_a_large_half_head(name):
+    """dw_budget_bytes below the fp32 (V, H) accumulator of a bf16 weight (4VH bytes) takes
+    the two-pass path (no GradientInForward node), with the same loss and gradients as the
+    fused path; an fp32 weight needs no accumulator and stays fused."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 5, 8, generator=gen)
+    weight = torch.randn(11, 8, generator=gen)
+    targets = torch.randint(0, 11, (2, 5), generator=gen)
+    runs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for budget in (None, 4 * 11 * 8 - 1):
+            h = hidden.to(dtype).requires_grad_(True)
+            w = weight.to(dtype).requires_grad_(True)
+            if name == "distill":
+                loss, _ = linear_distill_loss(h, w, h.detach() * 0.5, w.detach(), targets,
+                                              dw_budget_bytes=budget, backend="torch")
+            elif name == "policy":
+                loss, _ = linear_policy_loss(h, w, targets, -torch.ones(2, 5), torch.ones(2),
+                                             dw_budget_bytes=budget, backend="torch")
+            else:
+                loss, _ = linear_preference_loss(h, w, targets, ref_logps=(torch.zeros(1),
+                                                                           torch.zeros(1)),
+                                                 dw_budget_bytes=budget, backend="torch")
+            fused = type(loss.grad_fn).__name__.startswith("GradientInForward")
+            assert fused == (budget is None or dtype == torch.float32), (dtype, budget)
+            loss.backward()
+            runs[dtype, budget] = (loss.detach(), h.grad.float(), w.grad.float())
+    for a, b in zip(runs[torch.bfloat16, None], runs[torch.bfloat16, 4 * 11 * 8 - 1],
+                    strict=True):  # two bf16 roundings apart at most
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * b.abs().max().item())

@@ -9,7 +9,11 @@ from torch import Tensor
 from prefkern import _checks
 from prefkern._autocast import without_autocast
 from prefkern.losses.reduction import reduce_tokens
-from prefkern.ops.grad_in_forward import GradientInForward, gradients_needed
+from prefkern.ops.grad_in_forward import (
+    GradientInForward,
+    accumulator_fits,
+    gradients_needed,
+)
 from prefkern.ops.linear_divergence import linear_divergence
 from prefkern.ops.linear_logprobs import linear_logprobs
 
@@ -106,9 +110,12 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
                         logit_scale: float | None = None, teacher_softcap: float | None = None,
                         teacher_logit_scale: float | None = None, process_group=None,
                         vocab_start: int | None = None, vocab_size: int | None = None,
-                        backend: str | None = "auto"):
+                        dw_budget_bytes: int | None = None, backend: str | None = "auto"):
     """:func:`distill_loss` (same arguments and value) with the student's gradient computed
-    in the forward pass: 4 GEMMs in all (prefkern.ops.distill_fused). The teacher takes no
+    in the forward pass: 4 GEMMs in all (prefkern.ops.distill_fused). A half-precision
+    student weight needs an fp32 (V, H) dW accumulator there (4VH bytes): with
+    ``dw_budget_bytes`` set below that, :func:`distill_loss`'s two-pass path runs instead
+    (no accumulator, 6 GEMMs). The teacher takes no
     gradient (pass frozen tensors); ``reduction`` is batchmean, mean or sum (the per-token
     gradient must be known in the forward). Runs eagerly (an autograd.Function around the
     fused pass, not a custom op: torch.compile traces into it). ``process_group`` /
@@ -122,6 +129,16 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
     if reduction not in ("batchmean", "mean", "sum"):
         raise ValueError(f"linear_distill_loss needs a reduced loss (batchmean, mean or sum), "
                          f"got {reduction!r}: use distill_loss for per-token losses")
+    if not accumulator_fits(weight, dw_budget_bytes):
+        return distill_loss(
+            hidden, weight, teacher_hidden, teacher_weight, labels, kind=kind, beta=beta,
+            alpha=alpha, temperature=temperature, weight_soft_loss=weight_soft_loss,
+            weight_hard_loss=weight_hard_loss, reduction=reduction,
+            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, bias=bias,
+            teacher_bias=teacher_bias, softcap=softcap, logit_scale=logit_scale,
+            teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale,
+            process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
+            backend=backend)
     shard = None
     if process_group is not None:
         from prefkern.ops.vocab_parallel import VocabShard, shard_layout

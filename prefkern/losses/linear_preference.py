@@ -79,6 +79,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                            logit_scale: float | None = None, ld_alpha: float | None = None,
                            use_weighting: bool = False, process_group=None,
                            fused: bool = True, budget_bytes: int = 256 << 20,
+                           dw_budget_bytes: int | None = None,
                            backend: str | None = "auto", **loss_kw):
     """``family="dpo"``: :func:`prefkern.losses.preference_loss` (every TRL DPO loss type;
     lengths are filled in from the targets); ``"cpo"``: :func:`cpo_loss` (CPO, SimPO,
@@ -99,8 +100,9 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     of 4 and at most
     ``budget_bytes`` of logits at once (prefkern.ops.preference_fused); otherwise, or when
     one pair exceeds the budget, the two-pass path (a pair of 2 x 2048 tokens at V = 128256 is
-    2 GiB of fp32 logits: raise the budget to take the fused path there). Returns (loss,
-    metrics)."""
+    2 GiB of fp32 logits: raise the budget to take the fused path there). ``dw_budget_bytes``:
+    the fused path's fp32 (V, H) dW accumulator for a half-precision weight (4VH bytes) must
+    fit it, else the two-pass path runs (None: no limit). Returns (loss, metrics)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     head = dict(temperature=temperature, ignore_index=ignore_index, softcap=softcap,
@@ -114,7 +116,9 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                      ref_bias, head, loss_kw)
     if family != "dpo" and (ld_alpha is not None or use_weighting):
         raise ValueError("ld_alpha and use_weighting are DPO options (family='dpo')")
-    if family == "dpo" and fused and \
+    from prefkern.ops.grad_in_forward import accumulator_fits
+
+    if family == "dpo" and fused and accumulator_fits(weight, dw_budget_bytes) and \
             _fusable(hidden, cu_seqlens, use_weighting, loss_kw):
         out = _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
                      head, ld_alpha, budget_bytes, loss_kw)

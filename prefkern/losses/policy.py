@@ -376,7 +376,8 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
                        logit_scale: float | None = None, fused: bool = True,
                        cu_seqlens: Tensor | None = None, process_group=None,
                        vocab_start: int | None = None, vocab_size: int | None = None,
-                       backend: str | None = "auto", **loss_kw):
+                       dw_budget_bytes: int | None = None, backend: str | None = "auto",
+                       **loss_kw):
     """:func:`policy_loss` on log-probs (and entropies, for the entropy bonus and its metric)
     computed from hidden states (B, T, H) and the LM head, with targets (B, T): no logits; or
     packed hidden (N, H), targets (N,) with ``cu_seqlens``. ``mask`` defaults to
@@ -388,12 +389,17 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
     ``fused=False``: the two-pass path (prefkern.linear_logprobs, a recomputing backward).
     ``process_group`` (vocab-parallel head shards, see prefkern.linear_logprobs) works on
     both paths (the fused one merges each chunk's row statistics across the group).
+    ``dw_budget_bytes``: the fused path's fp32 (V, H) dW accumulator for a half-precision
+    weight (4VH bytes) must fit it, else the two-pass path runs (None: no limit).
     ``old_logprobs=None``: on-policy, the detached log-probs of this very pass (ratio 1 with
     the gradient of logp, as TRL does when it skips the old-policy pass). Returns (loss,
     metrics); ``return_per_token`` adds the detached per-token "logprobs" and "entropy"."""
     kind, _ = resolve_loss_type(loss_kw.get("loss_type", "ppo"), loss_kw.get("agg"))
     mask = targets != ignore_index if mask is None else mask.bool()
-    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL:
+    from prefkern.ops.grad_in_forward import accumulator_fits
+
+    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL or \
+            not accumulator_fits(weight, dw_budget_bytes):
         from prefkern.ops.linear_logprobs import linear_logprobs
 
         out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,

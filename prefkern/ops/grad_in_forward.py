@@ -28,3 +28,16 @@ def gradients_needed(hidden, weight, bias) -> tuple[bool, bool, bool]:
         return False, False, False
     return (hidden.requires_grad, weight.requires_grad,
             bias is not None and bias.requires_grad)
+
+
+def accumulator_fits(weight, budget_bytes: int | None) -> bool:
+    """Whether a gradient-in-forward pass may hold its fp32 (V, H) dW accumulator: needed for
+    a half-precision weight that takes a gradient (the contract accumulates gradients in fp32
+    over the chunks of rows), 4VH bytes, e.g. 2 GiB at V=128256, H=4096. ``budget_bytes``
+    None: no limit. Above it, callers take the two-pass path (no accumulator: dW is complete
+    per vocabulary slice there, at the cost of recomputing the logits)."""
+    if budget_bytes is None or not weight.requires_grad or not torch.is_grad_enabled():
+        return True
+    if weight.dtype in (torch.float32, torch.float64):
+        return True  # the accumulator is the gradient itself
+    return 4 * weight.numel() <= budget_bytes

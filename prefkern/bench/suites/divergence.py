@@ -10,7 +10,9 @@ Providers:
   liger_fused_linear_jsd   Liger-Kernel's LigerFusedLinearJSD (a scalar loss: its gradients
                            are checked, not per-token values)
   prefkern_fast            prefkern.linear_divergence, Triton backend (6 GEMMs fwd+bwd:
-                           forward, then a recomputing backward for any upstream gradient)
+                           forward, then a recomputing backward for any upstream gradient;
+                           what linear_distill_loss runs when dw_budget_bytes is below its
+                           fp32 (V, H) accumulator: no accumulator)
   prefkern_distill_fused   prefkern.losses.linear_distill_loss: the gradient in the forward
                            pass, 4 GEMMs (scalar loss)
   floor_4gemm              cuBLAS: both logits GEMMs, dh and dW (the FLOPs of the fused loss)
