@@ -17,7 +17,7 @@ from prefkern.reference.advantages import gae_loop_over_time
 
 SHAPES = {
     "default": [(256, 2048), (1024, 8192), (256, 32768)],
-    "small": [(64, 1024)],
+    "small": [(64, 512)],
     "tiny": [(8, 64)],
 }
 

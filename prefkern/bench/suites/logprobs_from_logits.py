@@ -43,7 +43,7 @@ from prefkern.bench.suites import register
 # (N, V) per preset; CUDA runs bf16, CPU runs bf16 and fp32
 SHAPES = {
     "default": [(8192, 128256), (4096, 32000)],
-    "small": [(512, 32000)],
+    "small": [(256, 32000)],
     "tiny": [(64, 1000)],
 }
 H_FOR_LOGITS = 256
