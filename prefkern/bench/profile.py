@@ -256,7 +256,7 @@ def run_profile(preset: str = "tiny", device=None, dtype=torch.float32, workload
 
 def table(rows) -> str:
     """The printed table (tabulate)."""
-    from tabulate import tabulate
+    from prefkern.bench.results import format_table
 
     header = ["workload", "impl", "fwd ms", "loss ms", "bwd ms", "step ms", "fwd GiB",
               "loss GiB", "bwd GiB", "peak GiB", "loss"]
@@ -265,8 +265,7 @@ def table(rows) -> str:
              + [f"{r.get(k, float('nan')):.3f}" for k in
                 ("forward_peak_GiB", "loss_peak_GiB", "backward_peak_GiB", "peak_GiB")]
              + [f"{r['loss']:.4f}"] for r in rows]
-    return tabulate(lines, headers=header, colalign=["left"] * 2 + ["right"] * 9,
-                    disable_numparse=True)
+    return format_table(lines, header, ["left"] * 2 + ["right"] * 9)
 
 
 def plot(rows, path) -> bool:

@@ -202,7 +202,6 @@ def _num(value, digits: int = 3) -> str:
 
 def table(rows: list[dict]) -> str:
     """The printed table (tabulate): one line per row, numbers right-aligned."""
-    from tabulate import tabulate
 
     header = ["op", "mode", "shape", "dtype", "provider", "ms p50", "p20-p80", "GB/s", "TFLOP/s",
               "% copy", "peak GiB", "ms/base", "err/bound", "status"]
@@ -218,4 +217,15 @@ def table(rows: list[dict]) -> str:
                       _num(r.get("ratio_to_baseline")), _num(r.get("err_over_bound")),
                       str(r.get("status", "")) + (" (approx)" if r.get("approx") else "")])
     align = ["left"] * 5 + ["right"] * 8 + ["left"]
+    return format_table(lines, header, align)
+
+
+def format_table(lines: list[list[str]], header: list[str], align: list[str]) -> str:
+    """tabulate's plain table; without tabulate (a bare GPU image), tab-separated cells, so
+    that a long run never loses its printout (the JSON and CSV are complete either way)."""
+    try:
+        from tabulate import tabulate
+    except ImportError:
+        return "\n".join("\t".join(cells) for cells in [header, *lines]) + \
+            "\n(tabulate not installed: pip install tabulate for an aligned table)"
     return tabulate(lines, headers=header, colalign=align, disable_numparse=True)
