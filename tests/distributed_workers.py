@@ -43,7 +43,7 @@ def _problem(case: dict):
     weight = torch.randn(v, h, generator=gen) * (3.0 / h**0.5)
     bias = torch.randn(v, generator=gen) if case.get("bias") else None
     targets = torch.randint(0, v, (n,), generator=gen)
-    targets[torch.rand(n, generator=gen) < 0.25] = -100
+    targets[torch.rand(n, generator=gen) < 0.25] = case.get("ignore_index", -100)
     temperature = torch.rand(n, generator=gen) + 0.5 if case.get("row_temp") else 0.9
     upstream = [torch.randn(n, generator=gen) for _ in range(4)]
     return hidden, weight, bias, targets, temperature, upstream
@@ -72,10 +72,12 @@ def linear_logprobs_case(rank: int, world: int, store_path: str, case: dict) -> 
             gen = torch.Generator().manual_seed(11)
             targets = torch.randint(0, case["v"], (case["n"], case["k"]), generator=gen)
             targets[:, 1] = targets[:, 0]
-            targets[torch.rand(targets.shape, generator=gen) < 0.2] = -100
-            targets[0] = -100  # a row with no valid id
+            ignore = case.get("ignore_index", -100)
+            targets[torch.rand(targets.shape, generator=gen) < 0.2] = ignore
+            targets[0] = ignore  # a row with no valid id
             up[0] = torch.randn(targets.shape, generator=gen)
         opts = dict(temperature=temperature, softcap=case.get("softcap"), return_entropy=True,
+                    ignore_index=case.get("ignore_index", -100),
                     return_lse=True, return_stats=case.get("stats", False),
                     backend=case["backend"], mode=case.get("mode", "auto"))
         layout = dict(vocab_start=start, vocab_size=case["v"]) if case.get("given") else {}
@@ -229,7 +231,8 @@ def linear_divergence_case(rank: int, world: int, store_path: str, case: dict) -
         ref_weight = weight + 0.3 * torch.randn(weight.shape, generator=gen)
         start, stop = shard_bounds(case["v"], world, rank)
         opts = dict(kind=case["kind"], beta=0.3, alpha=0.7, temperature=temperature,
-                    softcap=case.get("softcap"), return_logprobs=True)
+                    softcap=case.get("softcap"), return_logprobs=True,
+                    ignore_index=case.get("ignore_index", -100))
 
         def run(fn, shard, dtype=None, **kw):
             rows = slice(start, stop) if shard else slice(None)
@@ -276,7 +279,8 @@ def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
         hidden = torch.randn(b, t, h, generator=gen)
         weight = torch.randn(v, h, generator=gen) * 0.5
         targets = torch.randint(0, v, (b, t), generator=gen)
-        targets[:, :2] = -100
+        ignore = case.get("ignore_index", -100)  # >= 0: must not meet a shard's local id
+        targets[:, :2] = ignore
         old = -torch.rand(b, t, generator=gen) * 3
         adv = torch.randn(b, generator=gen)
         start, stop = shard_bounds(v, world, rank)
@@ -300,18 +304,19 @@ def losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
                 __import__("prefkern.losses", fromlist=["distill_loss"]).distill_loss
             return fn(hs, ws, teacher_hidden, weight[rows] * 1.1, targets, kind="jsd", beta=0.3,
                       weight_hard_loss=0.5, temperature=2.0, softcap=case.get("softcap"),
-                      backend=backend, **kw)
+                      ignore_index=ignore, backend=backend, **kw)
 
         def policy(hs, ws, **kw):
             return linear_policy_loss(hs, ws, targets, old, adv, loss_type="grpo",
                                       temperature=temperature, softcap=case.get("softcap"),
-                                      entropy_coef=0.01, fused=fused, backend=backend, **kw)
+                                      entropy_coef=0.01, fused=fused, ignore_index=ignore,
+                                      backend=backend, **kw)
 
         def preference(hs, ws, **kw):
             return linear_preference_loss(hs, ws, targets, ref_logps=(old[:2].sum(-1),
                                                                       old[2:].sum(-1)),
                                           loss_type="sigmoid", fused=fused, backend=backend,
-                                          **kw)
+                                          ignore_index=ignore, **kw)
 
         for name, fn in (("distill", distill), ("policy", policy), ("preference", preference)):
             loss, dh, dw, took = grads(fn, True, **group)
@@ -456,7 +461,8 @@ def deepspeed_zero3_case(rank: int, world: int, store_path: str, case: dict) -> 
 
 def verl_linear_cross_entropy_case(rank: int, world: int, store_path: str, case: dict) -> None:
     """verl's vocab-parallel layout (equal shards, rank r rows [r V_r, (r + 1) V_r)) through
-    prefkern.integrations.verl.linear_cross_entropy equals one device."""
+    prefkern.integrations.verl.linear_cross_entropy equals one device, dhidden being each
+    rank's share that verl's caller sums over the group (as its kernel's test does)."""
     from prefkern.integrations.verl import linear_cross_entropy
 
     _init(rank, world, store_path)
@@ -478,7 +484,8 @@ def verl_linear_cross_entropy_case(rank: int, world: int, store_path: str, case:
         from prefkern.testing import assert_rule
 
         rows = slice(rank * local, (rank + 1) * local)
-        sharded = run(weight[rows], dist.group.WORLD)
+        sharded = list(run(weight[rows], dist.group.WORLD))
+        dist.all_reduce(sharded[2])  # verl's caller sums the ranks' dhidden shares
         single = run(weight, None)
         exact = run(weight, None, torch.float64)
         for k, (name, red) in enumerate((("logp", world * local), ("entropy", world * local),
@@ -548,6 +555,49 @@ def fsdp2_model_case(rank: int, world: int, store_path: str, case: dict) -> None
             got = p.grad.full_tensor()
             torch.testing.assert_close(got, plain.get_parameter(name).grad / world, rtol=1e-5,
                                        atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
+def budget_path_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """dw_budget_bytes between two uneven shards' accumulator sizes: every rank takes the same
+    path (the whole head decides), for the three gradient-in-forward losses."""
+    from prefkern.losses import linear_distill_loss, linear_policy_loss, linear_preference_loss
+
+    _init(rank, world, store_path)
+    try:
+        gen = torch.Generator().manual_seed(6)
+        b, t, h, v = 4, 5, 16, 53  # shards of 27 and 26 rows
+        hidden = torch.randn(b, t, h, generator=gen).bfloat16()
+        weight = (torch.randn(v, h, generator=gen) * 0.5).bfloat16()
+        targets = torch.randint(0, v, (b, t), generator=gen)
+        start, stop = shard_bounds(v, world, rank)
+        budget = 4 * 27 * h - 1  # rank 0's shard does not fit it, rank 1's does
+        group = dict(process_group=dist.group.WORLD)
+        fns = {
+            "policy": lambda hs, ws: linear_policy_loss(
+                hs, ws, targets, -torch.ones(b, t), torch.ones(b), dw_budget_bytes=budget,
+                backend="torch", **group),
+            "preference": lambda hs, ws: linear_preference_loss(
+                hs, ws, targets, ref_logps=(torch.zeros(2), torch.zeros(2)),
+                dw_budget_bytes=budget, backend="torch", **group),
+            "distill": lambda hs, ws: linear_distill_loss(
+                hs, ws, hidden.float().bfloat16(), weight[start:stop], targets,
+                dw_budget_bytes=budget, backend="torch", **group),
+        }
+        for name, fn in fns.items():
+            hs = hidden.clone().requires_grad_(True)
+            ws = weight[start:stop].clone().requires_grad_(True)
+            loss, _ = fn(hs, ws)
+            fused = torch.tensor([float(type(loss.grad_fn).__name__.startswith(
+                "GradientInForward"))])
+            flags = [torch.zeros(1) for _ in range(world)]
+            dist.all_gather(flags, fused)
+            assert all(f.item() == 0.0 for f in flags), f"{name}: paths {flags}"
+            loss.backward()
         dist.barrier()
     except BaseException:
         dist.destroy_process_group()

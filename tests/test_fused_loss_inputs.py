@@ -80,3 +80,15 @@ def test_dw_budget_picks_the_two_pass_path_for_a_large_half_head(name):
     for a, b in zip(runs[torch.bfloat16, None], runs[torch.bfloat16, 4 * 11 * 8 - 1],
                     strict=True):  # two bf16 roundings apart at most
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * b.abs().max().item())
+
+
+def test_dw_budget_counts_the_autocast_dtype():
+    """An fp32 weight under bf16 autocast runs the head in bf16: its fp32 accumulator counts."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = linear_policy_loss(hidden, weight, targets, -torch.ones(2, 5), torch.ones(2),
+                                     dw_budget_bytes=4 * 11 * 8 - 1, backend="torch")
+    assert not type(loss.grad_fn).__name__.startswith("GradientInForward")

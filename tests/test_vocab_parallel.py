@@ -24,8 +24,10 @@ def _spawn(fn, world: int, case: dict, tmp_path) -> None:
     dict(backend="triton", mode="min_memory", row_temp=True),
     dict(backend="torch", k=4, bias=True, softcap=6.0, stats=True),
     dict(backend="triton", mode="fast", k=3, row_temp=True),
+    dict(backend="triton", mode="fast", ignore_index=3),
+    dict(backend="triton", mode="min_memory", ignore_index=3, k=2),
 ], ids=["torch-all", "torch-no-targets", "torch-bf16", "triton-fast", "triton-minmem",
-        "torch-k-targets", "triton-k-targets"])
+        "torch-k-targets", "triton-k-targets", "triton-fast-ignore3", "triton-minmem-ignore3-k"])
 def test_linear_logprobs_sharded_equals_single_device(world, case, tmp_path):
     _spawn(workers.linear_logprobs_case, world, dict(n=17, h=24, v=101, **case), tmp_path)
 
@@ -65,7 +67,8 @@ def test_data_parallel_whitening_and_normalizers(world, tmp_path):
     dict(backend="torch", kind="alpha"),
     dict(backend="torch", kind="tv"),
     dict(backend="triton", kind="reverse_kl", row_temp=True),
-], ids=["torch-fkl", "torch-jsd", "torch-alpha", "torch-tv", "triton-rkl"])
+    dict(backend="triton", kind="jsd", ignore_index=3),
+], ids=["torch-fkl", "torch-jsd", "torch-alpha", "torch-tv", "triton-rkl", "triton-jsd-ignore3"])
 def test_linear_divergence_sharded_equals_single_device(world, case, tmp_path):
     _spawn(workers.linear_divergence_case, world, dict(n=13, h=16, v=61, bias=True, **case),
            tmp_path)
@@ -76,7 +79,11 @@ def test_linear_divergence_sharded_equals_single_device(world, case, tmp_path):
     dict(backend="torch", fused=True, softcap=4.0, row_temp=True),
     dict(backend="torch", fused=False),
     dict(backend="triton", fused=True, row_temp=True),
-], ids=["torch-fused", "torch-two-pass", "triton-fused"])
+    dict(backend="torch", fused=True, ignore_index=3),
+    dict(backend="triton", fused=True, ignore_index=3),
+    dict(backend="triton", fused=False, ignore_index=3),
+], ids=["torch-fused", "torch-two-pass", "triton-fused", "torch-fused-ignore3",
+        "triton-fused-ignore3", "triton-two-pass-ignore3"])
 def test_losses_on_vocab_shards(world, case, tmp_path):
     _spawn(workers.losses_case, world, case, tmp_path)
 
@@ -102,3 +109,7 @@ def test_nccl_sharded_equals_single_device(backend, mode, tmp_path):
     _spawn(workers.linear_logprobs_case, world,
            dict(n=33, h=64, v=1001, backend=backend, mode=mode, bias=True, softcap=6.0,
                 dtype=torch.bfloat16, stats=True, nccl=True), tmp_path)
+
+
+def test_dw_budget_takes_the_same_path_on_every_rank(tmp_path):
+    _spawn(workers.budget_path_case, 2, {}, tmp_path)

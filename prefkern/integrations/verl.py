@@ -49,7 +49,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
     both with gradients. Only ``reduction="none"`` (what verl's callers pass) is supported.
     ``dist_process_group``: verl's vocab-parallel layout, every rank holding an equal
     contiguous shard, rank r rows [r * V_r, (r + 1) * V_r) (its kernel offsets label ids by
-    ``rank * vocab_size``): prefkern's ``process_group`` with that layout, no host read."""
+    ``rank * vocab_size``): prefkern's ``process_group`` with that layout, no host read. The
+    hidden states' gradient is, as verl's kernel returns it, a per-rank share that verl's
+    caller sums over the group (prefkern's op sums it already: each rank gets sum / R)."""
     if reduction != "none":
         raise ValueError("prefkern's verl linear_cross_entropy supports reduction='none' (the "
                          "only value verl's model forwards pass)")
@@ -57,14 +59,29 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
     if dist_process_group is not None:
         import torch.distributed as dist
 
-        local = weight.shape[0]
+        local, world = weight.shape[0], dist.get_world_size(dist_process_group)
         shards = dict(process_group=dist_process_group,
                       vocab_start=dist.get_rank(dist_process_group) * local,
-                      vocab_size=dist.get_world_size(dist_process_group) * local)
+                      vocab_size=world * local)
+        hidden = _ShareOfSum.apply(hidden, world)
     out = prefkern.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
                                    labels.reshape(-1), temperature=temperature,
                                    ignore_index=_NO_IGNORE, return_entropy=True, **shards)
     return out.logprobs, out.entropy
+
+
+class _ShareOfSum(torch.autograd.Function):
+    """Identity; the backward divides the gradient by the group size R: the op below returns
+    the group's summed dhidden on every rank, verl's callers sum the ranks' shares again."""
+
+    @staticmethod
+    def forward(ctx, x, world):
+        ctx.world = world
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.world, None
 
 
 # verl has no ignore index: every label is a token id (padding included)

@@ -129,7 +129,11 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
     if reduction not in ("batchmean", "mean", "sum"):
         raise ValueError(f"linear_distill_loss needs a reduced loss (batchmean, mean or sum), "
                          f"got {reduction!r}: use distill_loss for per-token losses")
-    if not accumulator_fits(weight, dw_budget_bytes):
+    from prefkern.ops.vocab_parallel import full_vocab
+
+    rows = None if dw_budget_bytes is None else \
+        full_vocab(weight, process_group, vocab_start, vocab_size)
+    if not accumulator_fits(weight, dw_budget_bytes, rows):
         return distill_loss(
             hidden, weight, teacher_hidden, teacher_weight, labels, kind=kind, beta=beta,
             alpha=alpha, temperature=temperature, weight_soft_loss=weight_soft_loss,

@@ -117,8 +117,10 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     if family != "dpo" and (ld_alpha is not None or use_weighting):
         raise ValueError("ld_alpha and use_weighting are DPO options (family='dpo')")
     from prefkern.ops.grad_in_forward import accumulator_fits
+    from prefkern.ops.vocab_parallel import full_vocab
 
-    if family == "dpo" and fused and accumulator_fits(weight, dw_budget_bytes) and \
+    rows = None if dw_budget_bytes is None else full_vocab(weight, process_group, None, None)
+    if family == "dpo" and fused and accumulator_fits(weight, dw_budget_bytes, rows) and \
             _fusable(hidden, cu_seqlens, use_weighting, loss_kw):
         out = _fused(hidden, weight, targets, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
                      head, ld_alpha, budget_bytes, loss_kw)

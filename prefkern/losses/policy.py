@@ -397,9 +397,11 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
     kind, _ = resolve_loss_type(loss_kw.get("loss_type", "ppo"), loss_kw.get("agg"))
     mask = targets != ignore_index if mask is None else mask.bool()
     from prefkern.ops.grad_in_forward import accumulator_fits
+    from prefkern.ops.vocab_parallel import full_vocab
 
-    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL or \
-            not accumulator_fits(weight, dw_budget_bytes):
+    if not fused or kind in SEQUENCE_LEVEL + BATCH_LEVEL or not accumulator_fits(
+            weight, dw_budget_bytes, None if dw_budget_bytes is None else
+            full_vocab(weight, process_group, vocab_start, vocab_size)):
         from prefkern.ops.linear_logprobs import linear_logprobs
 
         out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,

@@ -27,7 +27,12 @@ from prefkern.ops.divergence_passes import (
 from prefkern.ops.linear_sliced import SLICE_BYTES
 from prefkern.ops.row_chunk_grads import RowChunkGrads
 from prefkern.ops.torch_chunked import CHUNK_ELEMENTS, _is_unit, head_transform_, rows_factor
-from prefkern.ops.vocab_parallel import VocabShard, local_targets, sum_over_shards
+from prefkern.ops.vocab_parallel import (
+    VocabShard,
+    local_ignore,
+    local_targets,
+    sum_over_shards,
+)
 from prefkern.reference.divergence import Divergence
 from prefkern.reference.logprobs import compute_dtype
 
@@ -133,6 +138,7 @@ def fused_distill(policy: Side, refs: list[Side], targets: Tensor, head_p: HeadA
     if shard is not None:
         v = shard.vocab  # the same chunks on every rank
         targets = local_targets(targets, shard.start, weight.shape[0], ignore_index)
+        ignore_index = local_ignore(ignore_index)  # the chunks see local targets
         chunk = functools.partial(_chunk_sharded, shard=shard)
     zero = torch.zeros((), dtype=cdt, device=hidden.device)
     gd = torch.where(valid, soft_scale.to(cdt), zero)

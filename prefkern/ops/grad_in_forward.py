@@ -30,14 +30,21 @@ def gradients_needed(hidden, weight, bias) -> tuple[bool, bool, bool]:
             bias is not None and bias.requires_grad)
 
 
-def accumulator_fits(weight, budget_bytes: int | None) -> bool:
+def accumulator_fits(weight, budget_bytes: int | None, rows: int | None = None) -> bool:
     """Whether a gradient-in-forward pass may hold its fp32 (V, H) dW accumulator: needed for
-    a half-precision weight that takes a gradient (the contract accumulates gradients in fp32
-    over the chunks of rows), 4VH bytes, e.g. 2 GiB at V=128256, H=4096. ``budget_bytes``
-    None: no limit. Above it, callers take the two-pass path (no accumulator: dW is complete
-    per vocabulary slice there, at the cost of recomputing the logits)."""
+    a half-precision weight (after autocast) that takes a gradient (the contract accumulates
+    gradients in fp32 over the chunks of rows), 4VH bytes, e.g. 2 GiB at V=128256, H=4096.
+    ``budget_bytes`` None: no limit. Above it, callers take the two-pass path (no accumulator:
+    dW is complete per vocabulary slice there, at the cost of recomputing the logits).
+    ``rows``: the V that decides (vocab-parallel callers pass the whole vocabulary, so that
+    every rank takes the same path)."""
     if budget_bytes is None or not weight.requires_grad or not torch.is_grad_enabled():
         return True
-    if weight.dtype in (torch.float32, torch.float64):
+    from prefkern._autocast import autocast_dtype
+
+    dtype = weight.dtype
+    if dtype in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = autocast_dtype(weight.device) or dtype  # what the head's GEMM will run in
+    if dtype in (torch.float32, torch.float64):
         return True  # the accumulator is the gradient itself
-    return 4 * weight.numel() <= budget_bytes
+    return 4 * (weight.shape[0] if rows is None else rows) * weight.shape[1] <= budget_bytes

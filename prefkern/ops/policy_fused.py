@@ -28,6 +28,7 @@ from prefkern.ops.torch_chunked import (
 )
 from prefkern.ops.vocab_parallel import (
     VocabShard,
+    local_ignore,
     local_targets,
     merge_chunk_stats,
     sum_over_shards,
@@ -105,6 +106,7 @@ def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: in
     if shard is not None:
         v = shard.vocab
         targets = local_targets(targets, shard.start, weight.shape[0], ignore_index)
+        ignore_index = local_ignore(ignore_index)  # the kernels see local targets
     logp_out = torch.zeros(n, dtype=cdt, device=hidden.device)
     entropy_out = torch.zeros_like(logp_out)
     grads = RowChunkGrads(hidden, weight, bias, need, fp32_dh=shard is not None)

@@ -40,14 +40,29 @@ def shard_layout(weight: Tensor, group, vocab_start: int | None,
     return sum(counts[:rank]), sum(counts)
 
 
+def full_vocab(weight: Tensor, group, vocab_start: int | None, vocab_size: int | None) -> int:
+    """The whole head's row count: the weight's own without a group (a DTensor's global
+    shape), else ``vocab_size`` or the shard sizes all-gathered (:func:`shard_layout`)."""
+    if group is None:
+        return weight.shape[0]
+    return vocab_size if vocab_size is not None else \
+        shard_layout(weight, group, vocab_start, vocab_size)[1]
+
+
+def local_ignore(ignore_index: int) -> int:
+    """The ignore value of shard-local targets: ignore_index itself when negative (no local id
+    or sentinel is), else -1 (a non-negative ignore_index can equal a real target's local id
+    on some shard). Every pass over local targets takes this value."""
+    return ignore_index if ignore_index < 0 else -1
+
+
 def local_targets(targets: Tensor, start: int, local_vocab: int, ignore_index: int) -> Tensor:
     """Global ids -> this shard's: ids in the shard shifted to it, ids elsewhere a sentinel no
-    column matches (the row still counts), ignore_index kept. The sentinel is far past any
-    column a kernel tile could hold (tiles pad past the vocabulary)."""
-    sentinel = _SENTINEL if ignore_index != _SENTINEL else _SENTINEL + 1
+    column matches (the row still counts), ignored entries :func:`local_ignore`. The sentinel
+    is far past any column a kernel tile could hold (tiles pad past the vocabulary)."""
     inside = (targets >= start) & (targets < start + local_vocab)
-    shifted = torch.where(inside, targets - start, sentinel)
-    return torch.where(targets == ignore_index, targets, shifted)
+    shifted = torch.where(inside, targets - start, _SENTINEL)
+    return torch.where(targets == ignore_index, local_ignore(ignore_index), shifted)
 
 
 def _all_gather(t: Tensor, group) -> Tensor:
@@ -86,7 +101,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
         row_targets = multi_target.representative(targets, ignore_index) if multi else targets
         local = local_targets(row_targets, start, weight.shape[0], ignore_index)
         raw = raw_forward(backend, mode)(hidden, weight, bias, local, factor, softcap,
-                                         ignore_index, True, with_stats)
+                                         local_ignore(ignore_index), True, with_stats)
         merged = merge_ranks(raw, start, group)
         logp, entropy, lse, stats = softmax_stats.finish_raw(merged,
                                                              row_targets != ignore_index, vocab)
@@ -128,7 +143,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
             g_lse = multi_target.lse_gradient(g_lse, g_logp, targets != ignore_index)
             g_picked, g_logp = g_logp, None
         dh, dw, db = ctx.backward_fn(hidden, weight, bias, local, lse, entropy, g_logp, g_ent,
-                                     g_lse, factor, softcap, ignore_index, need_dh=need[0],
+                                     g_lse, factor, softcap, local_ignore(ignore_index),
+                                     need_dh=need[0],
                                      need_dw=need[1], need_db=need[2], g_extra=g_extra,
                                      fp32_dh=True)
         if g_picked is not None:  # the target columns this shard owns

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from prefkern.ops import divergence_math
 from prefkern.ops import divergence_passes as passes
 from prefkern.ops.softmax_stats import merge
-from prefkern.ops.vocab_parallel import _all_gather, local_targets
+from prefkern.ops.vocab_parallel import _all_gather, local_ignore, local_targets
 from prefkern.reference.logprobs import compute_dtype
 
 
@@ -74,6 +74,7 @@ class VocabParallelDivergence(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, head_p,
                 head_q, div, ignore_index, group, start, vocab, backend):
         local = local_targets(targets, start, weight.shape[0], ignore_index)
+        ignore_index = local_ignore(ignore_index)  # every pass below sees local targets
         policy = passes.Side(hidden, weight, bias)
         refs = [passes.Side(ref_hidden, ref_weight, ref_bias)]
         need_q = any(t is not None and t.requires_grad for t in (ref_hidden, ref_weight,
