@@ -46,7 +46,7 @@ def _assert_same_step(got, want):
 
 
 def _online_rl_step(trainer_cls, config_cls, kind, tmp_path, fused_loss=None,
-                    accumulation=None, **config):
+                    accumulation=None, off_policy=False, **config):
     """GRPO / RLOO: generate and score one fixed batch (non-zero advantages, KL to the
     reference), then the loss and every gradient with and without prefkern's head.
     ``fused_loss`` (True: must take prefkern's fused loss, False: must fall back to TRL's):
@@ -65,6 +65,8 @@ def _online_rl_step(trainer_cls, config_cls, kind, tmp_path, fused_loss=None,
     torch.manual_seed(0)
     inputs = trainer._generate_and_score_completions([data[0], data[0], data[1], data[1]])
     assert inputs["advantages"].abs().sum() > 0
+    if off_policy:  # old log-probs off the current ones (num_iterations > 1), a moved reference
+        _move_off_policy(trainer, inputs)
     if accumulation is not None:  # inside training: the normalizers count accumulation steps
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = accumulation
@@ -88,6 +90,18 @@ def _online_rl_step(trainer_cls, config_cls, kind, tmp_path, fused_loss=None,
         assert got_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), name
 
 
+def _move_off_policy(trainer, inputs):
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+            inputs["completion_ids"].size(1))
+    gen = torch.Generator().manual_seed(1)
+    inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=gen)
+    inputs["ref_per_token_logps"] = inputs["ref_per_token_logps"] + \
+        0.2 * torch.randn(logp.shape, generator=gen)
+
+
 def _reward(completions, **_):
     """A deterministic, non-constant rule-based reward."""
     return [float(sum(map(ord, c)) % 7) for c in completions]
@@ -109,6 +123,16 @@ def test_grpo_fused_loss_is_trls(loss_type, extra, fused, tmp_path):
     logged metrics from one gradient-in-forward pass (KL to the reference on: beta 0.05)."""
     _online_rl_step(trl.GRPOTrainer, trl.GRPOConfig, "gemma2", tmp_path, fused_loss=fused,
                     loss_type=loss_type, **extra)
+
+
+@pytest.mark.parametrize("extra", [{}, {"delta": 1.1, "epsilon_high": 0.28},
+                                   {"use_bias_correction_kl": False}],
+                         ids=["plain", "delta-below-clip", "no-kl-correction"])
+def test_grpo_fused_loss_off_policy(extra, tmp_path):
+    """Ratios away from 1 and a non-zero KL: TRL's delta (which caps the unclipped term
+    only, whatever epsilon_high) and the bias-corrected KL and its logged metric."""
+    _online_rl_step(trl.GRPOTrainer, trl.GRPOConfig, "gemma2", tmp_path, fused_loss=True,
+                    off_policy=True, loss_type="dapo", **extra)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])

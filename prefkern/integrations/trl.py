@@ -113,7 +113,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             context = torch.autocast(hidden.device.type, enabled=False)
         if prefkern_loss is not None:  # a whole loss from the hidden states (fused_grpo_loss)
             with context:
-                head_options = dict(temperature=temperature, logit_scale=scale, softcap=softcap)
+                head_options = dict(temperature=temperature, logit_scale=scale, softcap=softcap,
+                                    backend=backend)
                 return head_call(head, lambda w, b, h: prefkern_loss(h, w, b, targets,
                                                                      head_options),
                                  hidden, fp32=cast_lm_head_to_fp32)

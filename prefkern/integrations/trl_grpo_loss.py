@@ -131,6 +131,8 @@ def _log_metrics(trainer, logp, old, advantages, mask, entropy, ref) -> None:
     metrics = trainer._metrics[mode]
     if ref is not None:
         kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if getattr(trainer.args, "use_bias_correction_kl", False):  # TRL logs the weighted KL
+            kl = kl * torch.exp(logp - (logp if old is None else old))
         metrics["kl"].append(global_masked_mean(kl))
     metrics["entropy"].append(global_masked_mean(entropy))
     low = ((ratio < 1 - trainer.epsilon_low) & (advantages < 0)).float()

@@ -213,8 +213,9 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     +-``ratio_log_clamp``: verl's and OpenRLHF's 20; None for TRL), r = exp(x), A the
     advantages, eps_high defaulting to eps_low (GSPO never clamps x, in either trainer):
       ppo (and TRL's grpo, bnpo, dr_grpo, dapo, which only pick the aggregation)
-          max(-A r, -A clamp(r, 1 - eps_low, 1 + eps_high)), r first capped at ``delta``
-          (TRL's two-sided clip); ``dual_clip`` c (verl clip_ratio_c, e.g. 3): where A < 0,
+          max(-A min(r, delta), -A clamp(r, 1 - eps_low, 1 + eps_high)) (``delta``: TRL's
+          two-sided clip, which caps the unclipped term only); ``dual_clip`` c (verl
+          clip_ratio_c, e.g. 3): where A < 0,
           min(that, -A c)
       gspo  sequence-level ratio s = exp(masked mean of x), PPO-clipped, aggregated by
           seq-mean-token-mean; ``gspo_form="verl"``: log s_t = logp - sg(logp) + sg(mean x)
@@ -283,9 +284,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                          entropy, entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count)
     ratio = torch.exp(x)
     if kind in ("ppo", "gspo"):
-        if delta is not None:
-            ratio = ratio.clamp(max=delta)
-        loss1 = -adv * ratio
+        capped = ratio if delta is None else ratio.clamp(max=delta)
+        loss1 = -adv * capped  # TRL's delta caps the unclipped term only
         loss2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
         clipped = torch.maximum(loss1, loss2)
         metrics["pg_clipfrac"] = _masked_mean((loss2 > loss1).float(), mask)

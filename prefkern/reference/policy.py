@@ -95,9 +95,7 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
             neg_kl, min=-ratio_log_clamp, max=ratio_log_clamp)
     ratio = torch.exp(log_ratio)
     if kind in ("ppo", "gspo"):
-        if delta is not None:
-            ratio = torch.clamp(ratio, max=delta)
-        pg1 = -adv * ratio
+        pg1 = -adv * (ratio if delta is None else torch.clamp(ratio, max=delta))
         pg2 = -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
         clip1 = torch.maximum(pg1, pg2)
         if dual_clip is None:
