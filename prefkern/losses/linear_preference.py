@@ -78,7 +78,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                            ignore_index: int = -100, softcap: float | None = None,
                            logit_scale: float | None = None, ld_alpha: float | None = None,
                            use_weighting: bool = False, process_group=None,
-                           fused: bool = True, budget_bytes: int = 256 << 20,
+                           fused: bool = True, budget_bytes: int | None = None,
                            dw_budget_bytes: int | None = None,
                            backend: str | None = "auto", **loss_kw):
     """``family="dpo"``: :func:`prefkern.losses.preference_loss` (every TRL DPO loss type;
@@ -98,7 +98,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     types: every type but aot, aot_unpaired and sft, without rpo_alpha or use_weighting): the
     gradient is formed in the forward pass a chunk of whole pairs at a time, 3 GEMMs instead
     of 4 and at most
-    ``budget_bytes`` of logits at once (prefkern.ops.preference_fused); otherwise, or when
+    ``budget_bytes`` of logits at once (default 32 MiB on CPU, 256 MiB on a GPU;
+    prefkern.ops.preference_fused); otherwise, or when
     one pair exceeds the budget, the two-pass path (a pair of 2 x 2048 tokens at V = 128256 is
     2 GiB of fp32 logits: raise the budget to take the fused path there). ``dw_budget_bytes``:
     the fused path's fp32 (V, H) dW accumulator for a half-precision weight (4VH bytes) must

@@ -47,11 +47,12 @@ def _row_chunks(n: int, v: int, device: torch.device, triton: bool):
     return [slice(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
 
 
-def _stats_torch(raw, head, rows, targets):
-    """-> unfinished (m, s, u, z[y] or 0 where y is not a column) and the gradient state."""
+def _stats_torch(raw, head, rows, targets, with_entropy: bool = True):
+    """-> unfinished (m, s, u or None, z[y] or 0 where y is not a column) and the gradient
+    state."""
     factor = rows_factor(head.factor, rows)
     z, dcap = head_transform_(raw, factor, head.softcap, with_grad=True)
-    m, s, u = softmax_stats.row_stats(z)
+    m, s, u = softmax_stats.row_stats(z, with_entropy)
     hit, picked = softmax_stats.pick_target(z, targets)
     return (m, s, u, torch.where(hit, picked, 0)), (z, dcap, factor)
 
@@ -88,7 +89,7 @@ def _grad_triton(raw, dz, targets, stats, g_logp, g_ent, factor, head, ignore_in
 
 def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: int,
                  token_loss, triton: bool, need: tuple[bool, bool, bool], row_chunks=None,
-                 shard: VocabShard | None = None):
+                 shard: VocabShard | None = None, with_entropy: bool = True):
     """policy: (hidden (N, H), weight, bias); targets (N,);
     ``token_loss(rows, logp, entropy) -> scalar``: the chunk's share of the loss, a
     differentiable function of its (r,) log-probs and entropies. ``row_chunks``: the chunks
@@ -97,6 +98,8 @@ def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: in
     ``shard``: policy.weight (and bias) are this rank's rows of a vocab-parallel head
     (prefkern.ops.vocab_parallel): every chunk's row statistics are merged across the group
     (one all-gather), d logits is local, dW and db stay local and dh is summed over the group.
+    ``with_entropy=False``: a loss of the log-probs only (token_loss gets zeros for the
+    entropies; the torch engine then keeps one (r, V) buffer fewer).
     -> (logp (N,), entropy (N,), dh, dW, db) with the gradients of the whole loss (None where
     not needed)."""
     hidden, weight, bias = policy.hidden, policy.weight, policy.bias
@@ -118,15 +121,19 @@ def fused_policy(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: in
         if triton:
             raw_stats, factor = _stats_triton(raw, head, rows, y, ignore_index)
         else:
-            raw_stats, state = _stats_torch(raw, head, rows, y)
+            raw_stats, state = _stats_torch(raw, head, rows, y, with_entropy)
         stats = softmax_stats.finish(*merge_chunk_stats(*raw_stats, shard), ok)
+        if stats[1] is None:
+            stats = (stats[0], torch.zeros_like(stats[0]), stats[2])
         logp, entropy = stats[0], stats[1]
         with torch.enable_grad():
             lp = logp.detach().requires_grad_(True)
-            ent = entropy.detach().requires_grad_(True)
-            g_logp, g_ent = torch.autograd.grad(token_loss(rows, lp, ent), (lp, ent),
-                                                allow_unused=True, materialize_grads=True)
-        g_logp, g_ent = (torch.where(ok, g, 0).to(cdt).contiguous() for g in (g_logp, g_ent))
+            ent = entropy.detach().requires_grad_(with_entropy)
+            inputs = (lp, ent) if with_entropy else (lp,)
+            upstream = torch.autograd.grad(token_loss(rows, lp, ent), inputs,
+                                           allow_unused=True, materialize_grads=True)
+        g_logp, g_ent = (None if g is None else torch.where(ok, g, 0).to(cdt).contiguous()
+                         for g in (*upstream, None)[:2])
         if triton:
             half = hidden.dtype != torch.float32
             dz = torch.empty(raw.shape, dtype=hidden.dtype, device=raw.device) if half else raw

@@ -9,8 +9,9 @@ per-token log-probs, the pair losses and by autograd on those few scalars d loss
 token, hence d loss / d logits, which go into dh (complete for the rows) and dW, db
 (accumulated): 3 GEMMs in all (6NHV FLOPs) against 4 (8NHV) for a forward and a recomputing
 backward. The chunk's logits live only inside the chunk: chunks hold as many pairs as fit
-``budget_bytes`` of fp32 logits (their gradient, in the input dtype, comes on top), so memory
-does not grow with the batch.
+``budget_bytes`` of fp32 logits (32 MiB on CPU, 256 MiB on a GPU by default; the torch engine
+holds about two such buffers, the Triton one the logits and their gradient), so memory does
+not grow with the batch.
 """
 
 from __future__ import annotations
@@ -29,9 +30,17 @@ SEPARABLE = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robus
                        "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm"})
 
 
-def pair_chunks(b: int, t: int, vocab: int, budget_bytes: int, device) -> list[Tensor] | None:
+# the default logits budget per device type: a CPU's GEMMs reach their speed on smaller chunks
+DEFAULT_BUDGET_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+
+
+def pair_chunks(b: int, t: int, vocab: int, budget_bytes: int | None,
+                device) -> list[Tensor] | None:
     """Row indices of chunks of whole pairs in the flattened (2B * T) rows; None when one pair
-    alone exceeds the budget."""
+    alone exceeds the budget (None: DEFAULT_BUDGET_BYTES for the device)."""
+    if budget_bytes is None:
+        budget_bytes = DEFAULT_BUDGET_BYTES.get(torch.device(device).type,
+                                                DEFAULT_BUDGET_BYTES["cuda"])
     per_pair = 2 * t * vocab * 4
     pairs = budget_bytes // per_pair
     if pairs < 1:
@@ -72,5 +81,6 @@ def fused_dpo(policy: Side, targets: Tensor, head: HeadArgs, ignore_index: int,
 
     logp, _, dh, dw, db = policy_fused.fused_policy(policy, flat, head, ignore_index,
                                                     token_loss, triton, need,
-                                                    row_chunks=chunks, shard=shard)
+                                                    row_chunks=chunks, shard=shard,
+                                                    with_entropy=False)
     return logp, dh, dw, db

@@ -31,9 +31,11 @@ def row_stats(z: torch.Tensor, with_u: bool = True):
     """(m, s, u or None) over the last dim of z (..., C); z is not modified."""
     m = z.amax(dim=-1)
     centered = (z - _safe(m).unsqueeze(-1)).clamp_(min=LOG_FLOOR)
+    if not with_u:  # one (..., C) temporary instead of two
+        return m, centered.exp_().sum(-1), None
     e = centered.exp()
     s = e.sum(-1)
-    u = e.mul_(centered).sum(-1) if with_u else None
+    u = e.mul_(centered).sum(-1)
     return m, s, u
 
 

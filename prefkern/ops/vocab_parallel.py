@@ -177,9 +177,10 @@ def merge_chunk_stats(m, s, u, z_target, shard: VocabShard | None):
     vocabulary (unchanged without a shard). Every rank must call it for the same rows."""
     if shard is None:
         return m, s, u, z_target
-    merged = merge_ranks(softmax_stats.RawStats(m, s, u, z_target, None), shard.start,
+    u_in = torch.zeros_like(s) if u is None else u  # (the same collective either way)
+    merged = merge_ranks(softmax_stats.RawStats(m, s, u_in, z_target, None), shard.start,
                          shard.group)
-    return merged.m, merged.s, merged.u, merged.z_target
+    return merged.m, merged.s, None if u is None else merged.u, merged.z_target
 
 
 def sum_over_shards(t: Tensor, shard: VocabShard | None) -> Tensor:
