@@ -17,6 +17,11 @@ PREFKERN_BUILD_CUDA=1 PREFKERN_CUDA_ARCHS=90 python3 -m pip install -q --no-buil
 python3 -m prefkern info | tee "$OUT/info.txt"
 python3 -m pytest -q -m gpu -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
 python3 -m prefkern bench --out "$OUT/results" "$@" 2>&1 | tail -120 | tee "$OUT/bench.log"
+# time and memory against N and V (PNG); long: on when PREFKERN_SWEEPS=1
+if [ "${PREFKERN_SWEEPS:-0}" = "1" ]; then
+  python3 -m prefkern bench --suite sweep_tokens --suite sweep_vocab --out "$OUT/results" 2>&1 \
+    | tail -60 | tee "$OUT/sweeps.log"
+fi
 # one training step per workload, materialized logits vs prefkern, on a real head size
 python3 -m prefkern profile --out "$OUT/results" 2>&1 | tail -20 | tee "$OUT/profile.log"
 # short TRL GRPO / DPO runs on a Llama-3.2-1B-shaped random model, with and without prefkern
