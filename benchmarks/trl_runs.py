@@ -24,20 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from _tiny_hf import prompts, tiny_model_dir, vocab_of  # noqa: E402
+from trl_grpo import even_tokens  # noqa: E402  (the example's rule-based reward)
 
 SETTINGS = {  # per preset: batch, completion length, DPO sequence words
     "tiny": dict(batch=4, generations=2, completion=8, words=6),
     "llama-1b": dict(batch=8, generations=4, completion=256, words=512),
 }
-
-
-def _reward(completions, **_):
-    """A deterministic, non-constant rule-based reward (the share of even-numbered words)."""
-    scores = []
-    for text in completions:
-        words = [w for w in text.split() if w.startswith("w") and w[1:].isdigit()]
-        scores.append(sum(int(w[1:]) % 2 == 0 for w in words) / max(len(words), 1))
-    return scores
 
 
 class _StepClock:
@@ -74,7 +66,7 @@ def _trainer(kind: str, folder: str, preset: str, steps: int, out_dir: str):
         data = Dataset.from_dict({"prompt": prompts(64, 16, vocab)})
         args = GRPOConfig(num_generations=s["generations"],
                           max_completion_length=s["completion"], beta=0.04, **common)
-        trainer = GRPOTrainer(model=folder, reward_funcs=_reward, args=args,
+        trainer = GRPOTrainer(model=folder, reward_funcs=even_tokens, args=args,
                               train_dataset=data, processing_class=tokenizer)
     else:
         texts = prompts(96, s["words"], vocab)

@@ -90,6 +90,18 @@ def _online_rl_step(trainer_cls, config_cls, kind, tmp_path, fused_loss=None,
         assert got_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), name
 
 
+def _offline_step(trainer, rows: int):
+    """DPO / KTO: the policy moved off its reference (non-trivial log-ratios and KL), then the
+    loss and every gradient on the first ``rows`` examples with and without prefkern's head."""
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
+    want = _step(trainer, batch)
+    pk_trl.patch_trainer(trainer, backend="torch")
+    _assert_same_step(_step(trainer, batch), want)
+
+
 def _move_off_policy(trainer, inputs):
     with torch.no_grad():
         logp, _, _ = trainer._get_per_token_logps_and_entropies(
@@ -162,14 +174,7 @@ def test_dpo_step_with_and_without_prefkern(loss_type, extra, tmp_path):
                          loss_weights=[1.0, 0.5][: len(loss_type)], **extra)
     trainer = trl.DPOTrainer(model=str(tmp_path / "model"), args=args, train_dataset=data,
                              processing_class=_tokenizer())
-    with torch.no_grad():  # move the policy off the reference: non-trivial log-ratios
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-
-    want = _step(trainer, batch)
-    pk_trl.patch_trainer(trainer, backend="torch")
-    _assert_same_step(_step(trainer, batch), want)
+    _offline_step(trainer, 2)
 
 
 def test_kto_step_with_and_without_prefkern(tmp_path):
@@ -187,14 +192,7 @@ def test_kto_step_with_and_without_prefkern(tmp_path):
                          report_to="none", use_cpu=True, bf16=False)
     trainer = trl.KTOTrainer(model=str(tmp_path / "model"), args=args, train_dataset=data,
                              processing_class=_tokenizer())
-    with torch.no_grad():  # off the reference: non-trivial log-ratios and KL
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-
-    want = _step(trainer, batch)
-    pk_trl.patch_trainer(trainer, backend="torch")
-    _assert_same_step(_step(trainer, batch), want)
+    _offline_step(trainer, 4)
 
 
 def test_sft_step_with_and_without_prefkern(tmp_path):
