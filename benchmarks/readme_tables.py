@@ -5,10 +5,13 @@
 
 For each device folder under --results, the newest JSON of each suite (as written by
 `python -m prefkern bench`) becomes a table: one row per case and provider with the median
-time, the time relative to the case's baseline, the peak extra memory and the status; above
-it the device, torch / triton versions, commit and date of that run, and the run's PNG when it
-exists. The section between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced;
-with no results it says the numbers are pending. ``--check`` exits 1 when README.md is not up
+time, the time relative to the case's baseline, the peak extra memory and the status; the
+newest `python -m prefkern profile` run per preset (time and peak memory per training step
+and phase) and `benchmarks/trl_runs.py` run per preset (TRL steps with and without prefkern)
+a table each; above each the device, torch / triton versions, commit and date of that run,
+and its PNGs (bars; the sweeps' curves) when they exist. The section between
+``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced; with no results it says the
+numbers are pending. ``--check`` exits 1 when README.md is not up
 to date (for CI).
 """
 
@@ -33,20 +36,57 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
+def _kind(payload) -> str | None:
+    """What wrote a results JSON: "bench" (python -m prefkern bench), "profile" (python -m
+    prefkern profile) or "trl_runs" (benchmarks/trl_runs.py); None for anything else."""
+    if not isinstance(payload, dict):
+        return None
+    if "runs" in payload:
+        return "trl_runs"
+    if "preset" in payload and "rows" in payload:
+        return "profile"
+    return "bench" if "rows" in payload else None
+
+
 def _newest_per_suite(folder: Path) -> list[tuple[str, Path, dict]]:
-    """-> [(suite, json path, payload)], the newest file of each suite (names start with the
-    run's UTC stamp, so they sort by time)."""
+    """-> [(suite, json path, payload)], the newest file of each bench suite, profile preset
+    and TRL-runs preset (names start with the run's UTC stamp, so they sort by time)."""
     newest = {}
     for path in sorted(folder.glob("*.json")):
         try:
             payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(payload, dict) or "rows" not in payload:
-            continue
-        for suite in sorted({row.get("op", "?") for row in payload["rows"]}):
-            newest[suite] = (path, payload)
+        kind = _kind(payload)
+        if kind == "bench":
+            for suite in sorted({row.get("op", "?") for row in payload["rows"]}):
+                newest[suite] = (path, payload)
+        elif kind is not None:
+            preset = payload.get("preset") or payload.get("meta", {}).get("preset", "?")
+            newest[f"{kind} {preset}"] = (path, payload)
     return [(suite, *newest[suite]) for suite in sorted(newest)]
+
+
+def _profile_rows(payload: dict) -> list[str]:
+    lines = ["| workload | impl | step ms | forward ms | loss ms | backward ms | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in payload["rows"]:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in (
+            "workload", "impl", "step_ms", "forward_ms", "loss_ms", "backward_ms",
+            "peak_GiB")) + " |")
+    return lines
+
+
+def _trl_rows(payload: dict) -> list[str]:
+    lines = ["| trainer | with prefkern | median step ms | peak GiB | losses |",
+             "|---|---|---|---|---|"]
+    for r in payload["runs"]:
+        times = sorted(r.get("step_ms") or [])
+        median = times[len(times) // 2] if times else None
+        lines.append("| " + " | ".join([
+            _fmt(r.get("trainer")), _fmt(r.get("prefkern")), _fmt(median),
+            _fmt(r.get("peak_GiB")), ", ".join(_fmt(x, 4) for x in r.get("losses", []))]) + " |")
+    return lines
 
 
 def _table(suite: str, path: Path, payload: dict, readme_dir: Path) -> list[str]:
@@ -55,9 +95,14 @@ def _table(suite: str, path: Path, payload: dict, readme_dir: Path) -> list[str]
     lines = [f"### {suite} on {meta.get('device', '?')}", "",
              f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, commit "
              f"`{commit}`, {meta.get('date', '?')}; from `{path.relative_to(readme_dir)}`", ""]
-    png = path.with_suffix(".png")
-    if png.exists():
-        lines += [f"![{suite}]({png.relative_to(readme_dir)})", ""]
+    for png in (path.with_suffix(".png"), path.with_name(path.stem + "_sweep.png")):
+        if png.exists():
+            lines += [f"![{suite}]({png.relative_to(readme_dir)})", ""]
+    kind = _kind(payload)
+    if kind == "profile":
+        return lines + _profile_rows(payload) + [""]
+    if kind == "trl_runs":
+        return lines + _trl_rows(payload) + [""]
     lines += ["| mode | shape | dtype | provider | ms (p50) | × baseline | peak GiB | status |",
               "|---|---|---|---|---|---|---|---|"]
     for row in payload["rows"]:

@@ -50,3 +50,29 @@ def test_tables_from_a_results_file(tmp_path):
     assert "old" not in text and text.endswith("tail\n")
     assert module.main(["--results", str(tmp_path / "results"), "--readme", str(readme),
                         "--check"]) == 0
+
+
+def test_profile_and_trl_runs_results_become_tables(tmp_path):
+    import json
+
+    folder = tmp_path / "results" / "h100"
+    folder.mkdir(parents=True)
+    meta = dict(device="NVIDIA H100 80GB HBM3", torch="2.11", triton="3.6",
+                git_commit="abcdef0123456789", date="2026-11-23T12:00:00+00:00")
+    profile = dict(meta=meta, preset="llama3-8b-head", rows=[
+        dict(workload="dpo", impl="prefkern", step_ms=12.5, forward_ms=4.0, loss_ms=6.0,
+             backward_ms=2.5, peak_GiB=1.25, loss=0.69)])
+    runs = dict(meta=dict(meta, preset="llama-1b"), runs=[
+        dict(trainer="grpo", prefkern=True, steps=2, step_ms=[100.0, 90.0, 95.0],
+             losses=[0.5, 0.25], peak_GiB=20.5)])
+    (folder / "2026-11-23_1200_profile_llama3-8b-head.json").write_text(json.dumps(profile))
+    (folder / "trl_runs_llama-1b.json").write_text(json.dumps(runs))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    assert _module().main(["--results", str(tmp_path / "results"), "--readme",
+                           str(readme)]) == 0
+    text = readme.read_text()
+    assert "### profile llama3-8b-head on NVIDIA H100 80GB HBM3" in text
+    assert "| dpo | prefkern | 12.5 | 4 | 6 | 2.5 | 1.25 |" in text
+    assert "### trl_runs llama-1b on NVIDIA H100 80GB HBM3" in text
+    assert "| grpo | True | 95 | 20.5 | 0.5, 0.25 |" in text
