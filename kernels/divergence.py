@@ -57,7 +57,7 @@ def _alpha_weight(a, b, alpha):
 
 
 @triton.jit
-def _terms(a, b, beta, log1m_beta, log_beta, alpha, KIND: tl.constexpr):
+def elementwise_terms(a, b, beta, log1m_beta, log_beta, alpha, KIND: tl.constexpr):
     """-> (term, f_p, f_q) elementwise."""
     p = tl.exp(a)
     q = tl.exp(b)
@@ -88,7 +88,7 @@ def _terms(a, b, beta, log1m_beta, log_beta, alpha, KIND: tl.constexpr):
 
 
 @triton.jit
-def _grads(a, b, c_p, c_q, beta, log1m_beta, log_beta, alpha, KIND: tl.constexpr):
+def elementwise_grads(a, b, c_p, c_q, beta, log1m_beta, log_beta, alpha, KIND: tl.constexpr):
     """-> (dD/dz_p, dD/dz_q) per unit upstream gradient (divergence_math.grads)."""
     p = tl.exp(a)
     q = tl.exp(b)
@@ -148,7 +148,7 @@ def _divergence_fwd_kernel(
         z_q, dcap_q = capped_logits(raw_q, it_q, softcap_q, SOFTCAP_Q)
         a = tl.where(inside, (z_p - m_p) - ls_p, float("-inf"))
         b = tl.where(inside, (z_q - m_q) - ls_q, float("-inf"))
-        term, f_p, f_q = _terms(a, b, beta, log1m_beta, log_beta, alpha, KIND)
+        term, f_p, f_q = elementwise_terms(a, b, beta, log1m_beta, log_beta, alpha, KIND)
         d += tl.where(inside, term, 0.0)
         c_p += tl.where(inside, f_p, 0.0)
         if NEED_Q:
@@ -206,7 +206,7 @@ def _divergence_bwd_kernel(
         z_q, dcap_q = capped_logits(raw_q, it_q, softcap_q, SOFTCAP_Q)
         a = tl.where(inside, (z_p - m_p) - ls_p, float("-inf"))
         b = tl.where(inside, (z_q - m_q) - ls_q, float("-inf"))
-        d_p, d_q = _grads(a, b, c_p, c_q, beta, log1m_beta, log_beta, alpha, KIND)
+        d_p, d_q = elementwise_grads(a, b, c_p, c_q, beta, log1m_beta, log_beta, alpha, KIND)
         # a zero upstream gradient adds nothing, even where D is infinite
         dz_p = tl.where(g_div == 0.0, 0.0, g_div * d_p)
         if HAS_G_LOGP:

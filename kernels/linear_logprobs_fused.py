@@ -296,13 +296,16 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, softcap,
     return part.unbind(0)
 
 
-def _waves(length: int, block: int, other: int, other_block: int, h: int, deterministic: bool,
+def _waves(length: int, block: int, other: int, other_block: int, widths, deterministic: bool,
            device):
-    """Waves over ``length`` rows of a gradient with an fp32 (rows, h) scratch of at most
-    SCRATCH_BYTES: yields (start, stop, grid, other_per_split, zeroed scratch). The grid is
-    (blocks of this wave, splits of ``other``); one split when deterministic (no atomics)."""
-    per_wave = max(block, SCRATCH_BYTES // (4 * h) // block * block)
-    scratch = torch.empty((min(length, per_wave), h), dtype=torch.float32, device=device)
+    """Waves over ``length`` rows of gradients with fp32 (rows, width) scratches, one per width
+    (None for a width of 0), of at most SCRATCH_BYTES together: yields (start, stop, grid,
+    other_per_split, zeroed scratches). The grid is (blocks of this wave, splits of ``other``);
+    one split when deterministic (no atomics)."""
+    per_wave = max(block, SCRATCH_BYTES // (4 * max(1, sum(widths))) // block * block)
+    rows = min(length, per_wave)
+    scratches = [torch.empty((rows, w), dtype=torch.float32, device=device) if w else None
+                 for w in widths]
     for start in range(0, length, per_wave):
         stop = min(length, start + per_wave)
         blocks = triton.cdiv(stop - start, block)
@@ -310,7 +313,8 @@ def _waves(length: int, block: int, other: int, other_block: int, h: int, determ
             n_splits, per_split = 1, triton.cdiv(other, other_block) * other_block
         else:
             n_splits, per_split = _split(other, other_block, blocks, device)
-        yield start, stop, (blocks, n_splits), per_split, scratch[: stop - start].zero_()
+        yield start, stop, (blocks, n_splits), per_split, [
+            None if t is None else t[: stop - start].zero_() for t in scratches]
 
 
 @on_tensor_device
@@ -336,15 +340,15 @@ def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_e
     common = dict(**flags, **cfg)
 
     if need_dh:  # waves of rows; programs split the vocab
-        for row0, row1, grid, per_split, acc in _waves(n, bn, v, bv, h, deterministic,
-                                                       hidden.device):
+        for row0, row1, grid, per_split, (acc,) in _waves(n, bn, v, bv, (h,), deterministic,
+                                                          hidden.device):
             _fused_dh_kernel[grid](
                 hidden, weight, bias_arg, *rows_terms, acc, row0, row1, v, h, hidden.stride(0),
                 weight.stride(0), per_split, ATOMIC=grid[1] > 1, **common)
             dh[row0:row1] = acc
     if need_dw or need_db:  # waves of vocab rows; programs split the tokens
-        for col0, col1, grid, per_split, acc in _waves(v, bv, n, bn, h, deterministic,
-                                                       hidden.device):
+        for col0, col1, grid, per_split, (acc,) in _waves(v, bv, n, bn, (h,), deterministic,
+                                                          hidden.device):
             _fused_dw_kernel[grid](
                 hidden, weight, bias_arg, *rows_terms, acc, db32 if need_db else acc, col0,
                 col1, n, h, hidden.stride(0), weight.stride(0), per_split, NEED_DW=need_dw,

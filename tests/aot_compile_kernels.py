@@ -29,7 +29,13 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from prefkern._kernels import divergence, gae, linear_logprobs_fused, logits_slice  # noqa: E402
+from prefkern._kernels import (  # noqa: E402
+    divergence,
+    divergence_fused,
+    gae,
+    linear_logprobs_fused,
+    logits_slice,
+)
 from prefkern._kernels import logprobs_from_logits as logits_kernels  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -53,6 +59,10 @@ POINTERS = {
     "m_p_ptr": "fp32", "ls_p_ptr": "fp32", "m_q_ptr": "fp32", "ls_q_ptr": "fp32",
     "c_p_ptr": "fp32", "c_q_ptr": "fp32", "g_div_ptr": "fp32", "inv_temp_p_ptr": "fp32",
     "inv_temp_q_ptr": "fp32",
+    # fused divergence kernels: both heads' hidden / weight / bias, the packed row terms
+    "hp_ptr": "elt", "wp_ptr": "elt", "bp_ptr": "elt", "hq_ptr": "elt", "wq_ptr": "elt",
+    "bq_ptr": "elt", "terms_ptr": "fp32", "acc_p_ptr": "fp32", "acc_q_ptr": "fp32",
+    "db_p_ptr": "fp32", "db_q_ptr": "fp32",
     # extra row statistics (return_stats) and their gradient
     "stats_ptr": "fp32", "s2_ptr": "fp32", "sz_ptr": "fp32", "idx_ptr": "fp32",
     "g_extra_ptr": "fp32",
@@ -70,6 +80,8 @@ INT_EXAMPLES = {
     "H": 4096,                # hidden size: every production model's is a multiple of 16
     "stride_h": 4096,         # fused launcher requires contiguous hidden (N, H): stride = H
     "stride_w": 4096,         #   and contiguous weight (V, H): stride = H
+    "H_p": 4096, "H_q": 4096,  # fused divergence: each head's hidden size and strides
+    "stride_hp": 4096, "stride_wp": 4096, "stride_hq": 4096, "stride_wq": 4096,
     "V": 128256,              # vocabulary size (see above)
     "stride_inner": 128256,   # logits rows are contiguous along V: row stride = V
     "stride_outer": 0,        #   the op passes (N, V) logits, for which the launcher passes 0
@@ -198,6 +210,26 @@ def _cases():
                _pointers(zp_ptr="fp32", zq_ptr="fp32"),
                dict(KIND=kind_id, NEED_Q=True, HAS_G_DIV=True, HAS_G_LOGP=True, BLOCK_V=2048,
                     **heads), rows)
+    # fused divergence kernels (min_memory): linear_logprobs_fused._config's tiles, both
+    # heads with bias, softcap and per-row temperatures, the reference taking a gradient
+    fused = dict(DOT_FP32=False, HAS_BIAS_P=True, HAS_BIAS_Q=True, **heads)
+    launch = dict(num_warps=8, num_stages=3)
+    bwd = dict(NEED_Q=True, HAS_G_DIV=True, HAS_G_LOGP=True, ATOMIC=True)
+    for elt, kinds in (("bf16", divergence.KIND_IDS), ("fp32", ("jsd",))):
+        tiles = {k: v for k, v in divergence_fused._tiles(DTYPES[elt]).items()
+                 if k.startswith("BLOCK") or k == "PRECISION"}
+        for kind in kinds:
+            k = dict(fused, **tiles, KIND=divergence.KIND_IDS[kind])
+            yield (f"div_fused_fwd[{elt},{kind}]", divergence_fused._fused_divergence_fwd_kernel,
+                   elt, _pointers(), k, launch)
+            if kind in ("jsd", "tv"):
+                yield (f"div_fused_sums[{elt},{kind}]",
+                       divergence_fused._fused_divergence_sums_kernel, elt, _pointers(), k,
+                       launch)
+            yield (f"div_fused_dh[{elt},{kind}]", divergence_fused._fused_divergence_dh_kernel,
+                   elt, _pointers(), dict(k, **bwd, NEED_P=True), launch)
+            yield (f"div_fused_dw[{elt},{kind}]", divergence_fused._fused_divergence_dw_kernel,
+                   elt, _pointers(), dict(k, **bwd, NEED_DW_P=True, NEED_DB_P=True), launch)
     p = _pointers(r_ptr="fp32", v_ptr="fp32", m_ptr="u8", g_ptr="fp32", cu_ptr="i64",
                   boot_ptr="fp32", trunc_ptr="u8", adv_ptr="fp32", ret_ptr="fp32")
     yield ("gae", gae._gae_kernel, "fp32", p,
@@ -238,6 +270,24 @@ SPILL_MEASURED = {
     (80, "fused_fwd[fp32]+stats"): {"3.6": 32, "3.9": 1228},
     (80, "fused_dh[fp32]+stats"): {"3.6": 72, "3.9": 2992},
     (80, "fused_dw[fp32]+stats"): {"3.6": 2196, "3.9": 39796},
+    # the fused divergence kernels (two live logit tiles; tiles chosen for no spills on sm_90
+    # with bf16 on triton 3.6): what spills at those tiles elsewhere
+    (90, "div_fused_dw[bf16,jsd]"): {"3.6": 0, "3.9": 24},
+    (90, "div_fused_dw[fp32,jsd]"): {"3.6": 40, "3.9": 48},
+    (80, "div_fused_dh[bf16,alpha]"): {"3.6": 64, "3.9": 312},
+    (80, "div_fused_dh[bf16,forward_kl]"): {"3.6": 16, "3.9": 176},
+    (80, "div_fused_dh[bf16,jsd]"): {"3.6": 80, "3.9": 304},
+    (80, "div_fused_dh[bf16,reverse_kl]"): {"3.6": 16, "3.9": 168},
+    (80, "div_fused_dh[bf16,tv]"): {"3.6": 16, "3.9": 200},
+    (80, "div_fused_dh[fp32,jsd]"): {"3.6": 0, "3.9": 128},
+    (80, "div_fused_dw[bf16,alpha]"): {"3.6": 48, "3.9": 144},
+    (80, "div_fused_dw[bf16,forward_kl]"): {"3.6": 0, "3.9": 128},
+    (80, "div_fused_dw[bf16,jsd]"): {"3.6": 0, "3.9": 128},
+    (80, "div_fused_dw[bf16,reverse_kl]"): {"3.6": 0, "3.9": 96},
+    (80, "div_fused_dw[bf16,tv]"): {"3.6": 0, "3.9": 128},
+    (80, "div_fused_dw[fp32,jsd]"): {"3.6": 968, "3.9": 1364},
+    (80, "div_fused_fwd[fp32,jsd]"): {"3.6": 32, "3.9": 16},
+    (80, "div_fused_sums[fp32,jsd]"): {"3.6": 32, "3.9": 0},
 }
 
 

@@ -104,6 +104,23 @@ def test_linear_divergence_fullgraph(backend):
     _assert_compiled_matches(fn, hidden, weight, ref_hidden, ref_weight)
 
 
+def test_linear_divergence_min_memory_fullgraph():
+    """The fused Triton passes trace as the same custom ops (the reference takes a gradient)."""
+    hidden = torch.randn(10, 24, requires_grad=True)
+    weight = (torch.randn(90, 24) / 5).requires_grad_(True)
+    ref_hidden = torch.randn(10, 16, requires_grad=True)
+    ref_weight = (torch.randn(90, 16) / 4).requires_grad_(True)
+    targets = make_targets((10,), 90, 0.25)
+
+    def fn(h, w, rh, rw):
+        out = prefkern.linear_divergence(h, w, rh, rw, targets, kind="tv", temperature=0.8,
+                                         return_logprobs=True, backend="triton",
+                                         mode="min_memory")
+        return out.divergence.sum() + 0.1 * out.logprobs.sum()
+
+    _assert_compiled_matches(fn, hidden, weight, ref_hidden, ref_weight)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_logits_divergence_fullgraph(backend):
     logits = torch.randn(3, 5, 64, requires_grad=True)

@@ -40,9 +40,9 @@ def _run(fn, problem, dtype, **kw):
             None if b is None else b.grad]
 
 
-def check(fn, backend, n, h, v, dtype, **kw):
+def check(fn, backend, n, h, v, dtype, mode=None, **kw):
     problem = _problem(n, h, v, dtype)
-    run_kw = dict(kw, backend=backend)
+    run_kw = dict(kw, backend=backend, **({} if mode is None else {"mode": mode}))
     ours = _run(fn, problem, None, **run_kw)
     ref = _run(distill_loss_ref, problem, torch.float64, **kw)
     base = _run(distill_loss_ref, problem, None, **kw)
@@ -74,6 +74,31 @@ def test_reductions_temperature_bf16(fn, backend, temperature, reduction, items)
     check(fn, backend, 29, 48, 257, torch.bfloat16, kind="jsd", beta=0.3,
           temperature=temperature, weight_hard_loss=0.4, weight_soft_loss=0.6,
           reduction=reduction, num_items_in_batch=items, softcap=6.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_distill_loss_min_memory(temperature, monkeypatch):
+    """mode="min_memory" reaches the fused passes: the divergence's and, at T != 1, the hard
+    term's log-probs."""
+    from prefkern._kernels import divergence_fused, linear_logprobs_fused
+
+    calls = []
+
+    def spy(fn):
+        def called(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+        return called
+
+    monkeypatch.setattr(divergence_fused, "divergence_partials",
+                        spy(divergence_fused.divergence_partials))
+    monkeypatch.setattr(linear_logprobs_fused, "linear_logprobs_fwd",
+                        spy(linear_logprobs_fused.linear_logprobs_fwd))
+    check(distill_loss, "triton", 19, 24, 130, torch.bfloat16, kind="jsd", beta=0.3,
+          temperature=temperature, weight_hard_loss=0.4, weight_soft_loss=0.6,
+          mode="min_memory")
+    want = ["divergence_partials"] + (["linear_logprobs_fwd"] if temperature != 1.0 else [])
+    assert calls == want
 
 
 def test_per_token_losses():

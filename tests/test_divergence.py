@@ -156,17 +156,21 @@ def test_the_checks_fail_a_slightly_wrong_value(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend,mode", [("triton", "fast"), ("triton", "min_memory"),
+                                          ("torch", "auto")])
 @pytest.mark.parametrize("kind,kw", KINDS, ids=KIND_IDS)
-def test_gpu_divergences(backend, kind, kw):
+def test_gpu_divergences(backend, mode, kind, kw):
     """Both ops on a GPU: aligned and ragged shapes, a vocabulary > 65536, bf16 and fp32, the
-    head options, mixtures and reference-side gradients."""
+    head options, mixtures (fast mode) and reference-side gradients."""
     for dtype in (torch.bfloat16, torch.float32):
-        check_linear(backend, 256, 512, 1024, dtype, kind, temperature=0.7, device="cuda", **kw)
-    check_linear(backend, 37, 129, 70000, torch.bfloat16, kind, device="cuda", **kw)
+        check_linear(backend, 256, 512, 1024, dtype, kind, temperature=0.7, device="cuda",
+                     mode=mode, **kw)
+    check_linear(backend, 37, 129, 70000, torch.bfloat16, kind, device="cuda", mode=mode, **kw)
     check_linear(backend, 33, 48, 260, torch.bfloat16, kind, temperature=torch.rand(33) + 0.4,
-                 softcap=6.0, logit_scale=1.5, with_bias=True, mixture=True, ref_grad=True,
-                 device="cuda", **kw)
+                 softcap=6.0, logit_scale=1.5, with_bias=True, mixture=mode != "min_memory",
+                 ref_grad=True, device="cuda", mode=mode, **kw)
+    if mode == "min_memory":
+        return
     check_logits(backend, (4, 33), 50000, torch.bfloat16, torch.bfloat16, kind, device="cuda",
                  **kw)
 

@@ -42,6 +42,21 @@ def _linear(backend, mode, device="cpu", skip_ignored=False):
     return step
 
 
+def _divergence(backend, mode, device="cpu"):
+    hidden, ref_hidden = torch.randn(2, 16, 32, device=device).unbind(0)
+    weight = torch.randn(64, 32, device=device, requires_grad=True)
+    ref_weight = torch.randn(64, 32, device=device)
+    targets = make_targets((16,), 64, 0.25, device)
+    hidden.requires_grad_(True)
+
+    def step():
+        out = prefkern.linear_divergence(hidden, weight, ref_hidden, ref_weight, targets,
+                                         kind="jsd", return_logprobs=True, backend=backend,
+                                         mode=mode)
+        (out.divergence.sum() + out.logprobs.sum()).backward()
+    return step
+
+
 def _logits(backend, device="cpu"):
     logits = torch.randn(4, 8, 64, device=device, requires_grad=True)
     targets = make_targets((4, 8), 64, 0.25, device)
@@ -78,6 +93,9 @@ STEPS = {
     "linear_logprobs[triton-fast]": lambda: _linear("triton", "fast"),
     "linear_logprobs[triton-min_memory]": lambda: _linear("triton", "min_memory"),
     "logprobs_from_logits[torch]": lambda: _logits("torch"),
+    "linear_divergence[torch]": lambda: _divergence("torch", "auto"),
+    "linear_divergence[triton-fast]": lambda: _divergence("triton", "fast"),
+    "linear_divergence[triton-min_memory]": lambda: _divergence("triton", "min_memory"),
     "gae[torch]": lambda: _gae("torch"),
     "group_advantages": _group,
 }
@@ -91,8 +109,19 @@ def test_no_syncing_call_on_the_op_path(name, monkeypatch):
     step = STEPS[name]()
     step()  # first call: imports, caches
     if "triton" in name:
-        from prefkern._kernels import linear_logprobs_fused, logits_slice
-        for module, fn in ((logits_slice, "_slice_stats_kernel"),
+        from prefkern._kernels import (
+            divergence,
+            divergence_fused,
+            linear_logprobs_fused,
+            logits_slice,
+        )
+        for module, fn in ((divergence, "_divergence_fwd_kernel"),
+                           (divergence, "_divergence_bwd_kernel"),
+                           (divergence_fused, "_fused_divergence_fwd_kernel"),
+                           (divergence_fused, "_fused_divergence_sums_kernel"),
+                           (divergence_fused, "_fused_divergence_dh_kernel"),
+                           (divergence_fused, "_fused_divergence_dw_kernel"),
+                           (logits_slice, "_slice_stats_kernel"),
                            (logits_slice, "_slice_grad_kernel"),
                            (linear_logprobs_fused, "_fused_fwd_kernel"),
                            (linear_logprobs_fused, "_fused_dh_kernel"),
@@ -178,6 +207,9 @@ GPU_STEPS = {
     "linear_logprobs[triton-fast]": lambda: _linear("triton", "fast", "cuda"),
     "linear_logprobs[triton-min_memory]": lambda: _linear("triton", "min_memory", "cuda"),
     "linear_logprobs[torch]": lambda: _linear("torch", "auto", "cuda"),
+    "linear_divergence[triton-fast]": lambda: _divergence("triton", "fast", "cuda"),
+    "linear_divergence[triton-min_memory]": lambda: _divergence("triton", "min_memory",
+                                                                "cuda"),
     "logprobs_from_logits[triton]": lambda: _logits("triton", "cuda"),
     "logprobs_from_logits[cuda]": lambda: _logits("cuda", "cuda"),
     "logprobs_from_logits[torch]": lambda: _logits("torch", "cuda"),

@@ -806,13 +806,14 @@ def divergence_problems(draw, max_n: int, max_v: int):
         logit_scale=draw(logit_scales), mixture=draw(st.booleans()), seed=draw(seeds))
 
 
-def check_linear_divergence(p, backend):
+def check_linear_divergence(p, backend, mode="auto"):
     torch.manual_seed(p["seed"])
     temperature = resolve_temperature(p["temperature"], (p["n"],))
     check_linear(backend, p["n"], p["h"], p["v"], p["dtype"], p["kind"], beta=p["beta"],
                  alpha=p["alpha"], ignore_frac=p["ignore_frac"], temperature=temperature,
                  ref_grad=p["ref_grad"], with_bias=p["with_bias"], softcap=p["softcap"],
-                 logit_scale=p["logit_scale"], mixture=p["mixture"])
+                 logit_scale=p["logit_scale"], mode=mode,
+                 mixture=p["mixture"] and mode != "min_memory")  # (one reference head there)
 
 
 def check_logits_divergence(p, dims, backend):
@@ -834,6 +835,12 @@ def test_linear_divergence_torch(p):
 @given(p=divergence_problems(max_n=8, max_v=80))
 def test_linear_divergence_triton(p):
     check_linear_divergence(p, "triton")
+
+
+@budget(6)
+@given(p=divergence_problems(max_n=8, max_v=80))
+def test_linear_divergence_triton_min_memory(p):
+    check_linear_divergence(p, "triton", "min_memory")
 
 
 @budget(25)

@@ -60,7 +60,7 @@ def distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weight:
                  teacher_softcap: float | None = None,
                  teacher_logit_scale: float | None = None, process_group=None,
                  vocab_start: int | None = None, vocab_size: int | None = None,
-                 backend: str | None = "auto"):
+                 mode: str = "auto", backend: str | None = "auto"):
     """``weight_soft_loss * reduce(D) + weight_hard_loss * reduce(-log p_1(labels))`` where D is
     the per-token :func:`prefkern.linear_divergence` of ``kind`` between the student (hidden,
     weight) and the teacher (teacher_hidden, teacher_weight, or a mixture) at ``temperature``,
@@ -73,7 +73,8 @@ def distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weight:
     over valid tokens / their count; with num_items_in_batch, the sum / it, TRL's convention
     for gradient accumulation). The teacher takes no gradient unless its tensors require it.
     ``process_group`` / ``vocab_start`` / ``vocab_size``: vocab-parallel head shards of both
-    models (see prefkern.linear_divergence).
+    models (see prefkern.linear_divergence). ``mode``: the passes' memory mode ("fast" or
+    "min_memory", as :func:`prefkern.linear_divergence`).
     Returns (loss, metrics) with metrics {"soft_loss", "hard_loss"} detached (hard_loss is 0
     when weight_hard_loss is 0: that term is not computed).
     """
@@ -86,14 +87,14 @@ def distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weight:
                             ignore_index=ignore_index, bias=bias, ref_bias=teacher_bias,
                             softcap=softcap, logit_scale=logit_scale, ref_softcap=teacher_softcap,
                             ref_logit_scale=teacher_logit_scale, return_logprobs=same_pass,
-                            backend=backend, **shards)
+                            mode=mode, backend=backend, **shards)
     divergence = out.divergence if same_pass else out
     soft = reduce_tokens(divergence, mask, reduction, num_items_in_batch)
     hard = torch.zeros_like(soft)
     if weight_hard_loss != 0:
         logp = out.logprobs if same_pass else linear_logprobs(
             hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-            logit_scale=logit_scale, backend=backend, **shards)
+            logit_scale=logit_scale, mode=mode, backend=backend, **shards)
         hard = reduce_tokens(-logp, mask, reduction, num_items_in_batch)
     loss = weight_soft_loss * soft + weight_hard_loss * hard
     return loss, {"soft_loss": soft.detach(), "hard_loss": hard.detach()}

@@ -27,16 +27,21 @@ from prefkern.reference.divergence import Divergence, resolve_kind
 from prefkern.reference.logprobs import compute_dtype
 
 AUTO_ORDER = ("triton",)
-MODES = ("auto", "fast")
+MODES = ("auto", "fast", "min_memory")
 
 
-def _impl(backend: str):
-    """The passes of a backend: forward/backward with divergence_passes' signatures."""
-    if backend == "triton":
-        from prefkern.ops import divergence_triton
+def _impl(backend: str, mode: str):
+    """The passes of a backend and mode: forward/backward with divergence_passes' signatures
+    (the torch backend has one chunked implementation for both modes)."""
+    if backend != "triton":
+        return passes
+    if mode == "min_memory":
+        from prefkern.ops import divergence_min_memory
 
-        return divergence_triton
-    return passes
+        return divergence_min_memory
+    from prefkern.ops import divergence_triton
+
+    return divergence_triton
 
 
 def _full_biases(ref_biases, ref_bias_at, k):
@@ -69,7 +74,7 @@ def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
             ref_weights: list[Tensor], ref_biases: list[Tensor], ref_bias_at: list[int],
             ref_coeffs: list[Tensor],
             targets: Tensor, row_inv_temp: Tensor | None, ref_row_inv_temp: Tensor | None,
-            backend: str, kind: str, beta: float, alpha: float, inv_temp: float,
+            backend: str, mode: str, kind: str, beta: float, alpha: float, inv_temp: float,
             softcap: float | None, ref_inv_temp: float, ref_softcap: float | None,
             ignore_index: int, need_q: bool) -> list[Tensor]:
     """-> [divergence, logp] + the row statistics of divergence_passes.forward_rows, each (N,)
@@ -79,7 +84,7 @@ def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
     head_p, head_q = _heads(row_inv_temp, ref_row_inv_temp, inv_temp, softcap, ref_inv_temp,
                             ref_softcap)
     with without_autocast(hidden):
-        return list(_impl(backend).forward(policy, refs, targets, head_p, head_q,
+        return list(_impl(backend, mode).forward(policy, refs, targets, head_p, head_q,
                                            resolve_kind(kind, beta, alpha), ignore_index,
                                            need_q))
 
@@ -98,7 +103,7 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
             ref_coeffs: list[Tensor],
             targets: Tensor, row_inv_temp: Tensor | None, ref_row_inv_temp: Tensor | None,
             stats: list[Tensor], g_div: Tensor | None, g_logp: Tensor | None, backend: str,
-            kind: str, beta: float, alpha: float, inv_temp: float, softcap: float | None,
+            mode: str, kind: str, beta: float, alpha: float, inv_temp: float, softcap: float | None,
             ref_inv_temp: float, ref_softcap: float | None, ignore_index: int, need_dh: bool,
             need_dw: bool, need_db: bool, need_ref: bool) -> list[Tensor]:
     """-> the policy's [dh, dW, db] that are needed, then (need_ref) [dh, dW, db (if a bias)]
@@ -108,16 +113,16 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
     head_p, head_q = _heads(row_inv_temp, ref_row_inv_temp, inv_temp, softcap, ref_inv_temp,
                             ref_softcap)
     with without_autocast(hidden):
-        grads = _impl(backend).backward(policy, refs, targets, head_p, head_q,
-                                        resolve_kind(kind, beta, alpha), ignore_index, stats,
-                                        g_div, g_logp, (need_dh, need_dw, need_db), need_ref)
+        grads = _impl(backend, mode).backward(
+            policy, refs, targets, head_p, head_q, resolve_kind(kind, beta, alpha),
+            ignore_index, stats, g_div, g_logp, (need_dh, need_dw, need_db), need_ref)
     return [g for g in grads if g is not None]
 
 
 @_bwd_op.register_fake
 def _(hidden, weight, bias, ref_hiddens, ref_weights, ref_biases, ref_bias_at, ref_coeffs,
       targets,
-      row_inv_temp, ref_row_inv_temp, stats, g_div, g_logp, backend, kind, beta, alpha,
+      row_inv_temp, ref_row_inv_temp, stats, g_div, g_logp, backend, mode, kind, beta, alpha,
       inv_temp, softcap, ref_inv_temp, ref_softcap, ignore_index, need_dh, need_dw, need_db,
       need_ref):
     out = [torch.empty_like(t) for t, needed in
@@ -133,7 +138,7 @@ def _(hidden, weight, bias, ref_hiddens, ref_weights, ref_biases, ref_bias_at, r
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, ref_hiddens, ref_weights, ref_biases, ref_bias_at, ref_coeffs,
      targets, row_inv_temp, ref_row_inv_temp, *options) = inputs
-    ctx.options = options[:-1]  # backend, kind, beta, alpha, inv_temp, softcap, ref_inv_temp,
+    ctx.options = options[:-1]  # backend, mode, kind, beta, alpha, inv_temp, softcap, ref_inv_temp,
     # ref_softcap, ignore_index
     ctx.n_refs, ctx.n_coeffs = len(ref_hiddens), len(ref_coeffs)
     ctx.ref_bias_at = list(ref_bias_at)
@@ -158,9 +163,9 @@ def _backward(ctx, grad_outputs):
     need = list(ctx.needs_input_grad[:3])
     need[2] = need[2] and bias is not None
     need_ref = any(ctx.needs_input_grad[3:6])
-    # ref_bias_at, ref_coeffs, targets, the two temperatures and the 10 options: no gradient
+    # ref_bias_at, ref_coeffs, targets, the two temperatures and the 11 options: no gradient
     # (autograd's pytree sees a non-empty int list as one leaf, an empty one as a list)
-    no_grads = (None if ctx.ref_bias_at else [], [None] * ctx.n_coeffs, *(None,) * 13)
+    no_grads = (None if ctx.ref_bias_at else [], [None] * ctx.n_coeffs, *(None,) * 14)
     empty, empty_b = [None] * ctx.n_refs, [None] * len(ref_biases)
     if not (any(need) or need_ref) or (g_div is None and g_logp is None):
         return (None, None, None, empty, empty, empty_b, *no_grads)
@@ -333,8 +338,12 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
         softcap / logit_scale: the policy's head; ref_softcap / ref_logit_scale: the
             reference's (see prefkern.integrations.hf_head_config).
         mode: "auto" / "fast": chunks of rows forward, vocabulary slices backward (cuBLAS
-            GEMMs + Triton row kernels on the Triton backend). A fused-tile min_memory mode
-            like linear_logprobs' does not exist for divergences yet.
+            GEMMs + Triton row kernels on the Triton backend; one logits slice per side).
+            "min_memory" (Triton): fused kernels keep both sides' logit tiles on chip
+            (prefkern.ops.divergence_min_memory): no (N, V) or (N, C) buffer, FLOPs 2NHV per
+            side forward (twice for jsd / tv), 8NHV per side that takes a gradient backward;
+            one reference head. Both modes compute the same function (fp32 logits). The
+            torch backend runs its chunked passes for either mode.
         process_group: vocab parallelism as in :func:`prefkern.linear_logprobs`: weight,
             bias, ref_weight and ref_bias are this rank's rows [vocab_start, vocab_start +
             V_r) (the same rows of both heads), everything else is the same on every rank;
@@ -349,6 +358,12 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "min_memory" and not isinstance(ref_hidden, Tensor):
+        raise ValueError("mode='min_memory' takes one reference head; a mixture runs in "
+                         "mode='fast'")
+    if mode == "min_memory" and process_group is not None:
+        raise ValueError("mode='min_memory' does not combine with process_group (the "
+                         "vocab-parallel passes merge row chunks across ranks in torch)")
     vocab = None
     if process_group is not None:
         from prefkern.ops import vocab_parallel
@@ -368,7 +383,8 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
     ref_bias_at = [k for k, b in enumerate(c.ref_biases) if b is not None]
     out = _fwd_op(c.hidden, c.weight, c.bias, c.ref_hiddens, c.ref_weights,
                   [c.ref_biases[k] for k in ref_bias_at], ref_bias_at, c.ref_coeffs, c.targets,
-                  c.head_p.row_inv_temp, c.head_q.row_inv_temp, c.backend, c.div.kind,
+                  c.head_p.row_inv_temp, c.head_q.row_inv_temp, c.backend,
+                  "fast" if mode == "auto" else mode, c.div.kind,
                   c.div.beta, c.div.alpha, c.head_p.inv_temp, c.head_p.softcap,
                   c.head_q.inv_temp, c.head_q.softcap, c.ignore_index, need_q)
     divergence = _checks.poison(out[0].view(c.lead), c.bad)

@@ -111,6 +111,14 @@ def merge_along(m, s, u, dim: int = 0):
     return m_all, (s * w).sum(dim), (w * (u + s * shift)).sum(dim)
 
 
+def merge_scaled_along(m, *sums, dim: int = 0):
+    """Merge sums that scale with exp(z - m) (s, or sum exp(z - m) x for an x not relative
+    to m) stacked along ``dim`` -> (max, each sum rescaled to it and added)."""
+    m_all = m.amax(dim)
+    w = torch.exp(m - _safe(m_all).unsqueeze(dim))
+    return (m_all, *((x * w).sum(dim) for x in sums))
+
+
 def finish(m, s, u, z_target, valid):
     """-> (logp, entropy or None, lse), 0 where not valid: lse = m + log s,
     logp = z[y] - lse, entropy = log s - u / s."""

@@ -102,7 +102,7 @@ class VocabParallelDivergence(torch.autograd.Function):
                          for g in (g_div, g_logp))
         policy = passes.Side(hidden, weight, bias)
         refs = [passes.Side(ref_hidden, ref_weight, ref_bias)]
-        dh, dw, db, *ref_grads = _impl(backend).backward(
+        dh, dw, db, *ref_grads = _impl(backend, "fast").backward(
             policy, refs, local, head_p, head_q, div, ignore_index, stats, g_div, g_logp,
             tuple(need), need_ref, fp32_dh=True)
         grads = [dh] + (ref_grads[:1] if need_ref else [])

@@ -13,6 +13,11 @@ Providers:
                            forward, then a recomputing backward for any upstream gradient;
                            what linear_distill_loss runs when dw_budget_bytes is below its
                            fp32 (V, H) accumulator: no accumulator)
+  prefkern_min_memory      the same op in mode="min_memory" (GPU): fused Triton tiles of both
+                           heads, no logits buffer; forward one pass over both heads at
+                           beta 0 (forward KL), two at beta 0.5; backward recomputes both
+                           heads' tiles in its dh and its dW pass (8 GEMMs' FLOPs in all at
+                           beta 0, 10 at beta 0.5, against the floor's 4)
   prefkern_distill_fused   prefkern.losses.linear_distill_loss: the gradient in the forward
                            pass, 4 GEMMs (scalar loss)
   floor_4gemm              cuBLAS: both logits GEMMs, dh and dW (the FLOPs of the fused loss)
@@ -58,10 +63,11 @@ def _eager(hidden, weight, t_hidden, t_weight, targets, beta):
     return step
 
 
-def _prefkern(hidden, weight, t_hidden, t_weight, targets, beta, backend):
+def _prefkern(hidden, weight, t_hidden, t_weight, targets, beta, backend, mode="auto"):
     def step():
         return prefkern.linear_divergence(hidden, weight, t_hidden, t_weight, targets,
-                                          kind="jsd", beta=beta, backend=backend), None
+                                          kind="jsd", beta=beta, backend=backend,
+                                          mode=mode), None
 
     return step
 
@@ -135,6 +141,8 @@ def problems(device: torch.device, shapes: str):
                 if grad:
                     steps["prefkern_distill_fused"] = _fused(*args, targets, beta, backend)
                 if device.type == "cuda":
+                    steps["prefkern_min_memory"] = _prefkern(*args, targets, beta, backend,
+                                                             "min_memory")
                     steps[f"floor_{'2' if mode == 'fwd' else '4'}gemm"] = _floor(*args, mode)
                 if grad or device.type != "cuda":  # Liger's JSD has no forward-only call
                     add_peer(steps, skipped, "liger_fused_linear_jsd",
