@@ -122,8 +122,9 @@ def _load_row_terms(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, gx_ptr, row
 
 @triton.jit
 def _add_tile(ptrs, value, mask, ATOMIC: tl.constexpr):
-    if ATOMIC:
-        tl.atomic_add(ptrs, value, mask=mask)
+    if ATOMIC:  # relaxed: only the sum after the kernel matters, no ordering (the default
+        # acq_rel adds a fence around every vector add)
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
     else:  # this program owns these entries: a plain read-modify-write is deterministic
         tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
 

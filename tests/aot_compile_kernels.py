@@ -369,6 +369,11 @@ def _compile_one(arch: int, name: str, fn, elt: str, pointers: dict, constexprs:
     if missing:
         ok = False
         problems.append(f"compiled without tt.divisibility on {', '.join(missing)}")
+    ordered = re.findall(r"\b(?:atom|red)\.[\w.]*\.(?:acq_rel|acquire|release)\.[\w.]+",
+                         out.asm["ptx"])
+    if ordered:  # the gradient sums need no ordering; an ordered atomic fences every add
+        ok = False
+        problems.append(f"ordered atomics {sorted(set(ordered))}: use sem='relaxed'")
     res = _resources(out.asm["cubin"])
     spilled = res["spill_stores"] + res["spill_loads"]
     budget = _spill_budget(arch, name)
