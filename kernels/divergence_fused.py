@@ -5,12 +5,16 @@ and z_q = head_q(h_q @ W_q.T + b_q), are computed by tl.dot and consumed on chip
 forward   grid (row blocks, vocab splits): each program folds its vocabulary range into per-row
           partials that the caller merges (prefkern.ops.divergence_min_memory): (m, s) of each
           side (s = sum exp(z - m)), z_p[y], and for the kinds that need no log-softmax inside
-          the sum a third running pair (m_t, t), so one pass suffices:
-            forward_kl  m_t = m_q, t = sum exp(z_q - m_q) (z_q - z_p): D = t / s_q + lse_p - lse_q
-            reverse_kl  m_t = m_p, t = sum exp(z_p - m_p) (z_p - z_q): D = t / s_p + lse_q - lse_p
-            alpha       x = alpha z_p + (1 - alpha) z_q, m_t = max x, t = sum exp(x - m_t):
-                        sum p^alpha q^(1 - alpha) = exp(m_t + log t - alpha lse_p
-                                                        - (1 - alpha) lse_q)
+          the sum a third running sum t, relative to the running maxima (a sum of raw logits
+          would round with |z|), so one pass suffices:
+            forward_kl  t = sum e_q ((z_q - m_q) - (z_p - m_p)):  D = t / s_q + log s_p - log s_q
+            reverse_kl  t = sum e_p ((z_p - m_p) - (z_q - m_q)):  D = t / s_p + log s_q - log s_p
+            alpha       x = alpha (z_p - m_p) + (1 - alpha) (z_q - m_q), m_t = max x,
+                        t = sum exp(x - m_t):
+                        log sum p^alpha q^(1 - alpha) = m_t + log t - alpha log s_p
+                                                        - (1 - alpha) log s_q
+          (e = exp(z - m)); when the maxima move by (d_p, d_q), the KLs' terms move by
+          d_p - d_q (or d_q - d_p) and alpha's exponents by -(alpha d_p + (1 - alpha) d_q).
           jsd and tv take log p and log q inside the sum: a second pass (``sums``) recomputes
           the tiles with the rows' (m, log s) and sums D, c_p, c_q.
           FLOPs 2NHV per side (twice that for jsd and tv).
@@ -56,22 +60,19 @@ def _tile_pair(hp_ptr, wp_ptr, bp_ptr, hq_ptr, wq_ptr, bq_ptr, rows, cols, n_row
 
 
 @triton.jit
-def _fold(m, s, t, z, x):
-    """Fold a tile z (ROWS, COLS) into per-row m = max z, s = sum exp(z - m) and
-    t = sum exp(z - m) x (x absolute, not relative to m; pass x = z when t is unused)."""
+def _fold_plain(m, s, z):
+    """Fold a tile z (ROWS, COLS) into per-row m = max z and s = sum exp(z - m)."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.exp(m - m_safe)
-    e = tl.exp(z - m_safe[:, None])
-    return m_new, s * scale + tl.sum(e, axis=1), \
-        t * scale + tl.sum(tl.where(e > 0.0, e * x, 0.0), axis=1)
+    return m_new, s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
 
 
 @triton.jit
-def _fold_plain(m, s, z):
-    """_fold without the weighted sum: -> (m, s)."""
-    m, s, t = _fold(m, s, s, z, z)
-    return m, s
+def _new_max(m, z):
+    """-> (the running max after tile z, how far it moved: 0 from -inf, so that a sum still
+    empty is not shifted by inf)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    return m_new, tl.where(m == float("-inf"), 0.0, m_new - m)
 
 
 @triton.jit
@@ -109,24 +110,32 @@ def _fused_divergence_fwd_kernel(
             HAS_BIAS_P, HAS_BIAS_Q, SOFTCAP_P, SOFTCAP_Q, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
             PRECISION)
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z_p, 0.0), axis=1)
-        if KIND == 4:
-            x = tl.where(col_ok, alpha * z_p + (1.0 - alpha) * z_q, float("-inf"))
-            m_t, t = _fold_plain(m_t, t, x)
-        gap = tl.where(col_ok, z_q - z_p, 0.0)
         z_p = tl.where(col_ok, z_p, float("-inf"))
         z_q = tl.where(col_ok, z_q, float("-inf"))
-        if KIND == 0:
-            m_q, s_q, t = _fold(m_q, s_q, t, z_q, gap)
-        else:
-            m_q, s_q = _fold_plain(m_q, s_q, z_q)
-        if KIND == 1:
-            m_p, s_p, t = _fold(m_p, s_p, t, z_p, -gap)
-        else:
-            m_p, s_p = _fold_plain(m_p, s_p, z_p)
-    if KIND == 0:
-        m_t = m_q
-    elif KIND != 4:
-        m_t = m_p  # reverse_kl's t; jsd and tv store t = 0 under a finite max
+        # every sum is relative to the running maxima (never raw logits: their rounding scales
+        # with |z|): when they move by (d_p, d_q), t's terms move by d_p - d_q (KLs) and
+        # alpha's exponents by -(alpha d_p + (1 - alpha) d_q)
+        mp_new, d_p = _new_max(m_p, z_p)
+        mq_new, d_q = _new_max(m_q, z_q)
+        zc_p = z_p - mp_new[:, None]  # rows past N hold finite zeros, never -inf maxima
+        zc_q = z_q - mq_new[:, None]
+        e_p = tl.exp(zc_p)
+        e_q = tl.exp(zc_q)
+        if KIND == 0:  # t = sum e_q ((z_q - m_q) - (z_p - m_p))
+            t = tl.exp(-d_q) * (t + s_q * (d_p - d_q)) + \
+                tl.sum(tl.where(e_q > 0.0, e_q * (zc_q - zc_p), 0.0), axis=1)
+        elif KIND == 1:  # t = sum e_p ((z_p - m_p) - (z_q - m_q))
+            t = tl.exp(-d_p) * (t + s_p * (d_q - d_p)) + \
+                tl.sum(tl.where(e_p > 0.0, e_p * (zc_p - zc_q), 0.0), axis=1)
+        elif KIND == 4:  # (m_t, t) of x = alpha (z_p - m_p) + (1 - alpha) (z_q - m_q)
+            x = tl.where(col_ok, alpha * zc_p + (1.0 - alpha) * zc_q, float("-inf"))
+            m_t, t = _fold_plain(m_t - (alpha * d_p + (1.0 - alpha) * d_q), t, x)
+        s_p = tl.exp(-d_p) * s_p + tl.sum(e_p, axis=1)
+        s_q = tl.exp(-d_q) * s_q + tl.sum(e_q, axis=1)
+        m_p = mp_new
+        m_q = mq_new
+    if KIND != 4:
+        m_t = m_p  # unused: a finite placeholder
     # part (PARTIALS, n_splits, N)
     out = part_ptr + split * N + rows
     stride = n_splits * N
@@ -405,8 +414,9 @@ def _tiles(dtype: torch.dtype) -> dict:
 
 def _sides_args(policy, ref, targets, head_p, head_q, ignore_index) -> dict:
     (hp, wp, bp), (hq, wq, bq) = policy, ref
-    return dict(hp_ptr=hp, wp_ptr=wp, bp_ptr=wp if bp is None else bp, hq_ptr=hq, wq_ptr=wq,
-                bq_ptr=wq if bq is None else bq, y_ptr=targets, N=hp.shape[0], H_p=hp.shape[1],
+    # the kernels read a bias at unit stride
+    return dict(hp_ptr=hp, wp_ptr=wp, bp_ptr=wp if bp is None else bp.contiguous(), hq_ptr=hq,
+                wq_ptr=wq, bq_ptr=wq if bq is None else bq.contiguous(), y_ptr=targets, N=hp.shape[0], H_p=hp.shape[1],
                 H_q=hq.shape[1], stride_hp=hp.stride(0), stride_wp=wp.stride(0),
                 stride_hq=hq.stride(0), stride_wq=wq.stride(0), ignore_index=ignore_index,
                 HAS_BIAS_P=bp is not None, HAS_BIAS_Q=bq is not None,
@@ -440,7 +450,7 @@ def divergence_partials(policy, ref, targets, head_p, head_q, kind: str, alpha: 
 @on_tensor_device
 def divergence_sums(policy, ref, targets, terms, head_p, head_q, kind: str, beta: float,
                     alpha: float, ignore_index: int):
-    """The second forward pass (jsd, tv): terms (ROW_TERMS, N) fp32 with the rows' m_p, log s_p,
+    """The second forward pass (jsd, tv): terms (ROW_TERMS, N) fp32 led by the rows' m_p, log s_p,
     m_q, log s_q -> (SUMS, n_splits, N) fp32: D, c_p, c_q of each vocabulary split."""
     _check(policy, ref, targets)
     args = _sides_args(policy, ref, targets, head_p, head_q, ignore_index)
@@ -487,6 +497,7 @@ def divergence_bwd(policy, ref, targets, terms, head_p, head_q, kind: str, beta:
             for k, acc in ((0, acc_p), (3, acc_q)):
                 if acc is not None:
                     out[k][row0:row1] = acc
+        acc_p = acc_q = None  # free the dh scratches: the dW pass allocates its own
     db32 = [torch.zeros(v, dtype=torch.float32, device=hp.device) if needed else None
             for needed in (need_db, need_q and bq is not None)]
     if need_dw or need_db or need_q:  # waves of vocabulary rows; programs split the tokens

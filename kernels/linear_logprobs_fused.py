@@ -284,6 +284,7 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, softcap,
     target); with ``extra`` also s2 = sum exp(2 (z - m)), sz = sum z and the first column
     holding the split's max."""
     _check(hidden, weight, bias, targets)
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     (n, h), v = hidden.shape, weight.shape[0]
     cfg = _common(hidden, weight, bias, inv_temp, softcap, ignore_index)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
@@ -325,6 +326,7 @@ def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_e
     """-> (dhidden, dweight, dbias) in the input dtype (None where not needed). g_extra (N, 2)
     [g_sq, g_const] or None adds g_sq p^2 + g_const to d loss / d z."""
     _check(hidden, weight, bias, targets)
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     (n, h), v = hidden.shape, weight.shape[0]
     cfg = _common(hidden, weight, bias, inv_temp, softcap, ignore_index)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
@@ -347,6 +349,7 @@ def linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_e
                 hidden, weight, bias_arg, *rows_terms, acc, row0, row1, v, h, hidden.stride(0),
                 weight.stride(0), per_split, ATOMIC=grid[1] > 1, **common)
             dh[row0:row1] = acc
+        acc = None  # free the dh scratch: the dW pass allocates its own
     if need_dw or need_db:  # waves of vocab rows; programs split the tokens
         for col0, col1, grid, per_split, (acc,) in _waves(v, bv, n, bn, (h,), deterministic,
                                                           hidden.device):

@@ -91,6 +91,99 @@ def test_every_path_computes_the_same_function():
                     f"{kind} {kw} {name} vs torch: {field} differs by {diff:.2e}"
 
 
+@pytest.mark.parametrize("kind,kw", [("forward_kl", {}), ("reverse_kl", {}),
+                                     ("alpha", {"alpha": 0.05}), ("alpha", {"alpha": 0.4})],
+                         ids=["fkl", "rkl", "alpha0.05", "alpha0.4"])
+def test_one_pass_sums_do_not_round_with_the_logits_offset(kind, kw):
+    """Per-row logit offsets of +-100 change no probability; the one-pass sums are taken
+    relative to the running maxima, so min_memory's error stays that of fast mode's
+    log-softmax (a sum of raw logits would carry eps * 100: 20-50x fast mode's error)."""
+    gen = torch.Generator().manual_seed(11)
+    n, h, v = 16, 32, 200
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 0.5
+    ref_hidden, ref_weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
+    hidden[:, 0] = ref_hidden[:, 0] = torch.rand(n, generator=gen) + 0.5
+    weight[:, 0], ref_weight[:, 0] = 100.0, -100.0
+    targets = torch.randint(0, v, (n,), generator=gen)
+    want = prefkern.reference.linear_divergence_ref(
+        hidden.double(), weight.double(), ref_hidden.double(), ref_weight.double(), targets,
+        kind=kind, **kw).double()
+    errors = {}
+    for mode in ("fast", "min_memory"):
+        h = hidden.clone().requires_grad_(True)
+        d = prefkern.linear_divergence(h, weight, ref_hidden, ref_weight, targets, kind=kind,
+                                       backend="triton", mode=mode, **kw)
+        d.sum().backward()
+        errors[mode] = ((d.double() - want).abs().max().item(), h.grad)
+    h64 = hidden.double().requires_grad_(True)
+    prefkern.reference.linear_divergence_ref(h64, weight.double(), ref_hidden.double(),
+                                             ref_weight.double(), targets, kind=kind,
+                                             **kw).sum().backward()
+    dh_err = {mode: (g.double() - h64.grad).abs().max().item() for mode, (_, g) in errors.items()}
+    assert errors["min_memory"][0] <= 4 * errors["fast"][0] + 1e-7, errors
+    assert dh_err["min_memory"] <= 4 * dh_err["fast"] + 1e-7, dh_err
+
+
+def test_non_contiguous_biases():
+    """The fused kernels read biases at unit stride: strided ones are made contiguous."""
+    hidden, weight = heads(9, 16, 64, torch.float32)
+    ref_hidden, ref_weight = heads(9, 16, 64, torch.float32)
+    targets = torch.randint(0, 64, (9,))
+    results = []
+    for strided in (False, True):
+        pair = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+        pair.requires_grad_(True)
+        bias, ref_bias = pair.unbind(1) if strided else pair.detach().clone().unbind(1)
+        if not strided:
+            bias = bias.contiguous().requires_grad_(True)
+        assert bias.is_contiguous() != strided
+        d = prefkern.linear_divergence(hidden, weight, ref_hidden, ref_weight, targets,
+                                       bias=bias, ref_bias=ref_bias, kind="jsd", **MIN)
+        logp = prefkern.linear_logprobs(hidden, weight, targets, bias, mode="min_memory",
+                                        backend="triton")
+        (d.sum() + logp.sum()).backward()
+        results.append((d, logp, pair.grad[:, 0] if strided else bias.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("needs", ["reference_only", "policy_bias_only", "weights_only"])
+def test_reference_head_options_and_partial_gradients(needs):
+    """The reference's bias and softcap, and gradients to a subset of the tensors, on every
+    path against the float64 reference."""
+    gen = torch.Generator().manual_seed(2)
+    n, h, v = 13, 24, 150
+    tensors = dict(hidden=torch.randn(n, h, generator=gen),
+                   weight=torch.randn(v, h, generator=gen) * 0.4,
+                   bias=torch.randn(v, generator=gen),
+                   ref_hidden=torch.randn(n, h + 5, generator=gen),
+                   ref_weight=torch.randn(v, h + 5, generator=gen) * 0.4,
+                   ref_bias=torch.randn(v, generator=gen))
+    grad_of = {"reference_only": ("ref_hidden", "ref_weight", "ref_bias"),
+               "policy_bias_only": ("bias",), "weights_only": ("weight", "ref_weight")}[needs]
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::4] = -100
+    g_div, g_logp = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+
+    def run(fn, dtype, **path):
+        leaves = {k: t.to(dtype).clone().requires_grad_(k in grad_of)
+                  for k, t in tensors.items()}
+        out = fn(leaves["hidden"], leaves["weight"], leaves["ref_hidden"], leaves["ref_weight"],
+                 targets, bias=leaves["bias"], ref_bias=leaves["ref_bias"], kind="jsd",
+                 beta=0.3, temperature=0.9, softcap=4.0, ref_softcap=3.0,
+                 return_logprobs=True, **path)
+        ((out[0] * g_div.to(dtype)).sum() + (out[1] * g_logp.to(dtype)).sum()).backward()
+        return [out[0], out[1]] + [leaves[k].grad for k in grad_of]
+
+    want = run(prefkern.reference.linear_divergence_ref, torch.float64)
+    for path in (dict(backend="torch"), dict(backend="triton", mode="fast"), MIN):
+        got = run(prefkern.linear_divergence, torch.float32, **path)
+        for name, a, b in zip(("D", "logp", *grad_of), got, want, strict=True):
+            assert a is not None, f"{path} {name}: no gradient"
+            err = (a.double() - b).abs().max().item()
+            assert err <= 1e-5 * (1 + b.abs().max().item()), f"{path} {name}: {err:.2e}"
+
+
 def test_the_checks_fail_a_slightly_wrong_min_memory_path(monkeypatch):
     """The merged forward algebra and the fused backward are each seen by the checks."""
     from prefkern._kernels import divergence_fused
@@ -131,3 +224,27 @@ def test_errors():
         prefkern.linear_divergence(h, w, hr, wr, mode="tiny")
     with pytest.raises(TypeError, match="dtype"):
         prefkern.linear_divergence(h, w, hr.double(), wr.double(), **MIN)
+
+
+@pytest.mark.gpu
+def test_gpu_min_memory_holds_no_logits_buffer():
+    """Peak memory above the inputs and the gradients of a fwd+bwd step: min_memory holds only
+    its fp32 gradient scratches (<= 64 MiB a wave, the dh pass's (N, H) one), a small fraction
+    of one bf16 copy of the (N, V) logits and below fast mode's slices."""
+    n, h, v = 4096, 1024, 128_256
+    hidden, weight = (t.cuda() for t in heads(n, h, v, torch.bfloat16))
+    ref_hidden, ref_weight = (t.cuda() for t in heads(n, h, v, torch.bfloat16))
+    targets = torch.randint(0, v, (n,), device="cuda")
+    extra = {}
+    for mode in ("fast", "min_memory"):
+        hid, wt = (t.detach().clone().requires_grad_(True) for t in (hidden, weight))
+        grads_bytes = (hid.numel() + wt.numel()) * 2
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        prefkern.linear_divergence(hid, wt, ref_hidden, ref_weight, targets, kind="jsd",
+                                   backend="triton", mode=mode).sum().backward()
+        torch.cuda.synchronize()
+        extra[mode] = torch.cuda.max_memory_allocated() - before - grads_bytes
+    assert extra["min_memory"] < 0.1 * n * v * 2, extra
+    assert extra["min_memory"] < extra["fast"], extra

@@ -35,22 +35,26 @@ def _head(head: HeadArgs):
 
 
 def _row_values(part, div: Divergence):
-    """Merged partials -> (D, m_p, log s_p, m_q, log s_q, z_p[y]) for the one-pass kinds
-    (D None for jsd / tv)."""
+    """Merged partials -> (D, m_p, log s_p, m_q, log s_q, z_p[y]) for the one-pass kinds;
+    alpha's D is log sum p^alpha q^(1 - alpha) (finished by the caller); None for jsd / tv.
+    Each split's t is relative to that split's maxima: it moves to the merged ones as in
+    the kernel's fold (module doc of prefkern._kernels.divergence_fused)."""
     m_p, s_p = softmax_stats.merge_scaled_along(part[0], part[1])
     m_q, s_q = softmax_stats.merge_scaled_along(part[2], part[3])
-    m_t, t = softmax_stats.merge_scaled_along(part[4], part[5])
+    d_p, d_q = m_p - part[0], m_q - part[2]  # >= 0, finite: every split holds a column
     ls_p, ls_q = s_p.log(), s_q.log()
     d = None
-    if div.kind == "forward_kl":  # sum q (b - a) = sum q (z_q - z_p) + lse_p - lse_q
-        d = t / s_q + (m_p - m_q) + (ls_p - ls_q)
+    if div.kind == "forward_kl":
+        t = (torch.exp(-d_q) * (part[5] + part[3] * (d_p - d_q))).sum(0)
+        d = t / s_q + (ls_p - ls_q)
     elif div.kind == "reverse_kl":
-        d = t / s_p + (m_q - m_p) + (ls_q - ls_p)
-    elif div.kind == "alpha":  # log sum p^alpha q^(1 - alpha), maxima first (they cancel)
+        t = (torch.exp(-d_p) * (part[5] + part[1] * (d_q - d_p))).sum(0)
+        d = t / s_p + (ls_q - ls_p)
+    elif div.kind == "alpha":
         alpha = div.alpha
-        log_w = (m_t - alpha * m_p - (1 - alpha) * m_q) + (t.log() - alpha * ls_p
-                                                           - (1 - alpha) * ls_q)
-        d = log_w
+        m_t, t = softmax_stats.merge_scaled_along(
+            part[4] - (alpha * d_p + (1 - alpha) * d_q), part[5])
+        d = m_t + t.log() - alpha * ls_p - (1 - alpha) * ls_q
     return d, m_p, ls_p, m_q, ls_q, part[6].sum(0)
 
 
@@ -75,7 +79,8 @@ def forward(policy, refs, targets, head_p: HeadArgs, head_q: HeadArgs, div: Dive
         c_p, c_q = w_sum / (alpha - 1), w_sum / -alpha
         d = torch.expm1(d).neg_().div_(alpha * (1 - alpha))  # (1 - sum w) without cancelling
     else:  # jsd, tv: a second pass with both log-softmaxes
-        terms = torch.stack([m_p, ls_p, m_q, ls_q]).contiguous()
+        terms = torch.stack([m_p, ls_p, m_q, ls_q, zero, zero, zero, zero])  # (the kernel
+        # reads the backward's layout of row terms)
         sums = k.divergence_sums(side_p, ref, targets, terms, _head(head_p), _head(head_q),
                                  div.kind, div.beta, div.alpha, ignore_index).sum(1)
         d, c_p, c_q = sums.unbind(0)
