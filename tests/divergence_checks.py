@@ -74,7 +74,8 @@ def _linear_scales(dz_mag, hidden, weight, with_bias):
 
 def check_linear(backend, n, h, v, dtype, kind="forward_kl", *, ignore_frac=0.25,
                  temperature=1.0, ref_grad=False, with_bias=False, softcap=None, mixture=False,
-                 logit_scale=None, extreme=False, device="cpu", mode="auto", **kind_kw):
+                 logit_scale=None, extreme=False, device="cpu", mode="auto",
+                 deterministic=False, **kind_kw):
     hidden, weight = heads(n, h, v, dtype, 300.0 if extreme else 3.0)
     ref_hidden, ref_weight = heads(n, h + 3, v, dtype, 300.0 if extreme else 3.0)
     bias = torch.randn(v).to(dtype) if with_bias else None
@@ -104,8 +105,8 @@ def check_linear(backend, n, h, v, dtype, kind="forward_kl", *, ignore_frac=0.25
                               pol + (ref_tensors if ref_grad else []))
         return [out, logp, *grads]
 
-    ours = run(lambda *a, **k: prefkern.linear_divergence(*a, backend=backend, mode=mode, **k),
-               dtype, torch.float32)
+    ours = run(lambda *a, **k: prefkern.linear_divergence(
+        *a, backend=backend, mode=mode, deterministic=deterministic, **k), dtype, torch.float32)
     ref = run(linear_divergence_ref, torch.float64, torch.float64)
     base = run(linear_divergence_ref, dtype, torch.float32)
     names = ["divergence", "logprobs", "dhidden", "dweight"] + (["dbias"] if with_bias else [])

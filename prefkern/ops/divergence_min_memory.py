@@ -91,8 +91,8 @@ def forward(policy, refs, targets, head_p: HeadArgs, head_q: HeadArgs, div: Dive
 
 def backward(policy, refs, targets, head_p: HeadArgs, head_q: HeadArgs, div: Divergence,
              ignore_index: int, stats, g_div, g_logp, need_p, need_ref: bool,
-             fp32_dh: bool = False):
-    """The contract of divergence_passes.backward."""
+             fp32_dh: bool = False, deterministic: bool = False):
+    """The contract of divergence_passes.backward; ``deterministic``: no atomics."""
     ref = _single_ref(refs)
     zero = torch.zeros_like(stats[0])
     terms = torch.stack([*stats, zero if g_div is None else g_div,
@@ -100,5 +100,5 @@ def backward(policy, refs, targets, head_p: HeadArgs, head_q: HeadArgs, div: Div
     grads = _kernels().divergence_bwd(
         tuple(policy[:3]), ref, targets, terms, _head(head_p), _head(head_q), div.kind,
         div.beta, div.alpha, ignore_index, need_p, need_ref, g_div is not None,
-        g_logp is not None, fp32_dh=fp32_dh)
+        g_logp is not None, fp32_dh=fp32_dh, deterministic=deterministic)
     return grads[:3] + (grads[3:] if need_ref else [])

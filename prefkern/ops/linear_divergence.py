@@ -10,7 +10,8 @@ never rounded to the input dtype; only the d-logits fed to the gradient GEMMs ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -30,18 +31,24 @@ AUTO_ORDER = ("triton",)
 MODES = ("auto", "fast", "min_memory")
 
 
-def _impl(backend: str, mode: str):
+class Passes(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+def _impl(backend: str, mode: str, deterministic: bool = False) -> Passes:
     """The passes of a backend and mode: forward/backward with divergence_passes' signatures
     (the torch backend has one chunked implementation for both modes)."""
     if backend != "triton":
-        return passes
+        return Passes(passes.forward, passes.backward)
     if mode == "min_memory":
-        from prefkern.ops import divergence_min_memory
+        from prefkern.ops import divergence_min_memory as fused
 
-        return divergence_min_memory
+        return Passes(fused.forward, functools.partial(fused.backward,
+                                                       deterministic=deterministic))
     from prefkern.ops import divergence_triton
 
-    return divergence_triton
+    return Passes(divergence_triton.forward, divergence_triton.backward)
 
 
 def _full_biases(ref_biases, ref_bias_at, k):
@@ -74,9 +81,9 @@ def _fwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
             ref_weights: list[Tensor], ref_biases: list[Tensor], ref_bias_at: list[int],
             ref_coeffs: list[Tensor],
             targets: Tensor, row_inv_temp: Tensor | None, ref_row_inv_temp: Tensor | None,
-            backend: str, mode: str, kind: str, beta: float, alpha: float, inv_temp: float,
-            softcap: float | None, ref_inv_temp: float, ref_softcap: float | None,
-            ignore_index: int, need_q: bool) -> list[Tensor]:
+            backend: str, mode: str, deterministic: bool, kind: str, beta: float,
+            alpha: float, inv_temp: float, softcap: float | None, ref_inv_temp: float,
+            ref_softcap: float | None, ignore_index: int, need_q: bool) -> list[Tensor]:
     """-> [divergence, logp] + the row statistics of divergence_passes.forward_rows, each (N,)
     in the compute dtype."""
     policy, refs = _sides(hidden, weight, bias, ref_hiddens, ref_weights, ref_biases,
@@ -103,9 +110,10 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
             ref_coeffs: list[Tensor],
             targets: Tensor, row_inv_temp: Tensor | None, ref_row_inv_temp: Tensor | None,
             stats: list[Tensor], g_div: Tensor | None, g_logp: Tensor | None, backend: str,
-            mode: str, kind: str, beta: float, alpha: float, inv_temp: float, softcap: float | None,
-            ref_inv_temp: float, ref_softcap: float | None, ignore_index: int, need_dh: bool,
-            need_dw: bool, need_db: bool, need_ref: bool) -> list[Tensor]:
+            mode: str, deterministic: bool, kind: str, beta: float, alpha: float,
+            inv_temp: float, softcap: float | None, ref_inv_temp: float,
+            ref_softcap: float | None, ignore_index: int, need_dh: bool, need_dw: bool,
+            need_db: bool, need_ref: bool) -> list[Tensor]:
     """-> the policy's [dh, dW, db] that are needed, then (need_ref) [dh, dW, db (if a bias)]
     of each reference side."""
     policy, refs = _sides(hidden, weight, bias, ref_hiddens, ref_weights, ref_biases,
@@ -113,7 +121,7 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
     head_p, head_q = _heads(row_inv_temp, ref_row_inv_temp, inv_temp, softcap, ref_inv_temp,
                             ref_softcap)
     with without_autocast(hidden):
-        grads = _impl(backend, mode).backward(
+        grads = _impl(backend, mode, deterministic).backward(
             policy, refs, targets, head_p, head_q, resolve_kind(kind, beta, alpha),
             ignore_index, stats, g_div, g_logp, (need_dh, need_dw, need_db), need_ref)
     return [g for g in grads if g is not None]
@@ -122,7 +130,8 @@ def _bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hiddens: li
 @_bwd_op.register_fake
 def _(hidden, weight, bias, ref_hiddens, ref_weights, ref_biases, ref_bias_at, ref_coeffs,
       targets,
-      row_inv_temp, ref_row_inv_temp, stats, g_div, g_logp, backend, mode, kind, beta, alpha,
+      row_inv_temp, ref_row_inv_temp, stats, g_div, g_logp, backend, mode, deterministic, kind,
+      beta, alpha,
       inv_temp, softcap, ref_inv_temp, ref_softcap, ignore_index, need_dh, need_dw, need_db,
       need_ref):
     out = [torch.empty_like(t) for t, needed in
@@ -138,8 +147,9 @@ def _(hidden, weight, bias, ref_hiddens, ref_weights, ref_biases, ref_bias_at, r
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, ref_hiddens, ref_weights, ref_biases, ref_bias_at, ref_coeffs,
      targets, row_inv_temp, ref_row_inv_temp, *options) = inputs
-    ctx.options = options[:-1]  # backend, mode, kind, beta, alpha, inv_temp, softcap, ref_inv_temp,
+    # backend, mode, deterministic, kind, beta, alpha, inv_temp, softcap, ref_inv_temp,
     # ref_softcap, ignore_index
+    ctx.options = options[:-1]
     ctx.n_refs, ctx.n_coeffs = len(ref_hiddens), len(ref_coeffs)
     ctx.ref_bias_at = list(ref_bias_at)
     ctx.save_for_backward(hidden, weight, bias, targets, row_inv_temp, ref_row_inv_temp,
@@ -163,9 +173,9 @@ def _backward(ctx, grad_outputs):
     need = list(ctx.needs_input_grad[:3])
     need[2] = need[2] and bias is not None
     need_ref = any(ctx.needs_input_grad[3:6])
-    # ref_bias_at, ref_coeffs, targets, the two temperatures and the 11 options: no gradient
+    # ref_bias_at, ref_coeffs, targets, the two temperatures and the 12 options: no gradient
     # (autograd's pytree sees a non-empty int list as one leaf, an empty one as a list)
-    no_grads = (None if ctx.ref_bias_at else [], [None] * ctx.n_coeffs, *(None,) * 14)
+    no_grads = (None if ctx.ref_bias_at else [], [None] * ctx.n_coeffs, *(None,) * 15)
     empty, empty_b = [None] * ctx.n_refs, [None] * len(ref_biases)
     if not (any(need) or need_ref) or (g_div is None and g_logp is None):
         return (None, None, None, empty, empty, empty_b, *no_grads)
@@ -309,8 +319,9 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
                       ref_bias: Tensor | None = None, softcap: float | None = None,
                       logit_scale: float | None = None, ref_softcap: float | None = None,
                       ref_logit_scale: float | None = None, return_logprobs: bool = False,
-                      mode: str = "auto", process_group=None, vocab_start: int | None = None,
-                      vocab_size: int | None = None, backend: str | None = "auto"):
+                      mode: str = "auto", deterministic: bool = False, process_group=None,
+                      vocab_start: int | None = None, vocab_size: int | None = None,
+                      backend: str | None = "auto"):
     """Per-token divergence between p = softmax(z_p) (the policy / student, which takes the
     gradient) and q = softmax(z_q) (the reference / teacher) over the whole vocabulary.
 
@@ -344,6 +355,8 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
             side forward (twice for jsd / tv), 8NHV per side that takes a gradient backward;
             one reference head. Both modes compute the same function (fp32 logits). The
             torch backend runs its chunked passes for either mode.
+        deterministic: min_memory mode only: no atomics backward (one program per gradient
+            block: bitwise stable across runs, less parallel); the other paths are already.
         process_group: vocab parallelism as in :func:`prefkern.linear_logprobs`: weight,
             bias, ref_weight and ref_bias are this rank's rows [vocab_start, vocab_start +
             V_r) (the same rows of both heads), everything else is the same on every rank;
@@ -384,7 +397,7 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
     out = _fwd_op(c.hidden, c.weight, c.bias, c.ref_hiddens, c.ref_weights,
                   [c.ref_biases[k] for k in ref_bias_at], ref_bias_at, c.ref_coeffs, c.targets,
                   c.head_p.row_inv_temp, c.head_q.row_inv_temp, c.backend,
-                  "fast" if mode == "auto" else mode, c.div.kind,
+                  "fast" if mode == "auto" else mode, bool(deterministic), c.div.kind,
                   c.div.beta, c.div.alpha, c.head_p.inv_temp, c.head_p.softcap,
                   c.head_q.inv_temp, c.head_q.softcap, c.ignore_index, need_q)
     divergence = _checks.poison(out[0].view(c.lead), c.bad)
