@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from cases import make_targets
 from compare import assert_rule, leaf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefkern
 from prefkern.losses import distill_loss, linear_distill_loss, topk_forward_kl
@@ -184,6 +185,37 @@ def test_fused_backward_only_scales(monkeypatch):
     (2 * loss2).backward()
     for ours, want in ((h.grad, h2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
         torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-7)
+
+
+class _GemmFlops(TorchDispatchMode):
+    """FLOPs of the matrix products dispatched (mm, addmm and in-place addmm_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            a, b = args[:2] if packet is torch.ops.aten.mm else args[1:3]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_distill_runs_four_gemms_forward_and_none_backward(backend):
+    """The student's logits, the teacher's, dh and dW: 2NV (3 H_student + H_teacher)."""
+    n, h, v, h_t = 40, 24, 300, 32
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(v, h) * 0.2).requires_grad_(True)
+    labels = make_targets((n,), v, 0.0)
+    with _GemmFlops() as forward:
+        loss, _ = linear_distill_loss(hidden, weight, torch.randn(n, h_t),
+                                      torch.randn(v, h_t) * 0.2, labels, backend=backend)
+    with _GemmFlops() as backward:
+        loss.backward()
+    assert forward.flops == 2 * n * v * (3 * h + h_t), forward.flops
+    assert backward.flops == 0
 
 
 def test_module_and_errors():
