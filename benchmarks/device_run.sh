@@ -6,14 +6,14 @@
 # Usage, from the repo root:
 #   bash benchmarks/device_run.sh [extra args for `python -m prefkern bench`]
 # The device tool gives a command 10 minutes: pick stages per call, e.g.
-#   PREFKERN_STAGES="build tests" bash benchmarks/device_run.sh
+#   PREFKERN_STAGES="build tests sanitize" bash benchmarks/device_run.sh
 #   PREFKERN_STAGES="build bench" bash benchmarks/device_run.sh --suite linear_logprobs
 #   PREFKERN_STAGES="build profile trl" bash benchmarks/device_run.sh
 # (default: every stage). Each stage has its own time limit (PREFKERN_STAGE_TIMEOUT, seconds)
 # so that one that hangs leaves the others their time.
 set -uo pipefail
 OUT="${OUT:-/tmp/prefkern_out}"
-STAGES=" ${PREFKERN_STAGES:-build tests bench sweeps profile trl} "
+STAGES=" ${PREFKERN_STAGES:-build tests sanitize bench sweeps profile trl} "
 LIMIT="${PREFKERN_STAGE_TIMEOUT:-540}"
 mkdir -p "$OUT"
 wants() { [[ "$STAGES" == *" $1 "* ]]; }
@@ -33,6 +33,15 @@ if wants tests; then
   # every failure listed (not -x): the first run on a GPU should show them all
   timeout "$LIMIT" python3 -m pytest -q -m gpu --maxfail=40 -rf -p no:cacheprovider 2>&1 \
     | tail -80 | tee "$OUT/gpu_tests.log"
+fi
+if wants sanitize; then
+  # memcheck over one small fwd+bwd of every kernel family (CUDA and Triton); no caching
+  # allocator, so a read past a tensor is reported rather than landing in a pooled block
+  SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$LIMIT" "$SANITIZER" --tool memcheck \
+    --error-exitcode 1 python3 benchmarks/sanitize_ops.py 2>&1 | tail -40 \
+    | tee "$OUT/memcheck.log"
+  echo "memcheck exit: ${PIPESTATUS[0]}" | tee -a "$OUT/memcheck.log"
 fi
 if wants bench; then
   timeout "$LIMIT" python3 -m prefkern bench --out "$OUT/results" "$@" 2>&1 | tail -150 \
