@@ -34,7 +34,15 @@ import triton.language as tl
 
 from ._device import on_tensor_device
 from .divergence import KIND_IDS, _beta_args, _head_args, elementwise_grads, elementwise_terms
-from .linear_logprobs_fused import _add_tile, _config, _raw_tile, _split, _waves
+from .linear_logprobs_fused import (
+    _add_tile,
+    _config,
+    _raw_tile,
+    _split,
+    _waves,
+    add_product,
+    dot_operand,
+)
 from .softmax_stats import capped_logits, rows_inv_temp
 
 ROW_TERMS = 8
@@ -267,7 +275,6 @@ def _fused_divergence_dh_kernel(
     it_q = rows_inv_temp(inv_temp_q, inv_temp_q_ptr, rows, row_ok, ROW_TEMP_Q, BLOCK_N)
     c_lo = tl.program_id(1) * cols_per_split
     c_hi = tl.minimum(V, c_lo + cols_per_split)
-    offs_k = tl.arange(0, BLOCK_H)
     for c0 in range(c_lo, c_hi, BLOCK_V):
         cols = (c0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < c_hi
@@ -281,31 +288,13 @@ def _fused_divergence_dh_kernel(
                               g_div, g_logp, it_p, it_q, beta, log1m_beta, log_beta, alpha,
                               KIND, HAS_G_DIV, HAS_G_LOGP)
         if NEED_P:
-            dz = dz_p.to(wp_ptr.dtype.element_ty)
-            if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong; never taken on a GPU
-                dz = dz.to(tl.float32)
-            for k0 in range(0, H_p, BLOCK_H):
-                ks = k0 + offs_k
-                w = tl.load(wp_ptr + cols[:, None] * stride_wp + ks[None, :],
-                            mask=col_ok[:, None] & (ks[None, :] < H_p), other=0.0)
-                if DOT_FP32:
-                    w = w.to(tl.float32)
-                _add_tile(acc_p_ptr + (rows - row0)[:, None] * H_p + ks[None, :],
-                          tl.dot(dz, w, input_precision=PRECISION),
-                          row_ok[:, None] & (ks[None, :] < H_p), ATOMIC)
+            add_product(acc_p_ptr, rows - row0, row_ok, dot_operand(dz_p, wp_ptr, DOT_FP32),
+                        wp_ptr, cols, col_ok, stride_wp, H_p, ATOMIC, BLOCK_H, DOT_FP32,
+                        PRECISION)
         if NEED_Q:
-            dz = dz_q.to(wq_ptr.dtype.element_ty)
-            if DOT_FP32:
-                dz = dz.to(tl.float32)
-            for k0 in range(0, H_q, BLOCK_H):
-                ks = k0 + offs_k
-                w = tl.load(wq_ptr + cols[:, None] * stride_wq + ks[None, :],
-                            mask=col_ok[:, None] & (ks[None, :] < H_q), other=0.0)
-                if DOT_FP32:
-                    w = w.to(tl.float32)
-                _add_tile(acc_q_ptr + (rows - row0)[:, None] * H_q + ks[None, :],
-                          tl.dot(dz, w, input_precision=PRECISION),
-                          row_ok[:, None] & (ks[None, :] < H_q), ATOMIC)
+            add_product(acc_q_ptr, rows - row0, row_ok, dot_operand(dz_q, wq_ptr, DOT_FP32),
+                        wq_ptr, cols, col_ok, stride_wq, H_q, ATOMIC, BLOCK_H, DOT_FP32,
+                        PRECISION)
 
 
 @triton.jit
@@ -327,7 +316,6 @@ def _fused_divergence_dw_kernel(
     col_ok = cols < col1
     r_lo = tl.program_id(1) * rows_per_split
     r_hi = tl.minimum(N, r_lo + rows_per_split)
-    offs_k = tl.arange(0, BLOCK_H)
     db_p = tl.zeros([BLOCK_V], dtype=tl.float32)
     db_q = db_p
     for r0 in range(r_lo, r_hi, BLOCK_N):
@@ -349,33 +337,15 @@ def _fused_divergence_dw_kernel(
         if NEED_DB_P:
             db_p += tl.sum(dz_p, axis=0)
         if NEED_DW_P:
-            dz_t = tl.trans(dz_p.to(hp_ptr.dtype.element_ty))
-            if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong; never taken on a GPU
-                dz_t = dz_t.to(tl.float32)
-            for k0 in range(0, H_p, BLOCK_H):
-                ks = k0 + offs_k
-                h = tl.load(hp_ptr + rows[:, None] * stride_hp + ks[None, :],
-                            mask=row_ok[:, None] & (ks[None, :] < H_p), other=0.0)
-                if DOT_FP32:
-                    h = h.to(tl.float32)
-                _add_tile(acc_p_ptr + (cols - col0)[:, None] * H_p + ks[None, :],
-                          tl.dot(dz_t, h, input_precision=PRECISION),
-                          col_ok[:, None] & (ks[None, :] < H_p), ATOMIC)
+            add_product(acc_p_ptr, cols - col0, col_ok,
+                        tl.trans(dot_operand(dz_p, hp_ptr, DOT_FP32)), hp_ptr, rows, row_ok,
+                        stride_hp, H_p, ATOMIC, BLOCK_H, DOT_FP32, PRECISION)
         if NEED_Q:
             if HAS_BIAS_Q:
                 db_q += tl.sum(dz_q, axis=0)
-            dz_t = tl.trans(dz_q.to(hq_ptr.dtype.element_ty))
-            if DOT_FP32:
-                dz_t = dz_t.to(tl.float32)
-            for k0 in range(0, H_q, BLOCK_H):
-                ks = k0 + offs_k
-                h = tl.load(hq_ptr + rows[:, None] * stride_hq + ks[None, :],
-                            mask=row_ok[:, None] & (ks[None, :] < H_q), other=0.0)
-                if DOT_FP32:
-                    h = h.to(tl.float32)
-                _add_tile(acc_q_ptr + (cols - col0)[:, None] * H_q + ks[None, :],
-                          tl.dot(dz_t, h, input_precision=PRECISION),
-                          col_ok[:, None] & (ks[None, :] < H_q), ATOMIC)
+            add_product(acc_q_ptr, cols - col0, col_ok,
+                        tl.trans(dot_operand(dz_q, hq_ptr, DOT_FP32)), hq_ptr, rows, row_ok,
+                        stride_hq, H_q, ATOMIC, BLOCK_H, DOT_FP32, PRECISION)
     if NEED_DB_P:
         _add_tile(db_p_ptr + cols, db_p, col_ok, ATOMIC)
     if NEED_Q and HAS_BIAS_Q:

@@ -31,9 +31,9 @@ def _raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, H, stride_h, stri
               BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """(BLOCK_N, BLOCK_V) fp32 tile of h[rows] @ W[cols].T + b[cols]."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_H)
     row_ok = rows[:, None] < n_rows
     col_ok = cols[:, None] < n_cols
+    offs_k = tl.arange(0, BLOCK_H)
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + offs_k
         a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok & (ks[None, :] < H), other=0.0)
@@ -130,6 +130,35 @@ def _add_tile(ptrs, value, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def dot_operand(x, like_ptr, DOT_FP32: tl.constexpr):
+    """An fp32 tile as a tl.dot operand: rounded to the dtype ``like_ptr`` points to (the only
+    rounding of a gradient), then fp32 again on the interpreter (its bf16 tl.dot is wrong;
+    never taken on a GPU)."""
+    x = x.to(like_ptr.dtype.element_ty)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def add_product(acc_ptr, acc_rows, acc_ok, lhs, src_ptr, src_rows, src_ok, stride_src, H,
+                ATOMIC: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """acc[acc_rows, :H] += lhs @ src[src_rows, :H], BLOCK_H columns at a time (acc fp32 with
+    row stride H): dh += dz @ W[cols] and dW += dz.T @ h[rows]."""
+    offs_k = tl.arange(0, BLOCK_H)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + offs_k
+        src = tl.load(src_ptr + src_rows[:, None] * stride_src + ks[None, :],
+                      mask=src_ok[:, None] & (ks[None, :] < H), other=0.0)
+        if DOT_FP32:
+            src = src.to(tl.float32)
+        _add_tile(acc_ptr + acc_rows[:, None] * H + ks[None, :],
+                  tl.dot(lhs, src, input_precision=PRECISION),
+                  acc_ok[:, None] & (ks[None, :] < H), ATOMIC)
+
+
+@triton.jit
 def _fused_dh_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr, gx_ptr, acc_ptr,
     row0, row1, V, H, stride_h, stride_w, cols_per_split, inv_temp, inv_temp_ptr, softcap,
@@ -149,7 +178,6 @@ def _fused_dh_kernel(
     it = rows_inv_temp(inv_temp, inv_temp_ptr, rows, row_ok, ROW_TEMP, BLOCK_N)
     c_lo = tl.program_id(1) * cols_per_split
     c_hi = tl.minimum(V, c_lo + cols_per_split)
-    offs_k = tl.arange(0, BLOCK_H)
     for c0 in range(c_lo, c_hi, BLOCK_V):
         cols = (c0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < c_hi
@@ -160,18 +188,9 @@ def _fused_dh_kernel(
         dz = grad_z(z, dcap, cols[None, :] == y[:, None], lse[:, None], ent[:, None], gl[:, None],
                     ge[:, None], gs[:, None], gq[:, None], gc[:, None], it, HAS_G_LOGP,
                     HAS_G_ENT, HAS_G_LSE, HAS_G_EXTRA, SOFTCAP)
-        dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0).to(w_ptr.dtype.element_ty)
-        if DOT_FP32:
-            dz = dz.to(tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + offs_k
-            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                        mask=col_ok[:, None] & (ks[None, :] < H), other=0.0)
-            if DOT_FP32:
-                w = w.to(tl.float32)
-            part = tl.dot(dz, w, input_precision=PRECISION)
-            _add_tile(acc_ptr + (rows - row0)[:, None] * H + ks[None, :], part,
-                      row_ok[:, None] & (ks[None, :] < H), ATOMIC)
+        dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
+        add_product(acc_ptr, rows - row0, row_ok, dot_operand(dz, w_ptr, DOT_FP32), w_ptr, cols,
+                    col_ok, stride_w, H, ATOMIC, BLOCK_H, DOT_FP32, PRECISION)
 
 
 @triton.jit
@@ -190,7 +209,6 @@ def _fused_dw_kernel(
     col_ok = cols < col1
     r_lo = tl.program_id(1) * rows_per_split
     r_hi = tl.minimum(N, r_lo + rows_per_split)
-    offs_k = tl.arange(0, BLOCK_H)
     db = tl.zeros([BLOCK_V], dtype=tl.float32)
     for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -209,19 +227,9 @@ def _fused_dw_kernel(
         dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
         if NEED_DB:
             db += tl.sum(dz, axis=0)
-        dz = dz.to(h_ptr.dtype.element_ty)
-        if DOT_FP32:
-            dz = dz.to(tl.float32)
-        dz_t = tl.trans(dz)
-        for k0 in range(0, H if NEED_DW else 0, BLOCK_H):
-            ks = k0 + offs_k
-            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
-                        mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
-            if DOT_FP32:
-                h = h.to(tl.float32)
-            part = tl.dot(dz_t, h, input_precision=PRECISION)
-            _add_tile(acc_ptr + (cols - col0)[:, None] * H + ks[None, :], part,
-                      col_ok[:, None] & (ks[None, :] < H), ATOMIC)
+        if NEED_DW:
+            add_product(acc_ptr, cols - col0, col_ok, tl.trans(dot_operand(dz, h_ptr, DOT_FP32)),
+                        h_ptr, rows, row_ok, stride_h, H, ATOMIC, BLOCK_H, DOT_FP32, PRECISION)
     if NEED_DB:
         _add_tile(db_ptr + cols, db, col_ok, ATOMIC)
 
