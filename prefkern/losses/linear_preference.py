@@ -7,9 +7,12 @@ tokens), or packed ``hidden`` (N, H), ``targets`` (N,) with ``cu_seqlens`` (2B +
 The reference model's log-probs are given (``ref_logps``: (chosen (B,), rejected (B,))) or
 computed here under no_grad from ``ref_hidden`` / ``ref_weight``.
 
-The path is the two-pass one (DESIGN: a sequence-level loss's per-token gradient is known only
-once the whole sequence's log-prob is): forward GEMM for the log-probs, then a backward that
-recomputes the logits. FLOPs: reference forward 2NHV + policy 2NHV forward + 6NHV backward.
+Two paths. The two-pass one (any family, packed or padded): a forward GEMM for the log-probs,
+then a backward that recomputes the logits, because a sequence-level loss's per-token gradient
+is known only once the whole sequence's log-prob is. FLOPs: reference forward 2NHV + policy
+2NHV forward + 6NHV backward. The fused one (DPO with a pair-separable loss on the padded
+layout, prefkern.ops.preference_fused): whole pairs fit a chunk, so their loss and d loss /
+d logits are known inside the forward pass: 2NHV + 4NHV, no recompute.
 """
 
 from __future__ import annotations
