@@ -243,7 +243,8 @@ def _head_args(inv_temp, softcap, like, suffix: str) -> dict:
 
 
 def _check_rows(z_p, z_q, targets):
-    if z_p.dim() != 2 or z_q.shape != z_p.shape or z_p.stride(1) != 1 or z_q.stride(1) != 1:
+    unit = all(z.stride(1) == 1 or z.shape[1] == 1 for z in (z_p, z_q))  # V = 1: no V stride
+    if z_p.dim() != 2 or z_q.shape != z_p.shape or not unit:
         raise ValueError("z_p and z_q must be (N, V) of one shape with unit stride along V")
     if targets.shape != z_p.shape[:1]:
         raise ValueError("targets must be (N,)")

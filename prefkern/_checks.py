@@ -75,7 +75,9 @@ def report(bad: torch.Tensor, what: str, describe) -> None:
     key = (str(bad.device), what)
     flag = _PENDING.get(key)
     if flag is None:
-        flag = _PENDING[key] = torch.zeros((), dtype=torch.bool, device=bad.device)
+        with torch.inference_mode(False):  # a flag made under inference_mode could not be
+            # updated by the calls outside it
+            flag = _PENDING[key] = torch.zeros((), dtype=torch.bool, device=bad.device)
     torch.logical_or(flag, bad.any(), out=flag)
 
 
@@ -91,9 +93,12 @@ def raise_on_bad_input() -> None:
 
 
 def screen_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str):
-    """-> (targets safe for any kernel, bad mask or None). Ids outside [0, vocab) that are not
-    ``ignore_index`` raise at once, or (lazy) become ``ignore_index`` and are returned in the
-    mask so that their outputs can be set to NaN."""
+    """-> (targets safe for any kernel: contiguous int32/int64, bad mask or None). Ids outside
+    [0, vocab) that are not ``ignore_index`` raise at once, or (lazy) become ``ignore_index``
+    and are returned in the mask so that their outputs can be set to NaN."""
+    if targets.dtype not in (torch.int32, torch.int64):
+        targets = targets.long()  # uint8/int16 would wrap ignore_index and the vocab bound
+    targets = targets.contiguous()  # kernels index ids at unit stride
     if targets.numel() == 0:
         return targets, None
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))

@@ -1,8 +1,8 @@
 """Backend resolution: which implementation runs a call.
 
-Every public op takes ``backend="auto" | "triton" | "cuda" | "torch"`` (``None`` means the
-``PREFKERN_BACKEND`` environment variable, default ``auto``). Resolution happens once per call,
-outside the autograd Function; backward reuses the forward's choice.
+Every public op takes ``backend=None | "auto" | "triton" | "cuda" | "torch"``; ``None``, the
+default, means the ``PREFKERN_BACKEND`` environment variable (unset: ``auto``). Resolution
+happens once per call, outside the autograd Function; backward reuses the forward's choice.
 
 - ``auto``: CPU tensors -> torch; CUDA tensors -> the op's preference order (fastest measured
   first), skipping a backend that cannot load (logged once at debug level).

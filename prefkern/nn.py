@@ -14,7 +14,7 @@ class LinearLogprobs(torch.nn.Module):
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100,
                  softcap: float | None = None, return_entropy: bool = False,
                  return_lse: bool = False, mode: str = "auto", deterministic: bool = False,
-                 backend: str | None = "auto"):
+                 backend: str | None = None):
         super().__init__()
         self.options = dict(temperature=temperature, ignore_index=ignore_index, softcap=softcap,
                             return_entropy=return_entropy, return_lse=return_lse, mode=mode,
@@ -38,7 +38,7 @@ class LinearDistillLoss(torch.nn.Module):
                  weight_hard_loss: float = 0.0, reduction: str = "batchmean",
                  ignore_index: int = -100, softcap: float | None = None,
                  logit_scale: float | None = None, teacher_softcap: float | None = None,
-                 teacher_logit_scale: float | None = None, backend: str | None = "auto"):
+                 teacher_logit_scale: float | None = None, backend: str | None = None):
         super().__init__()
         self.options = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature,
                             weight_soft_loss=weight_soft_loss, weight_hard_loss=weight_hard_loss,

@@ -153,7 +153,8 @@ def test_errors():
     with pytest.raises(ValueError, match="shape of logits"):
         prefkern.logits_divergence(torch.zeros(4, 20), torch.zeros(4, 21))
     with pytest.raises(ValueError, match="rows' shape"):
-        prefkern.logits_divergence(torch.zeros(4, 20), torch.zeros(4, 20), torch.zeros(3))
+        prefkern.logits_divergence(torch.zeros(4, 20), torch.zeros(4, 20),
+                                       torch.zeros(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("kind,kw", [KINDS[1], KINDS[3]], ids=["rkl", "tv"])

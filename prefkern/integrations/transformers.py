@@ -181,7 +181,7 @@ def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None =
                        labels: Tensor | None = None, *, temperature: float | Tensor = 1.0,
                        return_entropy: bool = False, logits_to_keep: int | None = None,
                        ignore_index: int = -100, mode: str = "auto",
-                       backend: str | None = "auto", **model_kwargs):
+                       backend: str | None = None, **model_kwargs):
     """Per-token log-probs of a transformers causal LM without its logits:
     ``(model(input_ids, ...).logits[:, :-1].float() / T).log_softmax(-1).gather(-1,
     targets[..., None])[..., 0]`` with targets from :func:`shifted_targets` -> (B, T - 1) fp32
@@ -216,7 +216,7 @@ def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None =
 # ------------------------------------------------------------------------ forward patch
 
 def apply_prefkern(model, *, temperature: float = 1.0, return_entropy: bool = False,
-                   mode: str = "auto", backend: str | None = "auto"):
+                   mode: str = "auto", backend: str | None = None):
     """Patch ``model`` so that ``model(input_ids, labels=labels, ...)`` returns a
     :class:`CausalLMLogprobsOutput` (loss = mean NLL over the valid shifted labels, as
     transformers computes it, and per-token log-probs/entropy) without building logits. Calls

@@ -68,7 +68,7 @@ def _router_aux_loss(backbone_outputs, text_config, attention_mask):
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                      outputs: tuple[str, ...] = ("log_probs",), *, backend: str | None = "auto",
+                      outputs: tuple[str, ...] = ("log_probs",), *, backend: str | None = None,
                       mode: str = "auto", skip_ignored: bool = True) -> None:
     """TRL's ``add_fused_lm_head`` computed by prefkern: afterwards ``model(input_ids,
     attention_mask=..., labels=labels, fused_lm_head=True)`` returns a
@@ -170,7 +170,7 @@ def patch_trl():
     return undo
 
 
-def patch_trainer(trainer, *, backend: str | None = "auto", mode: str = "auto",
+def patch_trainer(trainer, *, backend: str | None = None, mode: str = "auto",
                   fused_loss: bool = False):
     """Put prefkern's fused head on an existing TRL trainer's model (its base model under
     PEFT) and reference model, with the trainer's temperature and

@@ -60,7 +60,7 @@ def distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weight:
                  teacher_softcap: float | None = None,
                  teacher_logit_scale: float | None = None, process_group=None,
                  vocab_start: int | None = None, vocab_size: int | None = None,
-                 mode: str = "auto", backend: str | None = "auto"):
+                 mode: str = "auto", backend: str | None = None):
     """``weight_soft_loss * reduce(D) + weight_hard_loss * reduce(-log p_1(labels))`` where D is
     the per-token :func:`prefkern.linear_divergence` of ``kind`` between the student (hidden,
     weight) and the teacher (teacher_hidden, teacher_weight, or a mixture) at ``temperature``,
@@ -111,7 +111,7 @@ def linear_distill_loss(hidden: Tensor, weight: Tensor, teacher_hidden,
                         logit_scale: float | None = None, teacher_softcap: float | None = None,
                         teacher_logit_scale: float | None = None, process_group=None,
                         vocab_start: int | None = None, vocab_size: int | None = None,
-                        dw_budget_bytes: int | None = None, backend: str | None = "auto"):
+                        dw_budget_bytes: int | None = None, backend: str | None = None):
     """:func:`distill_loss` (same arguments and value) with the student's gradient computed
     in the forward pass: 4 GEMMs in all (prefkern.ops.distill_fused). A half-precision
     student weight needs an fp32 (V, H) dW accumulator there (4VH bytes): with

@@ -83,7 +83,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                            use_weighting: bool = False, process_group=None,
                            fused: bool = True, budget_bytes: int | None = None,
                            dw_budget_bytes: int | None = None,
-                           backend: str | None = "auto", **loss_kw):
+                           backend: str | None = None, **loss_kw):
     """``family="dpo"``: :func:`prefkern.losses.preference_loss` (every TRL DPO loss type;
     lengths are filled in from the targets); ``"cpo"``: :func:`cpo_loss` (CPO, SimPO,
     AlphaPO; reference-free); ``"orpo"``: :func:`orpo_loss` (reference-free); ``"tdpo"``:

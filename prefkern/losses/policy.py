@@ -376,7 +376,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
                        logit_scale: float | None = None, fused: bool = True,
                        cu_seqlens: Tensor | None = None, process_group=None,
                        vocab_start: int | None = None, vocab_size: int | None = None,
-                       dw_budget_bytes: int | None = None, backend: str | None = "auto",
+                       dw_budget_bytes: int | None = None, backend: str | None = None,
                        **loss_kw):
     """:func:`policy_loss` on log-probs (and entropies, for the entropy bonus and its metric)
     computed from hidden states (B, T, H) and the LM head, with targets (B, T): no logits; or

@@ -206,7 +206,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         bootstrap: torch.Tensor | None = None, truncated: torch.Tensor | None = None,
         lam_critic: float | None = None, whiten: bool = False, process_group=None,
         cu_seqlens: torch.Tensor | None = None,
-        backend: str | None = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE advantages and returns, backwards over each sequence in one pass:
 
         delta_t = r_t + gamma_t * V_next - V_t;   A_t = delta_t + gamma_t * lam * A_{t+1}

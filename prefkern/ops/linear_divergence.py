@@ -172,7 +172,8 @@ def _backward(ctx, grad_outputs):
     ref_hiddens, ref_weights, ref_biases, ref_coeffs = _unpack_refs(ctx, rest)
     need = list(ctx.needs_input_grad[:3])
     need[2] = need[2] and bias is not None
-    need_ref = any(ctx.needs_input_grad[3:6])
+    need_ref = any(flag for item in ctx.needs_input_grad[3:6]  # per-tensor lists
+                   for flag in (item if isinstance(item, (list, tuple)) else (item,)))
     # ref_bias_at, ref_coeffs, targets, the two temperatures and the 12 options: no gradient
     # (autograd's pytree sees a non-empty int list as one leaf, an empty one as a list)
     no_grads = (None if ctx.ref_bias_at else [], [None] * ctx.n_coeffs, *(None,) * 15)
@@ -296,6 +297,8 @@ def prepare(hidden, weight, ref_hidden, ref_weight, targets, kind, beta, alpha, 
     for name, value in (("softcap", softcap), ("ref_softcap", ref_softcap)):
         if value is not None:
             _checks.check_positive(name, value)
+    if targets is not None:
+        _checks.check_index("targets", targets)
     if targets is not None and targets.shape != lead:
         raise ValueError(f"targets must have the rows' shape {tuple(lead)}, got "
                          f"{tuple(targets.shape)}")
@@ -321,7 +324,7 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight: Te
                       ref_logit_scale: float | None = None, return_logprobs: bool = False,
                       mode: str = "auto", deterministic: bool = False, process_group=None,
                       vocab_start: int | None = None, vocab_size: int | None = None,
-                      backend: str | None = "auto"):
+                      backend: str | None = None):
     """Per-token divergence between p = softmax(z_p) (the policy / student, which takes the
     gradient) and q = softmax(z_q) (the reference / teacher) over the whole vocabulary.
 

@@ -237,7 +237,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     return_lse: bool = False, return_stats: bool = False, mode: str = "auto",
                     deterministic: bool = False, skip_ignored: bool | None = None,
                     process_group=None, vocab_start: int | None = None,
-                    vocab_size: int | None = None, backend: str | None = "auto"):
+                    vocab_size: int | None = None, backend: str | None = None):
     """Per-token log-prob of ``targets`` under ``softmax(softcap(s * (h @ W.T + b)) / T)``.
 
     ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias).float() / softcap) / T;

@@ -142,7 +142,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def logits_divergence(logits: Tensor, ref_logits: Tensor, targets: Tensor | None = None, *,
                       kind: str = "forward_kl", beta: float = 0.5, alpha: float = 0.5,
                       temperature: float | Tensor = 1.0, ignore_index: int = -100,
-                      return_logprobs: bool = False, backend: str | None = "auto"):
+                      return_logprobs: bool = False, backend: str | None = None):
     """Per-token divergence between p = softmax(logits / T) (the policy / student, which takes
     the gradient) and q = softmax(ref_logits / T) (reference / teacher); the kinds, formulas
     and outputs of :func:`prefkern.linear_divergence` (forward_kl = KL(q || p), reverse_kl =
@@ -170,6 +170,8 @@ def logits_divergence(logits: Tensor, ref_logits: Tensor, targets: Tensor | None
     lead = logits.shape[:-1]
     temperature = head_mod.as_rows(temperature, lead)
     head_mod.check_temperature(temperature, lead, device)
+    if targets is not None:
+        _checks.check_index("targets", targets)
     if targets is not None and targets.shape != lead:
         raise ValueError(f"targets must have the rows' shape {tuple(lead)}, got "
                          f"{tuple(targets.shape)}")

@@ -53,6 +53,19 @@ def _as_rows(logits: Tensor) -> Tensor:
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
+def _may_overlap(t: Tensor) -> bool:
+    """Whether two indices of ``t`` may address one element (an expanded view): no gradient can
+    be written in place there. Dims by increasing stride must each step past the reach of the
+    smaller ones (a sufficient test for no overlap; anything else counts as overlapping)."""
+    reach = 0
+    dims = zip(t.stride(), t.shape, strict=True)
+    for stride, size in sorted((st, sz) for st, sz in dims if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 # torch.library custom ops: opaque to torch.compile(fullgraph=True), with fake shapes.
 @torch.library.custom_op("prefkern::logprobs_from_logits_fwd", mutates_args=())
 def _fwd_op(logits: Tensor, targets: Tensor, row_inv_temp: Tensor | None, backend: str,
@@ -188,7 +201,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
                          temperature: float | Tensor = 1.0, logit_scale: float | None = None,
                          ignore_index: int = -100, return_entropy: bool = False,
                          return_stats: bool = False, inplace_backward: bool = False,
-                         backend: str | None = "auto"):
+                         backend: str | None = None):
     """Per-token log-prob of ``targets`` under ``softmax(logit_scale * logits / temperature)``.
 
     ``logp = (logits.float() * s / T).log_softmax(-1).gather(-1, targets[..., None])[..., 0]``
@@ -208,7 +221,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
             bf16; what verl asks of flash-attn's cross entropy). The logits' values are gone
             after backward: only for logits nothing else reads in backward. (The torch and
             cuda backends copy logits that are not viewable as (N, V) rows, e.g.
-            ``logits[:, :-1]``, in forward already; the gradient then lives in that copy.)
+            ``logits[:, :-1]``, in forward already; the gradient then lives in that copy.
+            Expanded logits, whose elements repeat, get a new gradient buffer.)
         backend: "auto" | "triton" | "cuda" | "torch" (None: $PREFKERN_BACKEND).
     Autocast: nothing is cast (the softmax is computed in fp32 from any input dtype, as
     autocast does for log_softmax); the result is the same inside and outside autocast.
@@ -242,7 +256,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
         rows = _as_rows(logits)
     logp, entropy, _, stats, hit = _fwd_op(rows, flat, head.row_inv_temp, name, head.inv_temp,
                                            int(op_ignore), bool(return_entropy),
-                                           bool(return_stats), bool(inplace_backward))
+                                           bool(return_stats),
+                                           bool(inplace_backward) and not _may_overlap(rows))
     logp = None if out_shape is None else _checks.poison(logp.view(out_shape), bad)
     if return_stats:
         return HeadOutput(
@@ -254,7 +269,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor | None, *,
 
 
 def entropy_from_logits(logits: torch.Tensor, *, temperature: float | Tensor = 1.0,
-                        logit_scale: float | None = None, backend: str | None = "auto"):
+                        logit_scale: float | None = None, backend: str | None = None):
     """``-(p * p.log()).sum(-1)`` with ``p = (logits.float() * s / T).softmax(-1)``: fp32 (...),
     differentiable, one pass over the logits and no fp32 copy (what the trainers'
     ``entropy_from_logits`` computes with a full softmax)."""

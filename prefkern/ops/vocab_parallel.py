@@ -59,7 +59,9 @@ def local_ignore(ignore_index: int) -> int:
 def local_targets(targets: Tensor, start: int, local_vocab: int, ignore_index: int) -> Tensor:
     """Global ids -> this shard's: ids in the shard shifted to it, ids elsewhere a sentinel no
     column matches (the row still counts), ignored entries :func:`local_ignore`. The sentinel
-    is far past any column a kernel tile could hold (tiles pad past the vocabulary)."""
+    is far past any column a kernel tile could hold (tiles pad past the vocabulary); int64
+    whatever the ids' dtype (the sentinel does not fit int32)."""
+    targets = targets.long()
     inside = (targets >= start) & (targets < start + local_vocab)
     shifted = torch.where(inside, targets - start, _SENTINEL)
     return torch.where(targets == ignore_index, local_ignore(ignore_index), shifted)
