@@ -169,3 +169,24 @@ def test_a_one_column_vocab_of_any_stride():
     logits = torch.randn(1, 6).t()
     got = prefkern.logits_divergence(logits, logits.clone(), backend="triton")
     assert torch.equal(got, torch.zeros(6))
+
+
+@pytest.mark.parametrize("backend,mode", KERNEL_PATHS)
+def test_per_row_temperatures_must_be_positive(backend, mode, monkeypatch):
+    """A row's temperature <= 0 (or NaN) raises on CPU; in the deferred mode (a GPU's default)
+    it is recorded and the row's outputs are NaN, never a flipped distribution."""
+    from prefkern import _checks
+
+    _, hidden, weight = _problem()
+    temps = torch.tensor([1.0, 0.5, -1.0, 2.0, 0.0, 1.0])
+    targets = torch.arange(6)
+    call = lambda: prefkern.linear_logprobs(hidden, weight, targets,  # noqa: E731
+                                            temperature=temps, backend=backend, mode=mode)
+    with pytest.raises(ValueError, match="temperature must be > 0 on every row, found -1"):
+        call()
+    monkeypatch.setenv("PREFKERN_CHECKS", "lazy")
+    monkeypatch.setattr(_checks, "_PENDING", {})
+    out = call()
+    assert out[[2, 4]].isnan().all() and out[[0, 1, 3, 5]].isfinite().all()
+    with pytest.raises(ValueError, match="temperatures <= 0"):
+        prefkern.raise_on_bad_input()

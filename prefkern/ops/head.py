@@ -39,8 +39,10 @@ def as_rows(temperature, rows_shape: torch.Size):
 
 
 def check_temperature(temperature, rows_shape: torch.Size, device: torch.device) -> None:
-    """A float > 0, or a floating tensor shaped like the rows (one value per row). Values of a
-    tensor are not read (no host sync); they must be > 0, as for a float."""
+    """A float > 0, or a floating tensor shaped like the rows (one value per row). A tensor's
+    values must be > 0 too: checked as target ids are (:func:`prefkern._checks.report`: at once
+    on CPU, else a device-side record, no host sync), and :func:`fold` makes a bad row's
+    factor NaN so that its outputs cannot pass for numbers."""
     if isinstance(temperature, Tensor):
         _checks.check_float("temperature", temperature)
         if temperature.shape != rows_shape:
@@ -50,6 +52,10 @@ def check_temperature(temperature, rows_shape: torch.Size, device: torch.device)
             raise ValueError(f"temperature is on {temperature.device}, the inputs on {device}")
         if temperature.requires_grad:
             raise ValueError("temperature takes no gradient: pass temperature.detach()")
+        bad = ~(temperature > 0)  # NaN too
+        _checks.report(bad, "per-row temperatures <= 0 or NaN", lambda: (
+            f"temperature must be > 0 on every row, found {temperature[bad][0].item()} "
+            f"({int(bad.sum())} bad rows)"))
         return
     _checks.check_positive("temperature", temperature)
 
@@ -66,7 +72,8 @@ def fold(temperature, logit_scale: float | None, softcap: float | None,
     scale = 1.0 if logit_scale is None else float(logit_scale)
     cap = None if softcap is None else float(softcap) / scale
     if isinstance(temperature, Tensor):
-        row = (scale / temperature.detach().reshape(-1).to(torch.float64)).to(dtype)
+        temp = temperature.detach().reshape(-1).to(torch.float64)
+        row = torch.where(temp > 0, scale / temp, float("nan")).to(dtype)
         return Head(1.0, cap, row.contiguous())
     return Head(scale / float(temperature), cap, None)
 
