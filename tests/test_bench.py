@@ -39,7 +39,13 @@ def test_bench_cli_tiny(tmp_path, capsys):
     timed = [r for r in rows if r.get("ms_p50") is not None]
     # prefkern and the baselines pass the gate; a peer may not (TRL's selective_log_softmax
     # takes the log-softmax of bf16 logits in bf16: MISMATCH on bf16 rows), never an error
-    ours = [r for r in timed if not r["provider"].startswith(("trl_", "torch_linear_cross"))]
+    # eager-style providers on bf16 linear heads run bf16 GEMMs that round the logits: the
+    # numerics contract's check must catch them
+    rounding = [r for r in timed if r["op"] == "linear_logprobs" and r["dtype"] == "bfloat16"
+                and r["provider"] in ("torch_eager", "torch_compile_chunked")]
+    assert rounding and all(r["status"] == "MISMATCH" for r in rounding), rounding
+    ours = [r for r in timed if not r["provider"].startswith(("trl_", "torch_linear_cross"))
+            and r not in rounding]
     assert ours and all(r["status"] == "ok" for r in ours), [
         (r["op"], r["provider"], r["status"]) for r in ours if r["status"] != "ok"]
     assert all(r["status"] in ("ok", "MISMATCH") for r in timed), [
@@ -61,7 +67,8 @@ def test_bench_cli_tiny(tmp_path, capsys):
     checked = [r for r in logits_rows if r["provider"] == "prefkern_torch"]
     assert len(checked) == 8 and all(r["err_over_bound"] <= 1.0 for r in checked)  # +entropy
     assert all(r["max_rel_err"] < 1e-4 for r in checked if r["dtype"] == "float32")
-    gated = [r for r in timed if r["op"] != "gae" and not r["provider"].startswith("copy")
+    gated = [r for r in timed if r["op"] != "gae"
+             and not r["provider"].startswith(("copy", "floor"))
              and r["status"] == "ok"]
     assert gated and all(r["err_over_bound"] <= 1.0 and r["check"] for r in gated)
     assert {"logprobs=", "dlogits=", "dhidden=", "dweight=", "entropy="} <= {

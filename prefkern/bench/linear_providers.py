@@ -10,8 +10,11 @@ The step returns (logp, entropy or None), detached, and leaves the gradients in 
 runner checks them against prefkern.bench.reference_check. Ignored targets (-100) give 0
 log-prob and 0 gradient in every provider (eager masks them; the peers take ignore_index).
 FLOPs counted: fwd 2NHV; fwd+bwd 2NHV + 4NHV (+ 2NHV where logits are recomputed).
-The matmul floors are plain cuBLAS GEMMs doing the same FLOPs: 1 GEMM (fwd), 3 GEMMs (fwd+bwd
-without recompute), 4 GEMMs (with recompute).
+The matmul floors are plain GEMMs (cuBLAS, or the CPU's BLAS) doing the same FLOPs: 1 GEMM
+(fwd), 3 GEMMs (fwd+bwd without recompute), 4 GEMMs (with recompute). On CPU they are timed
+too, and for half inputs also with the logit GEMMs in fp32 (``floor_fp32_logits_*``): torch has
+no half GEMM with fp32 output on CPU, so that is the floor of any path that keeps the numerics
+contract there (logits never rounded to the input dtype), eager's bf16 GEMMs round them.
 """
 
 from __future__ import annotations
@@ -45,14 +48,18 @@ def _eager(hidden, weight, targets, with_entropy):
     return step
 
 
-def _floor(hidden, weight, n_gemms: int):
+def _floor(hidden, weight, n_gemms: int, fp32_logits: bool = False):
+    """``n_gemms`` GEMMs of the head's shapes; ``fp32_logits``: the logit GEMMs on fp32 copies
+    of the inputs (the copies timed too), the gradient GEMMs in the input dtype."""
     def step():
-        logits = hidden @ weight.T
+        h, w = (hidden.float(), weight.float()) if fp32_logits else (hidden, weight)
+        logits = h @ w.T
         if n_gemms == 1:
             return logits
         if n_gemms == 4:
-            logits = hidden @ weight.T  # the recompute of a fused backward
-        return logits @ weight, logits.T @ hidden
+            logits = h @ w.T  # the recompute of a fused backward
+        dz = logits.to(hidden.dtype)
+        return dz @ weight, dz.T @ hidden
 
     return step
 
@@ -161,12 +168,12 @@ def providers(hidden, weight, targets, mode: str, with_entropy: bool) -> tuple[d
     steps: dict[str, Provider] = {}
     skipped: dict[str, str] = {}
     steps["torch_eager"] = _eager(hidden, weight, targets, with_entropy)
+    for n_gemms in (1,) if mode == "fwd" else (3, 4):
+        steps[f"floor_{n_gemms}gemm"] = _floor(hidden, weight, n_gemms)
+        if device.type == "cpu" and n_gemms != 3 and hidden.dtype in (torch.float16,
+                                                                      torch.bfloat16):
+            steps[f"floor_fp32_logits_{n_gemms}gemm"] = _floor(hidden, weight, n_gemms, True)
     if device.type == "cuda":
-        if mode == "fwd":
-            steps["floor_1gemm"] = _floor(hidden, weight, 1)
-        else:
-            steps["floor_3gemm"] = _floor(hidden, weight, 3)
-            steps["floor_4gemm"] = _floor(hidden, weight, 4)
         for pk_mode in ("fast", "min_memory"):
             steps[f"prefkern_{pk_mode}"] = _prefkern(hidden, weight, targets, with_entropy,
                                                      "triton", pk_mode)

@@ -6,6 +6,8 @@ fp64, never rounded to the input dtype), prefkern/bench/reference_check.py."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from prefkern.bench.core import Case, Problem, Suite
@@ -24,8 +26,10 @@ IGNORE_FRAC = 0.1  # targets set to -100 (prompt / padding tokens)
 
 def problems(device: torch.device, shapes: str):
     preset = shapes if device.type == "cuda" or shapes != "default" else "small"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for n, h, v in SHAPES[preset]:
+    # CPU: fp32 and bf16 (bf16 GEMMs are fast there but round their output: the
+    # floor_fp32_logits rows show what keeping the numerics contract costs)
+    dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    for (n, h, v), dtype in itertools.product(SHAPES[preset], dtypes):
         hidden, weight, targets = peaked_problem(n, h, v, dtype, device, ignore_frac=IGNORE_FRAC)
         info = {"input": f"N={n} H={h} V={v} peaked", "ignored_frac": ignored_fraction(targets),
                 **logit_stats(hidden, weight)}
