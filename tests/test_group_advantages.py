@@ -116,6 +116,16 @@ def test_reinforce_pp_by_hand():
     assert adv[0, 3] == 0
 
 
+def test_reinforce_pp_carries_the_return_over_observation_spans():
+    """Multi-turn: masked tokens inside a response (tool output) neither discount nor cut the
+    return (verl 1dda039 / 0.9.1 compute_reinforce_plus_plus_outcome_advantage)."""
+    rewards = torch.tensor([[0.0, 1.0, 7.0, 0.0, 2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0]])
+    for fn in (group_advantages, group_advantages_ref):
+        _, ret = fn(rewards, method="reinforce_pp", mask=mask, gamma=0.5)
+        torch.testing.assert_close(ret, torch.tensor([[1.0, 2.0, 0.0, 0.0, 2.0, 0.0]]))
+
+
 def test_remax_by_hand():
     rewards = torch.tensor([[1.0, 0.0, 2.0, 5.0], [0.0, 3.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])

@@ -7,7 +7,6 @@ The loops that define them: :func:`prefkern.reference.group_advantages_ref`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from prefkern import _checks
 from prefkern.ops.suffix_scan import affine_suffix_scan
@@ -101,7 +100,9 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor | None = None
         opo      s - sum(len s) / sum(len) over the group, len = mask.sum(-1)
         gpg      B / max(#(s != 0), 1) * (s - mean)
         reinforce_pp_baseline  masked_whiten((s - mean) * mask) * mask
-        reinforce_pp  returns_t = r_t + gamma m_{t+1} returns_{t+1}; masked_whiten(returns) * mask
+        reinforce_pp  R_t = r_t + gamma R_{t+1} on valid tokens, R_t = R_{t+1} on masked ones
+                 (a multi-turn observation span carries the return through: verl 1dda039 and
+                 0.9.1), returns = R * mask; advantages masked_whiten(returns) * mask
         remax    returns = reverse cumsum of r * mask; advantages = returns - baseline * mask
     Outcome advantages are broadcast over tokens times ``mask`` when it is given (or scores is
     (B, T)), else returned per sample. ``process_group`` (data parallel, every rank the same
@@ -126,7 +127,8 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor | None = None
     mask_f = None if mask is None else (mask != 0).to(dtype)
 
     if method == "reinforce_pp":
-        returns = affine_suffix_scan(gamma * F.pad(mask_f[:, 1:], (0, 1)), x)
+        # valid tokens discount, masked ones (observations) carry the return unchanged
+        returns = affine_suffix_scan(1.0 + (gamma - 1.0) * mask_f, x * mask_f) * mask_f
         return masked_whiten(returns, mask_f, process_group=process_group) * mask_f, returns
     if method == "remax":
         if token_level:

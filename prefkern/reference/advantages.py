@@ -166,8 +166,9 @@ def group_advantages_ref(scores: torch.Tensor, group_ids: torch.Tensor | None = 
                   sum(len) = 0 gets baseline 0 (verl: 0/0)
         gpg       alpha * (s_i - mean_g), alpha = B / max(#(s != 0), 1), f_norm = 1
         reinforce_pp_baseline  masked_whiten((s_i - mean_g) broadcast * mask, mask) * mask
-        reinforce_pp  (no groups) returns_t = r_t + gamma * m_{t+1} * returns_{t+1} (verl's
-                  running return, reset after EOS); advantages = masked_whiten(returns) * mask
+        reinforce_pp  (no groups) verl's running return: R_t = r_t + gamma * R_{t+1} on valid
+                  tokens, carried unchanged over masked ones (observation spans), returns =
+                  R * mask; advantages = masked_whiten(returns) * mask
         remax     (no groups) returns = reverse cumsum of r * mask; adv = returns - b * mask
     Outcome advantages are broadcast over tokens times ``mask`` (B, T) when a mask is given or
     ``scores`` is 2-D, else returned per sample (B,). Returns ``(advantages, returns)``;
@@ -186,9 +187,9 @@ def group_advantages_ref(scores: torch.Tensor, group_ids: torch.Tensor | None = 
         returns = torch.zeros_like(scores)
         running = torch.zeros(scores.shape[0], dtype=dtype)
         for t in reversed(range(scores.shape[1])):
-            running = scores[:, t] + gamma * running
-            returns[:, t] = running
-            running = running * mask_f[:, t]
+            step = scores[:, t] + gamma * running
+            returns[:, t] = step * mask_f[:, t]
+            running = torch.where(mask_f[:, t] != 0, step, running)
         return masked_whiten_ref(returns, mask_f).to(dtype) * mask_f, returns
     if method == "remax":
         if token_level:
