@@ -353,6 +353,58 @@ def test_trainer_presets():
         policy_preset("deepspeed")
 
 
+def test_verl_preset_follows_each_verl_loss():
+    """verl's gspo has no dual clip (compute_policy_loss_gspo), and kl_penalty_forward clamps
+    only low_var_kl's value: k1 of a log-ratio of 29 stays 29."""
+    from prefkern.losses import policy_preset
+
+    assert policy_preset("verl")["dual_clip"] == 3.0
+    assert policy_preset("verl", loss_type="gspo")["dual_clip"] is None
+    assert policy_preset("verl", loss_type="gspo", dual_clip=2.0)["dual_clip"] == 2.0
+    logp, zero = torch.tensor([[29.0, 0.0]]), torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for kind, want in (("k1", 14.5), ("abs", 14.5), ("k3", 5.0)):
+        _, m = policy_loss(logp, zero, zero, mask, ref_logprobs=zero, kl_coef=1.0,
+                           **policy_preset("verl", kl_kind=kind))
+        assert m["kl"] == pytest.approx(want), kind
+
+
+def test_trl_sequence_level_kl_takes_the_sequence_ratio():
+    """TRL importance_sampling_level="sequence" with use_bias_correction_kl: per_token_kl *
+    coef_1, the (B, 1) sequence ratio (huggingface/trl f2cd577 grpo_trainer.py, written out
+    here), loss and gradient."""
+    logp, old, adv, mask, ref, _ = _rollout(seq_adv=True)
+    m = mask.float()
+    runs = []
+    for fn in ("ours", "trl"):
+        x = logp.clone().requires_grad_(True)
+        if fn == "ours":
+            loss, _ = policy_loss(x, old, adv, mask, loss_type="gspo", gspo_form="trl",
+                                  agg="seq-mean-token-mean", ratio_log_clamp=None,
+                                  ref_logprobs=ref, kl_coef=0.1, kl_kind="k3",
+                                  kl_input_clamp=None, kl_output_clamp=None,
+                                  kl_ratio_weighted=True)
+        else:
+            coef_1 = torch.exp(((x - old) * m).sum(-1, keepdim=True)
+                               / m.sum(-1, keepdim=True).clamp(min=1.0))
+            coef_2 = coef_1.clamp(0.8, 1.2)
+            a = adv[:, None]
+            per_token = -torch.minimum(coef_1 * a, coef_2 * a)
+            kl = torch.exp(ref - x) - (ref - x) - 1
+            per_token = per_token + 0.1 * kl * coef_1
+            loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        loss.backward()
+        runs.append((loss, x.grad))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+def test_geo_mean_refuses_token_level_weights():
+    logp, old, adv, mask, _, _ = _rollout()
+    with pytest.raises(ValueError, match="token-level weights"):
+        policy_loss(logp, old, adv, mask, loss_type="geo_mean", token_mask=mask)
+
+
 @pytest.mark.parametrize("loss_type,kw", [("ppo", {"dual_clip": 3.0}), ("grpo", {}),
                                           ("dr_grpo", {"loss_scale_factor": 24.0}),
                                           ("gspo", {"gspo_form": "verl"}),

@@ -324,6 +324,22 @@ def test_linear_wpo_and_ld_alpha_are_trls(backend):
     assert not torch.allclose(plain, runs[0][0].detach())  # the options change the loss
 
 
+def test_ld_alpha_leaves_the_sft_term_plain():
+    """TRL's sft loss type (e.g. in an MPO mix with sigmoid) is the cross entropy over every
+    chosen token, LD-DPO or not: only the preference term takes the LD-weighted sums."""
+    hidden, weight, targets, ref_hidden = _linear_batch()
+    kw = dict(ref_hidden=ref_hidden, ref_weight=weight, ld_alpha=0.5, beta=0.2,
+              backend="torch")
+    mixed, _ = linear_preference_loss(hidden, weight, targets, loss_type=["sigmoid", "sft"],
+                                      loss_weights=[1.0, 1.0], **kw)
+    sigmoid, _ = linear_preference_loss(hidden, weight, targets, loss_type="sigmoid", **kw)
+    b = targets.shape[0] // 2
+    chosen = targets[:b] != -100
+    logits = (hidden[:b] @ weight.T).double()
+    sft = torch.nn.functional.cross_entropy(logits[chosen], targets[:b][chosen])
+    torch.testing.assert_close((mixed - sigmoid).double(), sft, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_wpo_and_ld_packed_equals_padded():
     """The packed layout finds each token's position within its sequence for LD-DPO."""
     hidden, weight, targets, ref_hidden = _linear_batch()

@@ -81,6 +81,21 @@ def test_vanilla_is_verls(info):
     assert all(isinstance(v, float) for v in metrics.values())
 
 
+@pytest.mark.parametrize("name", ["vanilla", "sapo", "cispo", "gspo", "geo_mean", "clip_cov"])
+def test_ppo_kl_metric_is_verls(name):
+    """actor/ppo_kl: the masked mean of -(logp - old), clamped to +-20 first where verl's loss
+    clamps it (vanilla, sapo, cispo), raw elsewhere (gspo, geo_mean, clip_cov)."""
+    old, logp, adv, mask, _ = _rollout()
+    logp = logp.clone()
+    logp[0, 0] = old[0, 0] + 39.0
+    _, metrics = pv.policy_loss_fn(name)(old, logp, adv, mask, "token-mean", _config(), None)
+    x = logp - old
+    if name in ("vanilla", "sapo", "cispo"):
+        x = x.clamp(-20.0, 20.0)
+    want = -(x * mask).sum() / mask.sum()
+    assert metrics["actor/ppo_kl"] == pytest.approx(float(want), rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k3+",
                                   "k1+"])
 def test_kl_penalty_is_verls(kind):

@@ -12,7 +12,7 @@ head, so DDP / FSDP / DeepSpeed see a normal forward), with TRL's semantics:
                (no log-ratio clamp), r capped at ``delta`` first when set; old = the detached
                log-probs of this pass when the batch has none (TRL's on-policy shortcut)
   KL           beta * (exp(ref - logp) - (ref - logp) - 1), no clamps, added per token, times
-               r with ``use_bias_correction_kl`` (TRL's default)
+               r with ``use_bias_correction_kl`` (off by default in TRL)
   grpo         per-sequence token mean, mean over the B sequences, / gradient accumulation
   bnpo         token sum / token count, / gradient accumulation
   dr_grpo      token sum / (B * max_completion_length), / gradient accumulation

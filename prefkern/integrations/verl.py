@@ -199,11 +199,13 @@ def policy_loss_fn(name: str, *, gspo_forces_seq_mean: bool = True):
 
 
 def _verl_metrics(name, metrics, log_prob, old_log_prob, mask) -> dict:
-    ppo_kl = metrics["approx_kl"]
+    ppo_kl = metrics["approx_kl"]  # masked mean of old - logp, unclamped (gspo, geo_mean, ...)
+    m = mask.bool()
+    x = (log_prob - old_log_prob).detach()
     if name == "kl_cov":  # verl reports the mean |log-ratio| there
-        m = mask.bool()
-        x = (log_prob - old_log_prob).detach().abs()
-        ppo_kl = torch.where(m, x, 0).sum() / m.sum().clamp(min=1)
+        ppo_kl = torch.where(m, x.abs(), 0).sum() / m.sum().clamp(min=1)
+    elif name in ("vanilla", "sapo", "cispo"):  # verl averages the +-20-clamped log-ratio
+        ppo_kl = torch.where(m, -x.clamp(-20.0, 20.0), 0).sum() / m.sum().clamp(min=1)
     values = {"clipfrac": ("actor/pg_clipfrac", metrics.get("pg_clipfrac", 0.0)),
               "ppo_kl": ("actor/ppo_kl", ppo_kl),
               "lower": ("actor/pg_clipfrac_lower", metrics.get("pg_clipfrac_lower", 0.0))}

@@ -31,8 +31,9 @@ FAMILIES = ("dpo", "cpo", "orpo", "tdpo")
 
 def _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head: dict,
                     ld_alpha: float | None = None, use_weighting: bool = False):
-    """-> (sums (2B,), completion token counts (2B,), WPO weights (2B,) or None) of the
-    targets' log-probs; LD-DPO sums with ``ld_alpha``."""
+    """-> (sums (2B,), completion token counts (2B,), WPO weights (2B,) or None, plain sums)
+    of the targets' log-probs; LD-DPO sums with ``ld_alpha`` (the plain sums stay: TRL's sft
+    term is the plain cross entropy)."""
     mask = targets != head["ignore_index"]
     weights = None
     if use_weighting:  # sum p^2 from the same pass
@@ -41,10 +42,9 @@ def _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head: dict,
         weights = wpo_weights(logp, out.stats.sum_p2, mask, cu_seqlens)
     else:
         logp = linear_logprobs(hidden, weight, targets, bias, **head)
-    sums, counts = token_sums(logp, mask, cu_seqlens)
-    if ld_alpha is not None:
-        sums = ld_token_sums(logp, mask, cu_seqlens, ld_alpha)
-    return sums, counts, weights
+    plain, counts = token_sums(logp, mask, cu_seqlens)
+    sums = plain if ld_alpha is None else ld_token_sums(logp, mask, cu_seqlens, ld_alpha)
+    return sums, counts, weights, plain
 
 
 def _reference(ref_logps, ref_hidden, ref_weight, ref_bias, targets, cu_seqlens, head,
@@ -60,8 +60,8 @@ def _reference(ref_logps, ref_hidden, ref_weight, ref_bias, targets, cu_seqlens,
     if ref_weight is None:
         raise ValueError("ref_hidden needs ref_weight")
     with torch.no_grad():
-        ref_sums, _, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
-                                         head, ld_alpha)
+        ref_sums = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
+                                   head, ld_alpha)[0]
     return _halves(ref_sums)
 
 
@@ -130,8 +130,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                      head, ld_alpha, budget_bytes, loss_kw)
         if out is not None:
             return out
-    sums, counts, weights = _sequence_logps(hidden, weight, targets, bias, cu_seqlens, head,
-                                            ld_alpha, use_weighting)
+    sums, counts, weights, plain = _sequence_logps(hidden, weight, targets, bias, cu_seqlens,
+                                                   head, ld_alpha, use_weighting)
     (chosen, rejected), (len_c, len_r) = _halves(sums), _halves(counts)
     if family != "dpo":
         if ref_logps is not None or ref_hidden is not None:
@@ -143,6 +143,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     if weights is not None:
         loss_kw = dict(loss_kw, chosen_weights=_halves(weights)[0],
                        rejected_weights=_halves(weights)[1])
+    if ld_alpha is not None:
+        loss_kw = dict(loss_kw, sft_chosen_logps=_halves(plain)[0])
     return preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths=len_c,
                            rejected_lengths=len_r, **loss_kw)
 
@@ -161,8 +163,8 @@ def _tdpo(hidden, weight, targets, cu_seqlens, bias, ref_hidden, ref_weight, ref
     kl_sums, _ = token_sums(out.divergence, mask, cu_seqlens)
     sums, _ = token_sums(out.logprobs, mask, cu_seqlens)
     with torch.no_grad():
-        ref_sums, _, _ = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
-                                         head)
+        ref_sums = _sequence_logps(ref_hidden, ref_weight, targets, ref_bias, cu_seqlens,
+                                   head)[0]
     (chosen, rejected), (ref_c, ref_r) = _halves(sums), _halves(ref_sums)
     kl_c, kl_r = _halves(kl_sums)
     return tdpo_loss(chosen, rejected, ref_c, ref_r, kl_c, kl_r, **loss_kw)

@@ -241,12 +241,17 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     aggregation still counts ``mask``), times ``is_weights`` ((B, T) or (B,), detached:
     rollout importance weights, prefkern.losses.rollout_is_weights), plus
     ``kl_coef * kl_estimate(logp, ref_logprobs, kl_kind, ...)`` per token (times the
-    unclamped ratio exp(logp - old), gradient included, with ``kl_ratio_weighted``: TRL's
-    ``use_bias_correction_kl``, its default), aggregated with
+    unclamped ratio exp(logp - old), or by the sequence ratio for gspo with
+    ``gspo_form="trl"``, gradient included, with ``kl_ratio_weighted``: TRL's
+    ``use_bias_correction_kl``), aggregated with
     :func:`aggregate` (``agg`` None: the loss type's own; ``seq_count`` as there), minus
-    ``entropy_coef`` times the
-    aggregated ``entropy``. ``token_weights`` (B, T) replaces the aggregation by
-    ``sum(token_weights * L)`` (the fused path applies the loss chunk by chunk this way).
+    ``entropy_coef`` times the aggregated ``entropy``. The KL and entropy terms take the
+    policy term's aggregation; the trainers differ there (OpenRLHF: token mean of the KL;
+    verl: its loss_agg_mode even where gspo/sapo force seq-mean-token-mean; TRL: the
+    entropy's token mean over mask * token_mask, divided by the accumulation steps), so to
+    match one of those exactly, pass kl_coef = entropy_coef = 0 and add the terms yourself.
+    ``token_weights`` (B, T) replaces the aggregation by ``sum(token_weights * L)`` (the
+    fused path applies the loss chunk by chunk this way).
     Returns (loss, metrics): clip fractions (pg_clipfrac, pg_clipfrac_lower for the dual
     clip), approx_kl = mean(old - logp), ratio mean/max/min, kl and entropy means; detached.
     """
@@ -277,8 +282,9 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
         x = (logp - logp.detach() + seq_x.detach()).clamp(max=10.0) if gspo_form == "verl" \
             else seq_x
     if kind == "geo_mean":
-        if kl_ratio_weighted:
-            raise ValueError("kl_ratio_weighted is a token-level weight: not with geo_mean")
+        if kl_ratio_weighted or token_mask is not None:
+            raise ValueError("kl_ratio_weighted and token_mask are token-level weights: not "
+                             "with geo_mean, whose loss is per sequence")
         return _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normalizer,
                          ref_logprobs, kl_coef, kl_kind, kl_input_clamp, kl_output_clamp,
                          entropy, entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count)
@@ -326,8 +332,10 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
         kl = kl_estimate(logprobs, ref_logprobs, kl_kind, input_clamp=kl_input_clamp,
                          output_clamp=kl_output_clamp).float()
         metrics["kl"] = _masked_mean(kl.detach(), mask)
-        if kl_ratio_weighted:  # the importance-sampled KL: TRL weights it by the raw ratio
-            kl = kl * torch.exp(logp - old)
+        if kl_ratio_weighted:  # the importance-sampled KL: TRL weights it by its coef_1, the
+            # raw token ratio, or the sequence ratio at importance_sampling_level="sequence"
+            seq_ratio = kind == "gspo" and gspo_form == "trl"
+            kl = kl * torch.exp(x if seq_ratio else logp - old)
         per_token = per_token + kl_coef * kl
     w = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens,
                             seq_count) if token_weights is None else token_weights
@@ -505,12 +513,14 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
 # Each trainer's defaults for policy_loss, read from its source (commits in the module doc;
 # OpenRLHF 3c3be623 openrlhf/models/loss.py PolicyLoss and utils.compute_approx_kl):
 #   ratio clamp  verl and OpenRLHF clamp logp - old to +-20, TRL does not
-#   dual clip    verl's clip_ratio_c = 3 is always on in compute_policy_loss_vanilla;
-#                OpenRLHF's dual_clip defaults to None; TRL has none
+#   dual clip    verl's clip_ratio_c = 3 is always on in compute_policy_loss_vanilla and
+#                absent from its gspo (compute_policy_loss_gspo), so the verl preset drops it
+#                there; OpenRLHF's dual_clip defaults to None; TRL has none
 #   gspo         verl: stop-gradient form, seq-mean-token-mean; OpenRLHF and TRL: the
 #                gradient through the sequence mean (TRL: importance_sampling_level="sequence")
 #   cispo        verl: relative two-sided clip; TRL: absolute cap at epsilon_high
-#   KL           verl low_var_kl (k3, exponent +-20, value +-10); OpenRLHF k1 by default,
+#   KL           verl low_var_kl (k3, exponent +-20, value +-10; kl_penalty_forward clamps
+#                no other estimator's value: output_clamp "auto"); OpenRLHF k1 by default,
 #                every estimator clamped to +-10; TRL k3, no clamps (beta = 0 by default)
 #   loss type    TRL's default loss_type is dapo (token mean over the generation batch)
 #   aggregation  without a global normalizer, verl's seq-mean-* modes and OpenRLHF's sample
@@ -521,7 +531,7 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
 POLICY_PRESETS = {
     "verl": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0,
                  ratio_log_clamp=20.0, gspo_form="verl", cispo_form="verl", kl_kind="k3",
-                 kl_input_clamp=20.0, kl_output_clamp=10.0, seq_count="nonempty"),
+                 kl_input_clamp=20.0, kl_output_clamp="auto", seq_count="nonempty"),
     "openrlhf": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=None,
                      ratio_log_clamp=20.0, gspo_form="trl", kl_kind="k1", kl_input_clamp=None,
                      kl_output_clamp=10.0, seq_count="nonempty"),
@@ -537,4 +547,7 @@ def policy_preset(trainer: str, **overrides) -> dict:
     loss_type="grpo"))``."""
     if trainer not in POLICY_PRESETS:
         raise ValueError(f"trainer must be one of {tuple(POLICY_PRESETS)}, got {trainer!r}")
-    return {**POLICY_PRESETS[trainer], **overrides}
+    preset = {**POLICY_PRESETS[trainer], **overrides}
+    if trainer == "verl" and preset["loss_type"] == "gspo" and "dual_clip" not in overrides:
+        preset["dual_clip"] = None  # verl's dual clip is the vanilla loss's only
+    return preset

@@ -115,7 +115,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
                     chosen_weights: Tensor | None = None, rejected_weights: Tensor | None = None,
                     hdpo_alpha: float = 1.0, rpo_alpha: float | None = None,
-                    reduction: str = "mean"):
+                    reduction: str = "mean", sft_chosen_logps: Tensor | None = None):
     """TRL's DPO loss family on sequence log-probs (sums over completion tokens), (B,) each.
 
     With c = chosen - ref_chosen, r = rejected - ref_rejected (reference-free when the ref
@@ -141,7 +141,10 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
     ``exp(mean_t(logp_t - log sum_v p_v^2))`` over the completion). ``hdpo_alpha`` (H-DPO,
     Omura et al. 2024): c = alpha * chosen - ref_chosen (and r likewise; alpha < 1 sharpens).
     ``rpo_alpha`` (RPO / IRPO, as TRL < 0.29 did): adds rpo_alpha times the chosen NLL per
-    token, -sum(chosen) / sum(len_c), to every pair's loss. ``reduction``: mean (TRL),
+    token, -sum(chosen) / sum(len_c), to every pair's loss. ``sft_chosen_logps``: the
+    chosen sequences' plain log-prob sums for those two NLL terms when ``chosen_logps`` are
+    weighted sums (LD-DPO: TRL's sft term is the plain cross entropy); default
+    ``chosen_logps``. ``reduction``: mean (TRL),
     sum or none (per pair). Returns (loss fp32, metrics) with TRL's metrics, detached:
     rewards/chosen = b c, rewards/rejected = b r (raw log-ratios), rewards/margins,
     rewards/accuracies, logps/chosen, logps/rejected (batch means).
@@ -178,7 +181,8 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor,
     lengths = None if chosen_lengths is None else (_f64(chosen_lengths), _f64(rejected_lengths))
     sft_nll = None
     if lengths is not None:
-        sft_nll = -chosen.sum() / lengths[0].sum().clamp(min=1)
+        plain = chosen if sft_chosen_logps is None else _f64(sft_chosen_logps)
+        sft_nll = -plain.sum() / lengths[0].sum().clamp(min=1)
     pair_weight = None
     if chosen_weights is not None:
         pair_weight = (_f64(chosen_weights) * _f64(rejected_weights)).detach()

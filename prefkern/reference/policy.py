@@ -140,8 +140,9 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
     if ref_logprobs is not None and kl_coef != 0.0:
         kl = kl_estimate_ref(logprobs.double(), ref_logprobs.double(), kl_kind,
                              input_clamp=kl_input_clamp, output_clamp=kl_output_clamp)
-        if kl_ratio_weighted:  # TRL's use_bias_correction_kl: per_token_kl * coef_1
-            kl = kl * torch.exp(neg_kl)
+        if kl_ratio_weighted:  # TRL's use_bias_correction_kl: per_token_kl * coef_1, the
+            # (B, 1) sequence ratio at importance_sampling_level="sequence"
+            kl = kl * torch.exp(log_ratio if kind == "gspo" and gspo_form == "trl" else neg_kl)
         losses = losses + kl_coef * kl
     loss = agg_loss_ref(losses, mask, agg, normalizer, loss_scale_factor, seq_count)
     if entropy is not None and entropy_coef != 0.0:
