@@ -261,3 +261,12 @@ def test_rollout_is_weights_treat_missing_rollout_logprobs_as_ratio_one():
         assert torch.isfinite(w).all(), mode
     w = rollout_is_weights(old, rollout, mask, mode="token_truncate", low=0.5, high=2.0)
     assert w[0, 1] == 1.0
+
+
+def test_selection_counts_round_as_verl():
+    """verl counts max(int(ratio * n), 1) in Python floats: 0.7 * 90 = 62.99999999999999 -> 62
+    (fp32 arithmetic would round it to 63)."""
+    gen = torch.Generator().manual_seed(0)
+    logp, adv = torch.randn(1, 90, generator=gen), torch.randn(1, 90, generator=gen)
+    mask = torch.ones(1, 90, dtype=torch.bool)
+    assert int(kl_cov_selection(logp, adv, mask, ratio=0.7).sum()) == int(0.7 * 90) == 62

@@ -51,7 +51,7 @@ def clip_cov_selection(logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
     candidate = mask & (cov > lower) & (cov < upper)
     if exclude is not None:
         candidate = candidate & ~exclude.bool()
-    count = (ratio * mask.sum()).floor().clamp(min=1)
+    count = (ratio * mask.sum().double()).floor().clamp(min=1)  # fp64: Python int(ratio * n)
     noise = torch.rand(mask.shape, generator=generator, device=mask.device)
     return _first_k(torch.where(candidate, noise, -float("inf")), count)
 
@@ -64,7 +64,7 @@ def kl_cov_selection(logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
         raise ValueError(f"kl_cov ratio must be > 0, got {ratio}")
     mask = mask.bool()
     cov = token_covariance(logprobs, advantages, mask)
-    count = (ratio * mask.sum()).floor().clamp(min=1)
+    count = (ratio * mask.sum().double()).floor().clamp(min=1)  # fp64: Python int(ratio * n)
     return _first_k(torch.where(mask, cov, -float("inf")), count)
 
 
