@@ -379,7 +379,8 @@ def _tiles(dtype: torch.dtype) -> dict:
     cfg = _config(dtype)
     if cfg["DOT_FP32"]:  # the interpreter: its small tiles already
         return cfg
-    return dict(cfg, BLOCK_N=32 if dtype == torch.float32 else 64, BLOCK_V=64, BLOCK_H=64)
+    return dict(cfg, BLOCK_N=32 if dtype == torch.float32 else 64, BLOCK_V=64, BLOCK_H=64,
+                num_warps=8, num_stages=3)
 
 
 def _sides_args(policy, ref, targets, head_p, head_q, ignore_index) -> dict:

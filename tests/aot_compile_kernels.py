@@ -185,11 +185,10 @@ def _cases():
             yield (f"slice_grad[{elt}]{suffix}", logits_slice._slice_grad_kernel, elt, sliced,
                    dict(SOFTCAP=True, BLOCK=4096, HAS_G_LSE=True, HAS_G_EXTRA=stats, **grads),
                    rows)
-        # linear_logprobs_fused._config on a GPU
-        fused = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, DOT_FP32=False,
-                     PRECISION="ieee" if elt == "fp32" else "tf32", HAS_BIAS=True, SOFTCAP=True,
-                     ROW_TEMP=True)
-        launch = dict(num_warps=8, num_stages=3)
+        # the launcher's own GPU configuration
+        cfg = linear_logprobs_fused.gpu_config(DTYPES[elt])
+        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+        fused = dict(cfg, HAS_BIAS=True, SOFTCAP=True, ROW_TEMP=True)
         # each fused kernel without and with the extra statistics (return_stats): the tiles
         # sit at the register cap, so the stats variant has its own spill budget
         bwd = dict(fused, HAS_G_LSE=True, ATOMIC=True, HAS_G_LOGP=True, HAS_G_ENT=True)
@@ -200,6 +199,12 @@ def _cases():
                    dict(bwd, HAS_G_EXTRA=stats), launch)
             yield (f"fused_dw[{elt}]{suffix}", linear_logprobs_fused._fused_dw_kernel, elt, p,
                    dict(bwd, HAS_G_EXTRA=stats, NEED_DW=True, NEED_DB=True), launch)
+        # deterministic=True: one split per block, plain read-modify-writes and a barrier
+        yield (f"fused_dh[{elt}]+deterministic", linear_logprobs_fused._fused_dh_kernel, elt,
+               p, dict(bwd, HAS_G_EXTRA=False, ATOMIC=False), launch)
+        yield (f"fused_dw[{elt}]+deterministic", linear_logprobs_fused._fused_dw_kernel, elt,
+               p, dict(bwd, HAS_G_EXTRA=False, NEED_DW=True, NEED_DB=True, ATOMIC=False),
+               launch)
     # divergences: every kind is its own program; materialized bf16 logits forward (logits
     # path), fp32 GEMM slices in with bf16 gradients out backward (linear path)
     heads = dict(ROW_TEMP_P=True, ROW_TEMP_Q=True, SOFTCAP_P=True, SOFTCAP_Q=True)
@@ -213,11 +218,11 @@ def _cases():
     # fused divergence kernels (min_memory): linear_logprobs_fused._config's tiles, both
     # heads with bias, softcap and per-row temperatures, the reference taking a gradient
     fused = dict(DOT_FP32=False, HAS_BIAS_P=True, HAS_BIAS_Q=True, **heads)
-    launch = dict(num_warps=8, num_stages=3)
     bwd = dict(NEED_Q=True, HAS_G_DIV=True, HAS_G_LOGP=True, ATOMIC=True)
     for elt, kinds in (("bf16", divergence.KIND_IDS), ("fp32", ("jsd",))):
-        tiles = {k: v for k, v in divergence_fused._tiles(DTYPES[elt]).items()
-                 if k.startswith("BLOCK") or k == "PRECISION"}
+        tiles = divergence_fused._tiles(DTYPES[elt])  # the launcher's (TRITON_INTERPRET unset)
+        launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
+        tiles = {k: v for k, v in tiles.items() if k.startswith("BLOCK") or k == "PRECISION"}
         for kind in kinds:
             k = dict(fused, **tiles, KIND=divergence.KIND_IDS[kind])
             yield (f"div_fused_fwd[{elt},{kind}]", divergence_fused._fused_divergence_fwd_kernel,
@@ -230,6 +235,14 @@ def _cases():
                    elt, _pointers(), dict(k, **bwd, NEED_P=True), launch)
             yield (f"div_fused_dw[{elt},{kind}]", divergence_fused._fused_divergence_dw_kernel,
                    elt, _pointers(), dict(k, **bwd, NEED_DW_P=True, NEED_DB_P=True), launch)
+            if kind == "jsd":  # deterministic=True
+                yield (f"div_fused_dh[{elt},{kind}]+deterministic",
+                       divergence_fused._fused_divergence_dh_kernel, elt, _pointers(),
+                       dict(k, **dict(bwd, ATOMIC=False), NEED_P=True), launch)
+                yield (f"div_fused_dw[{elt},{kind}]+deterministic",
+                       divergence_fused._fused_divergence_dw_kernel, elt, _pointers(),
+                       dict(k, **dict(bwd, ATOMIC=False), NEED_DW_P=True, NEED_DB_P=True),
+                       launch)
     p = _pointers(r_ptr="fp32", v_ptr="fp32", m_ptr="u8", g_ptr="fp32", cu_ptr="i64",
                   boot_ptr="fp32", trunc_ptr="u8", adv_ptr="fp32", ret_ptr="fp32")
     yield ("gae", gae._gae_kernel, "fp32", p,
@@ -240,7 +253,8 @@ def _cases():
 # ------------------------------------------------------------------------------ the checks
 
 # max dynamic shared memory per block (opt-in), bytes
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# (sm_86 and sm_89, the A10/A40/L4/L40S/RTX GPUs: 99 KiB, the tightest of the targets)
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 # Spilled bytes (spill stores + spill loads, as ptxas -v counts them; read here from the local
 # memory accesses in the cubin's SASS) allowed per kernel: 0, since a spill in these kernels sits
@@ -248,28 +262,30 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 SPILL_BUDGET_BYTES = 0
 # Kernels that spill today, at their measured spills: {(arch, case): {triton: bytes}}. Each is
 # the budget on that Triton (and the ptxas it bundles), so any growth fails; another Triton
-# version gets the largest entry. All are the fp32 (ieee, FMA-based) tl.dot kernels at the
-# 255-register cap, except sm_80 fused_dw[bf16] on triton 3.9. Not small: fixing them (smaller
-# fp32 tiles, fewer warps) is the kernels' business; these entries only stop them growing.
+# version gets the largest entry. linear_logprobs' fused kernels: bf16 64 x 128 tiles at the
+# 255-register cap on sm_80; fp32 32 x 64 tiles (8 warps, 2 stages: they were 64 x 128 and
+# spilled 0.1-40 KB per thread, and needed 112 KiB of shared memory on sm_86/89) a few words.
 SPILL_MEASURED = {
-    (90, "fused_dh[fp32]"): {"3.6": 92, "3.9": 248},
-    (90, "fused_dw[fp32]"): {"3.6": 968, "3.9": 1040},
-    (80, "fused_fwd[fp32]"): {"3.6": 0, "3.9": 812},
-    (80, "fused_dh[fp32]"): {"3.6": 112, "3.9": 2864},
     (80, "fused_dw[bf16]"): {"3.6": 0, "3.9": 80},
-    # ptxas (12.8 with 3.6, 12.9 with 3.9) gives this one 32 to 128 registers and spills KBs per
-    # thread: fp32 dW on sm_80 is pathological, not a matter of a few bytes
-    (80, "fused_dw[fp32]"): {"3.6": 2000, "3.9": 37864},
+    (80, "fused_dh[fp32]"): {"3.6": 0, "3.9": 32},
+    (80, "fused_dw[fp32]"): {"3.6": 16, "3.9": 0},
     # the same kernels with the extra statistics (return_stats: two more row accumulators
-    # forward, two more row terms backward) on top of tiles already at the register cap
+    # forward, two more row terms backward)
     (90, "fused_dw[bf16]+stats"): {"3.6": 0, "3.9": 24},
-    (90, "fused_fwd[fp32]+stats"): {"3.6": 36, "3.9": 44},
-    (90, "fused_dh[fp32]+stats"): {"3.6": 180, "3.9": 376},
-    (90, "fused_dw[fp32]+stats"): {"3.6": 968, "3.9": 1052},
     (80, "fused_dw[bf16]+stats"): {"3.6": 0, "3.9": 128},
-    (80, "fused_fwd[fp32]+stats"): {"3.6": 32, "3.9": 1228},
-    (80, "fused_dh[fp32]+stats"): {"3.6": 72, "3.9": 2992},
-    (80, "fused_dw[fp32]+stats"): {"3.6": 2196, "3.9": 39796},
+    (80, "fused_fwd[fp32]+stats"): {"3.6": 16, "3.9": 0},
+    (80, "fused_dh[fp32]+stats"): {"3.6": 0, "3.9": 32},
+    # deterministic=True (plain read-modify-writes and a barrier instead of atomics)
+    (80, "fused_dh[bf16]+deterministic"): {"3.6": 0, "3.9": 32},
+    (80, "fused_dw[bf16]+deterministic"): {"3.6": 48, "3.9": 0},
+    (80, "fused_dh[fp32]+deterministic"): {"3.6": 0, "3.9": 16},
+    (90, "fused_dw[bf16]+deterministic"): {"3.6": 24, "3.9": 24},
+    (90, "fused_dw[fp32]+deterministic"): {"3.6": 32, "3.9": 0},
+    (80, "div_fused_dh[bf16,jsd]+deterministic"): {"3.6": 64, "3.9": 72},
+    (80, "div_fused_dh[fp32,jsd]+deterministic"): {"3.6": 0, "3.9": 32},
+    (86, "div_fused_dh[bf16,jsd]+deterministic"): {"3.6": 48, "3.9": 40},
+    (86, "div_fused_dh[fp32,jsd]+deterministic"): {"3.6": 56, "3.9": 0},
+    (86, "div_fused_dw[fp32,jsd]+deterministic"): {"3.6": 0, "3.9": 112},
     # the fused divergence kernels (two live logit tiles; tiles chosen for no spills on sm_90
     # with bf16 on triton 3.6): what spills at those tiles elsewhere
     (90, "div_fused_dw[bf16,jsd]"): {"3.6": 0, "3.9": 24},
@@ -288,11 +304,21 @@ SPILL_MEASURED = {
     (80, "div_fused_dw[fp32,jsd]"): {"3.6": 968, "3.9": 1364},
     (80, "div_fused_fwd[fp32,jsd]"): {"3.6": 32, "3.9": 16},
     (80, "div_fused_sums[fp32,jsd]"): {"3.6": 32, "3.9": 0},
+    # sm_86 and sm_89: the fused divergence's gradient kernels spill a few words there too
+    (86, "div_fused_dh[bf16,forward_kl]"): {"3.6": 32, "3.9": 64},
+    (86, "div_fused_dw[bf16,forward_kl]"): {"3.6": 0, "3.9": 8},
+    (86, "div_fused_dh[bf16,reverse_kl]"): {"3.6": 24, "3.9": 24},
+    (86, "div_fused_dh[bf16,jsd]"): {"3.6": 16, "3.9": 152},
+    (86, "div_fused_dw[bf16,jsd]"): {"3.6": 48, "3.9": 64},
+    (86, "div_fused_dh[bf16,tv]"): {"3.6": 32, "3.9": 64},
+    (86, "div_fused_dh[bf16,alpha]"): {"3.6": 32, "3.9": 64},
+    (86, "div_fused_dw[fp32,jsd]"): {"3.6": 20, "3.9": 0},
 }
 
 
 def _spill_budget(arch: int, name: str) -> int:
-    measured = SPILL_MEASURED.get((arch, name))
+    # sm_89 compiles these kernels to the same register allocation as sm_86 (measured)
+    measured = SPILL_MEASURED.get((86 if arch == 89 else arch, name))
     if measured is None:
         return SPILL_BUDGET_BYTES
     version = ".".join(triton.__version__.split(".")[:2])
