@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -34,6 +35,8 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not (value > 0):
         raise ValueError(f"{name} must be > 0, got {value}")
 
@@ -96,6 +99,8 @@ def screen_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str
     """-> (targets safe for any kernel: contiguous int32/int64, bad mask or None). Ids outside
     [0, vocab) that are not ``ignore_index`` raise at once, or (lazy) become ``ignore_index``
     and are returned in the mask so that their outputs can be set to NaN."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if targets.dtype not in (torch.int32, torch.int64):
         targets = targets.long()  # uint8/int16 would wrap ignore_index and the vocab bound
     targets = targets.contiguous()  # kernels index ids at unit stride

@@ -190,3 +190,16 @@ def test_per_row_temperatures_must_be_positive(backend, mode, monkeypatch):
     assert out[[2, 4]].isnan().all() and out[[0, 1, 3, 5]].isfinite().all()
     with pytest.raises(ValueError, match="temperatures <= 0"):
         prefkern.raise_on_bad_input()
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(temperature=[1.0, 2.0]), TypeError, "temperature must be a real number"),
+    (dict(softcap="2"), TypeError, "softcap must be a real number"),
+    (dict(logit_scale=True), TypeError, "logit_scale must be a real number"),
+    (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+])
+def test_scalar_options_get_named_errors(kwargs, error, match):
+    _, hidden, weight = _problem()
+    with pytest.raises(error, match=match):
+        prefkern.linear_logprobs(hidden, weight, torch.zeros(6, dtype=torch.long), **kwargs)
