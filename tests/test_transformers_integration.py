@@ -129,6 +129,39 @@ def test_apply_prefkern_loss_is_the_models():
     assert model(input_ids=ids, labels=labels).logits is not None
 
 
+def test_apply_prefkern_adds_the_router_aux_loss():
+    """MoE models add router_aux_loss_coef * load-balancing loss when router logits are output
+    (transformers' Mixtral forward): the patched forward too, with its router gradients."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+    model = transformers.MixtralForCausalLM(config)
+    ours = hf.apply_prefkern(copy.deepcopy(model), backend="torch")
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(1))
+    want, got = model(input_ids=ids, labels=ids).loss, ours(input_ids=ids, labels=ids).loss
+    assert model(input_ids=ids, labels=ids).aux_loss > 0
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    gate = [m.model.layers[0].mlp.gate.weight.grad for m in (model, ours)]
+    torch.testing.assert_close(gate[1], gate[0], rtol=1e-4, atol=1e-7)
+
+
+def test_apply_prefkern_takes_shift_labels():
+    """shift_labels (HF Trainer's context-parallel shards): every position is scored against
+    its own label, no shift, as transformers' loss does."""
+    model = _tiny("qwen2")
+    ids, attention, labels = _batch()
+    shift = torch.cat([labels[:, 1:], labels[:, :1]], 1)  # a shard's labels run past its end
+    want = model(input_ids=ids, attention_mask=attention, labels=labels, shift_labels=shift).loss
+    hf.apply_prefkern(model, backend="torch")
+    out = model(input_ids=ids, attention_mask=attention, labels=labels, shift_labels=shift)
+    assert out.logprobs.shape == shift.shape
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+
+
 def test_from_linear_runs_inside_the_heads_call():
     model = _tiny("qwen2")
     calls = []

@@ -180,25 +180,39 @@ def shifted_targets(input_ids: Tensor, attention_mask: Tensor | None = None,
 def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None = None,
                        labels: Tensor | None = None, *, temperature: float | Tensor = 1.0,
                        return_entropy: bool = False, logits_to_keep: int | None = None,
-                       ignore_index: int = -100, mode: str = "auto",
-                       backend: str | None = None, **model_kwargs):
+                       ignore_index: int = -100, shift_labels: Tensor | None = None,
+                       mode: str = "auto", backend: str | None = None, **model_kwargs):
     """Per-token log-probs of a transformers causal LM without its logits:
     ``(model(input_ids, ...).logits[:, :-1].float() / T).log_softmax(-1).gather(-1,
     targets[..., None])[..., 0]`` with targets from :func:`shifted_targets` -> (B, T - 1) fp32
     (ignored positions 0); with ``logits_to_keep=k``, the log-probs of the last k tokens only
-    (B, k), as TRL's ``logits_to_keep`` (the backbone still runs on every token). The config's
-    logit scale and softcap are applied (:func:`hf_head_config`). ``model_kwargs`` go to the
-    backbone (position_ids, ...; ``use_cache`` defaults to False). Returns the log-probs, or
-    ``LogprobsEntropy(logprobs, entropy)`` with ``return_entropy``; gradients flow to the
-    backbone and the head."""
+    (B, k), as TRL's ``logits_to_keep`` (the backbone still runs on every token).
+    ``shift_labels`` (B, T): targets already aligned with the positions (what transformers'
+    loss takes instead of labels, e.g. from HF Trainer under context parallelism): every
+    position is scored, no shift -> (B, T). The config's logit scale and softcap are applied
+    (:func:`hf_head_config`). ``model_kwargs`` go to the backbone (position_ids, ...;
+    ``use_cache`` defaults to False). Returns the log-probs, or ``LogprobsEntropy(logprobs,
+    entropy)`` with ``return_entropy``; gradients flow to the backbone and the head."""
+    return _causal_lm_logprobs(model, input_ids, attention_mask, labels, temperature,
+                               return_entropy, logits_to_keep, ignore_index, shift_labels,
+                               mode, backend, model_kwargs)[0]
+
+
+def _causal_lm_logprobs(model, input_ids, attention_mask, labels, temperature, return_entropy,
+                        logits_to_keep, ignore_index, shift_labels, mode, backend,
+                        model_kwargs):
+    """:func:`causal_lm_logprobs` -> (its result, the backbone's outputs)."""
     head = lm_head_of(model)
     scale, softcap = hf_head_config(model)
     model_kwargs.setdefault("use_cache", False)
     outputs = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask,
                                **model_kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    targets = shifted_targets(input_ids, attention_mask, labels, ignore_index)
-    hidden = hidden[:, :-1]
+    if shift_labels is None:
+        targets = shifted_targets(input_ids, attention_mask, labels, ignore_index)
+        hidden = hidden[:, :-1]
+    else:
+        targets = shift_labels
     if logits_to_keep is not None:
         if not 0 < logits_to_keep < input_ids.shape[1]:
             raise ValueError(f"logits_to_keep must be in [1, T - 1], got {logits_to_keep}")
@@ -209,8 +223,27 @@ def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None =
                         softcap=softcap, ignore_index=ignore_index,
                         return_entropy=return_entropy, mode=mode, backend=backend)
     if return_entropy:
-        return LogprobsEntropy(out.logprobs, out.entropy)
-    return out
+        out = LogprobsEntropy(out.logprobs, out.entropy)
+    return out, outputs
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _router_aux_loss(model, outputs, attention_mask) -> Tensor | None:
+    """The MoE load-balancing loss transformers' MoE causal LMs add to the loss (times
+    router_aux_loss_coef) when router logits are output, or None."""
+    router_logits = getattr(outputs, "router_logits", None)
+    config = _text_config(model)
+    if router_logits is None or not hasattr(config, "num_experts_per_tok"):
+        return None
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    return load_balancing_loss_func(router_logits, experts, config.num_experts_per_tok,
+                                    attention_mask)
 
 
 # ------------------------------------------------------------------------ forward patch
@@ -232,13 +265,17 @@ def apply_prefkern(model, *, temperature: float = 1.0, return_entropy: bool = Fa
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("logits_to_keep", None)
         num_items = kwargs.pop("num_items_in_batch", None)
-        out = causal_lm_logprobs(self, input_ids, attention_mask, labels,
-                                 temperature=temperature, return_entropy=return_entropy,
-                                 mode=mode, backend=backend, **kwargs)
+        shift_labels = kwargs.pop("shift_labels", None)
+        out, outputs = _causal_lm_logprobs(self, input_ids, attention_mask, labels,
+                                           temperature, return_entropy, None, -100,
+                                           shift_labels, mode, backend, kwargs)
         logprobs, entropy = (out.logprobs, out.entropy) if return_entropy else (out, None)
-        valid = labels[:, 1:] != -100
+        valid = (labels[:, 1:] if shift_labels is None else shift_labels) != -100
         count = valid.sum().clamp(min=1) if num_items is None else num_items
         loss = -torch.where(valid, logprobs, 0).sum() / count
+        aux = _router_aux_loss(self, outputs, attention_mask)
+        if aux is not None:  # as the MoE models' own forward adds it
+            loss = loss + _text_config(self).router_aux_loss_coef * aux.to(loss.device)
         return CausalLMLogprobsOutput(loss, logprobs, entropy)
 
     model._prefkern_forward = (original, "forward" in vars(model))
