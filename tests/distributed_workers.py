@@ -145,7 +145,8 @@ def dtensor_head_case(rank: int, world: int, store_path: str, case: dict) -> Non
         mesh = init_device_mesh("cpu", (world,))
         placement = {"rows": Shard(0), "cols": Shard(1), "replicate": Replicate()}[case["how"]]
         w = distribute_tensor(weight, mesh, [placement]).requires_grad_(True)
-        b = distribute_tensor(bias, mesh, [Shard(0) if case["how"] == "rows" else Replicate()])
+        bias_rows = case["how"] == "rows" and not case.get("replicated_bias")
+        b = distribute_tensor(bias, mesh, [Shard(0) if bias_rows else Replicate()])
         b.requires_grad_(True)
         h = hidden.clone().requires_grad_(True)
         # vocab parallel on the mesh (same hidden everywhere) only when asked for

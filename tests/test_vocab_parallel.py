@@ -43,11 +43,15 @@ def test_bad_targets_are_checked_against_the_full_vocabulary():
                                  backend="torch")
 
 
-@pytest.mark.parametrize("how,vocab_parallel", [("rows", True), ("rows", False),
-                                                ("cols", False), ("replicate", False)])
-def test_dtensor_head(how, vocab_parallel, tmp_path):
+@pytest.mark.parametrize("how,vocab_parallel,replicated_bias", [
+    ("rows", True, False), ("rows", True, True), ("rows", False, False), ("cols", False, False),
+    ("replicate", False, False)])
+def test_dtensor_head(how, vocab_parallel, replicated_bias, tmp_path):
+    """replicated_bias: a row-sharded weight with a replicated bias, whose gradient each rank
+    forms on its own rows only (their sum is the bias's gradient)."""
     _spawn(workers.dtensor_head_case, 2,
-           dict(n=9, h=16, v=37, bias=True, how=how, vocab_parallel=vocab_parallel), tmp_path)
+           dict(n=9, h=16, v=37, bias=True, how=how, vocab_parallel=vocab_parallel,
+                replicated_bias=replicated_bias), tmp_path)
 
 
 def test_fsdp_style_row_shards_are_gathered(tmp_path):

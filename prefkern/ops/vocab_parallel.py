@@ -229,9 +229,16 @@ def unwrap_dtensor_head(weight, bias, group, vocab_start, vocab_size) -> HeadSha
         return HeadShards(weight.full_tensor(), full_bias, group, vocab_start, vocab_size)
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
     local_bias = bias
-    if _is_dtensor(bias):
-        local_bias = bias.to_local() if bias.placements == placements else \
-            bias.full_tensor()[offset[0]:offset[0] + weight.to_local().shape[0]]
+    if _is_dtensor(bias) and bias.placements == placements:
+        local_bias = bias.to_local()
+    elif _is_dtensor(bias):  # placed otherwise (e.g. replicated): this rank's rows of it; each
+        # rank's gradient holds only its rows, so the replicated gradient is their sum
+        from torch.distributed.tensor import Partial, Replicate
+
+        full = bias.redistribute(bias.device_mesh, [Replicate()] * bias.device_mesh.ndim)
+        grad_placements = [Partial()] * bias.device_mesh.ndim
+        local_bias = full.to_local(grad_placements=grad_placements)[
+            offset[0]:offset[0] + weight.to_local().shape[0]]
     return HeadShards(weight.to_local(), local_bias, mesh.get_group(), int(offset[0]),
                       int(weight.shape[0]))
 
