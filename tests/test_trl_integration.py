@@ -79,10 +79,16 @@ def test_num_items_shift_labels_and_generation():
 def test_patch_trl_swaps_and_restores():
     import trl.trainer.grpo_trainer as grpo
 
+    try:  # TRL's experimental async GRPO imports the fused head too
+        import trl.experimental.async_grpo.async_grpo_trainer as async_grpo
+    except ImportError:
+        async_grpo = None
     original = grpo.add_fused_lm_head
     undo = pk_trl.patch_trl()
     try:
         assert grpo.add_fused_lm_head is pk_trl.add_fused_lm_head
+        if async_grpo is not None:
+            assert async_grpo.add_fused_lm_head is pk_trl.add_fused_lm_head
     finally:
         undo()
     assert grpo.add_fused_lm_head is original

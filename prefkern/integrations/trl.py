@@ -35,6 +35,9 @@ OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 TRAINER_MODULES = ("trl.trainer.utils", "trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer",
                    "trl.trainer.dpo_trainer", "trl.trainer.kto_trainer",
                    "trl.trainer.sft_trainer")
+# trainers that import add_fused_lm_head too, patched when they import (their extras may not
+# be installed)
+OPTIONAL_TRAINER_MODULES = ("trl.experimental.async_grpo.async_grpo_trainer",)
 
 
 class FusedCausalLMOutput(NamedTuple):
@@ -157,8 +160,13 @@ def patch_trl():
 
     check_trl_version(trl.__version__)
     replaced = []
-    for name in TRAINER_MODULES:
-        module = importlib.import_module(name)
+    for name in TRAINER_MODULES + OPTIONAL_TRAINER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            if name in TRAINER_MODULES:
+                raise
+            continue
         if hasattr(module, "add_fused_lm_head"):
             replaced.append((module, module.add_fused_lm_head))
             module.add_fused_lm_head = add_fused_lm_head
