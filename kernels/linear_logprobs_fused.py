@@ -245,7 +245,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def gpu_config(dtype: torch.dtype) -> dict:
+def _gpu_config(dtype: torch.dtype) -> dict:
     """Tiles and launch options on a GPU (tests/aot_compile_kernels.py compiles exactly these):
     half inputs 64 x 128 x 64; fp32 (exact FMA-based products, no TF32) 32 x 64 x 64 with two
     stages: 64 x 128 x 64 needed 112 KiB of shared memory, over the 99 KiB of sm_86/89, and
@@ -259,7 +259,7 @@ def gpu_config(dtype: torch.dtype) -> dict:
 
 def _config(dtype: torch.dtype) -> dict:
     if not _interpreting():
-        return gpu_config(dtype)
+        return _gpu_config(dtype)
     # fp32 inputs: exact fp32 products (no TF32); half inputs ignore this
     return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=32, DOT_FP32=True,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")

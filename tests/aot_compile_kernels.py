@@ -186,7 +186,7 @@ def _cases():
                    dict(SOFTCAP=True, BLOCK=4096, HAS_G_LSE=True, HAS_G_EXTRA=stats, **grads),
                    rows)
         # the launcher's own GPU configuration
-        cfg = linear_logprobs_fused.gpu_config(DTYPES[elt])
+        cfg = linear_logprobs_fused._gpu_config(DTYPES[elt])
         launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
         fused = dict(cfg, HAS_BIAS=True, SOFTCAP=True, ROW_TEMP=True)
         # each fused kernel without and with the extra statistics (return_stats): the tiles
