@@ -8,12 +8,18 @@ import functools
 import torch
 
 
+def has_fp32_output_gemm(device: torch.device) -> bool:
+    """Whether half-precision GEMMs can return their fp32 accumulator on ``device`` (cuBLAS);
+    torch's CPU GEMMs round a half product to the input dtype."""
+    return device.type == "cuda"
+
+
 def fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in fp32 without rounding the product to a's dtype: cuBLAS's fp32-output GEMM
     (torch >= 2.8) on CUDA; elsewhere (the CPU interpreter) the operands are upcast."""
     if a.dtype in (torch.float32, torch.float64):
         return a @ b
-    if a.device.type == "cuda":
+    if has_fp32_output_gemm(a.device):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prefkern.ops import softmax_stats
+from prefkern.ops import gemm, softmax_stats
 from prefkern.ops.softmax_stats import LOG_FLOOR
 from prefkern.reference.logprobs import compute_dtype
 
@@ -202,8 +202,11 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, 
     """-> (dhidden, dweight, dbias) in the input dtypes (None where not needed).
 
     The logits are recomputed in fp32 (fp64 for fp64 inputs); d loss / d logits is rounded to
-    the input dtype and the dh/dW GEMMs run in it (fast half-precision GEMMs), accumulated in
-    fp32 across chunks: dh over vocab chunks, dW and db over token chunks."""
+    the input dtype, and nothing else is: the dh/dW GEMMs take the rounded values and their
+    products accumulate in fp32 across chunks (dh over vocab chunks, dW and db over token
+    chunks). On CUDA they are half-precision GEMMs with fp32 output; where a half GEMM would
+    round each chunk's product to the input dtype (CPU), they run in fp32 on the rounded
+    values (exact products)."""
     cdt = compute_dtype(hidden.dtype)
     valid = targets != ignore_index
     gl, ge, gs = (None if g is None else torch.where(valid, g.to(cdt), 0)
@@ -211,12 +214,13 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, 
     gx = None if g_extra is None else torch.where(valid[:, None], g_extra.to(cdt), 0)
     lse = torch.where(valid, lse, float("inf"))  # p = 0 on ignored rows: their dz is 0
     half = hidden.dtype not in (torch.float32, torch.float64)
+    half_gemm = half and gemm.has_fp32_output_gemm(hidden.device)
     need_db = need_db and bias is not None
     dh = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty_like(bias) if need_db else None
     for cols, w32, b32, row_chunks in _chunks(hidden, weight, bias):
-        w_in = weight[cols] if half else w32
+        w_in = weight[cols] if half_gemm else w32
         dw_acc = torch.zeros_like(w32) if need_dw and len(row_chunks) != 1 else None
         db_acc = torch.zeros(w32.shape[0], dtype=cdt, device=w32.device) if need_db else None
         for rows, h32 in row_chunks:
@@ -231,14 +235,16 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, 
                 dz.mul_(factor)
             if db_acc is not None:
                 db_acc += dz.sum(0)
-            dz_in = dz.to(hidden.dtype) if half else dz
-            h_in = hidden[rows] if half else h32
+            dz_in = dz.to(hidden.dtype) if half else dz  # the contract's one rounding
+            # products summed across chunks: fp32-output GEMMs, or fp32 GEMMs on the rounded
+            # values (exact products) where half GEMMs round their output
+            dz_sum = dz_in if half_gemm or not half else dz_in.to(cdt)
             if need_dh:
-                dh[rows].add_(dz_in @ w_in)
+                gemm.accumulate_mm(dh[rows], dz_sum, w_in)
             if dw_acc is not None:
-                dw_acc.add_(dz_in.T @ h_in)
-            elif need_dw:
-                torch.mm(dz_in.T, h_in, out=dw[cols])
+                gemm.accumulate_mm(dw_acc, dz_sum.T, hidden[rows] if half_gemm else h32)
+            elif need_dw:  # complete in one GEMM: rounded once, as the output
+                torch.mm(dz_in.T, hidden[rows] if half else h32, out=dw[cols])
         if dw_acc is not None:
             dw[cols] = dw_acc
         if db is not None:
