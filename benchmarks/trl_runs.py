@@ -95,9 +95,13 @@ def run(kind: str, folder: str, preset: str, steps: int, with_prefkern: bool) ->
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps_logged = [h for h in trainer.state.log_history if "loss" in h]
+    # every numeric per-step metric the trainer logs (grad_norm, log-probs, rewards, KL...)
+    # except timings: the same with and without prefkern when the gradients are
+    metrics = [{k: v for k, v in h.items() if isinstance(v, (int, float)) and not any(
+        word in k for word in ("time", "runtime", "per_second"))} for h in steps_logged]
     return dict(trainer=kind, prefkern=with_prefkern, steps=steps, step_ms=clock.times,
-                losses=losses, peak_GiB=peak)
+                losses=[h["loss"] for h in steps_logged], metrics=metrics, peak_GiB=peak)
 
 
 def main(argv=None) -> int:

@@ -25,4 +25,11 @@ def test_trl_runs_tiny(tmp_path, capsys):
         eager, ours = runs[kind, False], runs[kind, True]
         assert len(ours["step_ms"]) == 2 and len(ours["losses"]) == 2
         assert ours["losses"] == pytest.approx(eager["losses"], rel=1e-3, abs=1e-4), kind
+        # the losses say little here (GRPO's is ~0, DPO's first is log 2): the gradient norm
+        # and every logged metric must agree too
+        for step, (mine, theirs) in enumerate(zip(ours["metrics"], eager["metrics"],
+                                                   strict=True)):
+            assert "grad_norm" in theirs and set(mine) == set(theirs), (kind, step)
+            for key, value in theirs.items():
+                assert mine[key] == pytest.approx(value, rel=1e-3, abs=1e-5), (kind, step, key)
     assert "median step" in capsys.readouterr().out
