@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +22,13 @@ def _run(script: str, *args: str) -> str:
 
 def test_ppo_step():
     out = _run("ppo_step.py", "--steps", "2", "--device", "cpu")
-    assert out.count("policy loss") == 2
+    losses = [float(x) for x in re.findall(r"policy loss ([-+\d.eE]+|nan|inf)", out)]
+    assert len(losses) == 2 and all(map(math.isfinite, losses)), out
 
 
 @pytest.mark.parametrize("script", ["trl_grpo.py", "trl_dpo.py"])
 def test_trl_examples(script):
     pytest.importorskip("trl")
-    assert "with prefkern: 2 steps" in _run(script, "--steps", "2")
+    out = _run(script, "--steps", "2")
+    loss = re.search(r"with prefkern: 2 steps, training loss (\S+)", out)
+    assert loss and math.isfinite(float(loss.group(1))), out
