@@ -192,6 +192,47 @@ def test_against_the_installed_verl():
                 assert got_m.keys() == want_m.keys()
 
 
+def verl_normalizers(preset: dict, info: dict) -> dict:
+    """policy_loss's normalizer / aux_normalizer for verl's global batch info (totals divided
+    by dp_size: DDP averages the gradients); {} without totals."""
+    if not info.get("batch_num_tokens"):
+        return {}
+    dp = info["dp_size"]
+    tokens, seqs = info["batch_num_tokens"] / dp, info["global_batch_size"] / dp
+    policy_mode = preset.get("agg") or "seq-mean-token-mean"  # the preset's forced modes
+    aux_mode = preset.get("aux_agg") or policy_mode
+    norms = {"normalizer": tokens if policy_mode == "token-mean" else seqs}
+    if aux_mode != policy_mode:
+        norms["aux_normalizer"] = tokens if aux_mode == "token-mean" else seqs
+    return norms
+
+
+def test_ppo_loss_terms_against_the_installed_verl():
+    """verl's ppo_loss (workers/utils/losses.py): pg_loss - entropy_coeff * agg_loss(entropy)
+    + kl_loss_coef * agg_loss(kl_penalty), the last two by loss_agg_mode while sapo's policy
+    term is seq-mean-token-mean; built from the installed verl's own functions."""
+    from prefkern.losses import policy_loss, policy_preset
+
+    ca = pytest.importorskip("verl.trainer.ppo.core_algos")
+    from verl.workers.config import ActorConfig  # sapo asserts a real one
+
+    old, logp, adv, mask, ref = _rollout()
+    entropy = torch.rand(mask.shape, generator=torch.Generator().manual_seed(4)) * 3
+    for info in INFOS:
+        config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+        config.global_batch_info.update(info)
+        for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
+            pg, _ = ca.get_policy_loss_fn("sapo")(old, logp, adv, mask, mode, config, None)
+            kl = ca.kl_penalty(logp, ref, "low_var_kl")
+            want = (pg - 0.05 * ca.agg_loss(entropy, mask, mode, **info)
+                    + 0.1 * ca.agg_loss(kl, mask, mode, **info))
+            preset = policy_preset("verl", loss_type="sapo", agg=mode)
+            got, _ = policy_loss(logp, old, adv, mask, entropy=entropy, entropy_coef=0.05,
+                                 ref_logprobs=ref, kl_coef=0.1,
+                                 **verl_normalizers(preset, info), **preset)
+            torch.testing.assert_close(got, want, msg=f"{info} {mode}")
+
+
 def _outcome_batch():
     gen = torch.Generator().manual_seed(6)
     b, t = 8, 12

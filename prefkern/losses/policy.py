@@ -141,6 +141,20 @@ def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean",
     return torch.where(mask.bool(), loss_mat * w, 0).sum()
 
 
+def aux_weights(w: Tensor, mask: Tensor, agg: str, aux_agg: str | None,
+                normalizer, aux_normalizer, loss_scale_factor, cu_seqlens,
+                seq_count: str) -> Tensor:
+    """The KL and entropy terms' aggregation weights: the policy term's ``w`` unless
+    ``aux_agg`` or ``aux_normalizer`` says otherwise. ``aux_normalizer`` None: ``normalizer``
+    when the modes agree, else the local count of ``mask``."""
+    if aux_agg is None:
+        aux_agg = agg
+    if aux_agg == agg and aux_normalizer is None:
+        return w
+    return aggregation_weights(mask, aux_agg, aux_normalizer, loss_scale_factor, cu_seqlens,
+                               seq_count)
+
+
 def resolve_loss_type(loss_type: str, agg: str | None) -> tuple[str, str]:
     """-> (surrogate, aggregation): TRL's names are the PPO surrogate with their own
     aggregation; gspo and sapo force seq-mean-token-mean (verl); else token-mean."""
@@ -156,7 +170,8 @@ def resolve_loss_type(loss_type: str, agg: str | None) -> tuple[str, str]:
 
 def _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normalizer,
               ref_logprobs, kl_coef, kl_kind, kl_input_clamp, kl_output_clamp, entropy,
-              entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count="all"):
+              entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count="all",
+              aux_agg=None, aux_normalizer=None):
     sign = torch.sign(adv)
     clipped_x = x.clamp(-eps_low, eps_high)
     pessimistic = sign * torch.minimum(sign * x, sign * clipped_x)
@@ -170,8 +185,10 @@ def _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normali
         losses = losses * torch.exp(layout.seq_sum(torch.where(mask, torch.log(w + 1e-10), 0))
                                     / count)
     loss = losses.mean() if normalizer is None else losses.sum() / normalizer
-    weights = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens,
-                                  seq_count)
+    weights = aux_weights(aggregation_weights(mask, agg, normalizer, loss_scale_factor,
+                                              cu_seqlens, seq_count),
+                          mask, agg, aux_agg, normalizer, aux_normalizer, loss_scale_factor,
+                          cu_seqlens, seq_count)
     hit = clipped_x != x
     metrics = {"pg_clipfrac": _masked_mean((hit & (adv > 0)).float(), mask),
                "pg_clipfrac_lower": _masked_mean((hit & (adv < 0)).float(), mask),
@@ -199,12 +216,14 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                 cispo_form: str = "verl", tau_pos: float = 1.0, tau_neg: float = 1.05,
                 agg: str | None = None, normalizer: float | Tensor | None = None,
                 loss_scale_factor: float | None = None, is_weights: Tensor | None = None,
+                aux_agg: str | None = None, aux_normalizer: float | Tensor | None = None,
                 ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
                 kl_input_clamp: float | None = 20.0, kl_output_clamp="auto",
                 kl_ratio_weighted: bool = False,
                 entropy: Tensor | None = None, entropy_coef: float = 0.0,
                 cu_seqlens: Tensor | None = None, token_weights: Tensor | None = None,
-                token_mask: Tensor | None = None, clip_cov_ratio: float = 2e-4,
+                aux_token_weights: Tensor | None = None, token_mask: Tensor | None = None,
+                clip_cov_ratio: float = 2e-4,
                 clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0,
                 kl_cov_ratio: float = 2e-4, ppo_kl_coef: float = 1.0,
                 generator: torch.Generator | None = None, seq_count: str = "all"):
@@ -245,13 +264,17 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     ``gspo_form="trl"``, gradient included, with ``kl_ratio_weighted``: TRL's
     ``use_bias_correction_kl``), aggregated with
     :func:`aggregate` (``agg`` None: the loss type's own; ``seq_count`` as there), minus
-    ``entropy_coef`` times the aggregated ``entropy``. The KL and entropy terms take the
-    policy term's aggregation; the trainers differ there (OpenRLHF: token mean of the KL;
-    verl: its loss_agg_mode even where gspo/sapo force seq-mean-token-mean; TRL: the
-    entropy's token mean over mask * token_mask, divided by the accumulation steps), so to
-    match one of those exactly, pass kl_coef = entropy_coef = 0 and add the terms yourself.
-    ``token_weights`` (B, T) replaces the aggregation by ``sum(token_weights * L)`` (the
-    fused path applies the loss chunk by chunk this way).
+    ``entropy_coef`` times the aggregated ``entropy``. The KL and entropy terms are
+    aggregated with ``aux_agg`` and ``aux_normalizer`` (None: the policy term's; see
+    :func:`aux_weights`): ``loss = aggregate(L, agg) + kl_coef * aggregate(kl, aux_agg) -
+    entropy_coef * aggregate(H, aux_agg)``. The trainers differ there: OpenRLHF aggregates
+    both by token mean whatever its policy mode; verl by its loss_agg_mode, which gspo and
+    sapo ignore for their policy term (seq-mean-token-mean); TRL adds the KL to the per-token
+    loss (one aggregation) and takes the entropy bonus's token mean over mask * token_mask,
+    not reproduced here (pass entropy_coef = 0 and add it). :func:`policy_preset` sets each.
+    ``token_weights`` (B, T) replaces the aggregation by ``sum(token_weights * L)`` and
+    ``aux_token_weights`` (default: token_weights) the KL and entropy terms' (the fused path
+    applies the loss chunk by chunk this way).
     Returns (loss, metrics): clip fractions (pg_clipfrac, pg_clipfrac_lower for the dual
     clip), approx_kl = mean(old - logp), ratio mean/max/min, kl and entropy means; detached.
     """
@@ -287,7 +310,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                              "with geo_mean, whose loss is per sequence")
         return _geo_mean(logp, x, adv, mask, layout, eps_low, eps_high, is_weights, normalizer,
                          ref_logprobs, kl_coef, kl_kind, kl_input_clamp, kl_output_clamp,
-                         entropy, entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count)
+                         entropy, entropy_coef, agg, loss_scale_factor, cu_seqlens, old, seq_count,
+                         aux_agg, aux_normalizer)
     ratio = torch.exp(x)
     if kind in ("ppo", "gspo"):
         capped = ratio if delta is None else ratio.clamp(max=delta)
@@ -336,12 +360,18 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
             # raw token ratio, or the sequence ratio at importance_sampling_level="sequence"
             seq_ratio = kind == "gspo" and gspo_form == "trl"
             kl = kl * torch.exp(x if seq_ratio else logp - old)
-        per_token = per_token + kl_coef * kl
-    w = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens,
-                            seq_count) if token_weights is None else token_weights
+    if token_weights is None:
+        w = aggregation_weights(mask, agg, normalizer, loss_scale_factor, cu_seqlens, seq_count)
+        w_aux = aux_weights(w, mask, agg, aux_agg, normalizer, aux_normalizer,
+                            loss_scale_factor, cu_seqlens, seq_count)
+    else:
+        w = token_weights
+        w_aux = token_weights if aux_token_weights is None else aux_token_weights
     loss = torch.where(mask, per_token * w, 0).sum()
+    if ref_logprobs is not None and kl_coef != 0.0:
+        loss = loss + kl_coef * torch.where(mask, kl * w_aux, 0).sum()
     if entropy is not None and entropy_coef != 0.0:
-        loss = loss - entropy_coef * torch.where(mask, entropy.float() * w, 0).sum()
+        loss = loss - entropy_coef * torch.where(mask, entropy.float() * w_aux, 0).sum()
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy.detach().float(), mask)
     r = ratio.detach()
@@ -468,8 +498,11 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     normalizer = loss_kw.pop("normalizer", None)
     scale_factor = loss_kw.pop("loss_scale_factor", None)
     seq_count = loss_kw.pop("seq_count", "all")
-    weights = aggregation_weights(mask, agg, normalizer, scale_factor, cu_seqlens,
-                                  seq_count).reshape(-1)
+    aux_agg, aux_normalizer = loss_kw.pop("aux_agg", None), loss_kw.pop("aux_normalizer", None)
+    weights = aggregation_weights(mask, agg, normalizer, scale_factor, cu_seqlens, seq_count)
+    w_aux = aux_weights(weights, mask, agg, aux_agg, normalizer, aux_normalizer, scale_factor,
+                        cu_seqlens, seq_count).reshape(-1)
+    weights = weights.reshape(-1)
     layout = _Layout(targets, cu_seqlens)
     adv = advantages if advantages.shape == lead else layout.to_tokens(advantages)
     per_token = {"ref_logprobs": loss_kw.pop("ref_logprobs", None),
@@ -486,7 +519,8 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
         old = lp.detach()[:, None] if col["old"] is None else col["old"]
         loss, _ = policy_loss(lp[:, None], old, col["adv"], col["mask"],
                               loss_type=kind, token_weights=weights[rows][:, None],
-                              entropy=ent[:, None], ref_logprobs=col["ref_logprobs"],
+                              aux_token_weights=w_aux[rows][:, None], entropy=ent[:, None],
+                              ref_logprobs=col["ref_logprobs"],
                               is_weights=col["is_weights"], token_mask=col["token_mask"],
                               **loss_kw)
         return loss
@@ -502,6 +536,7 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
         value, metrics = policy_loss(logp.view(lead), old, advantages, mask,
                                      loss_type=kind, agg=agg, normalizer=normalizer,
                                      loss_scale_factor=scale_factor, seq_count=seq_count,
+                                     aux_agg=aux_agg, aux_normalizer=aux_normalizer,
                                      entropy=entropy.view(lead),
                                      cu_seqlens=cu_seqlens, **per_token, **loss_kw)
         value = _checks.poison(value, None if bad is None else bad.any())
@@ -528,13 +563,18 @@ def _fused_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
 #                a valid token (seq_count="nonempty"), TRL's grpo / dr_grpo by all B;
 #                OpenRLHF's token mode is token-mean (normalizer = batch_num_tokens /
 #                dp_size when given); tests/test_openrlhf_parity.py
+#   KL, entropy  OpenRLHF: aggregate_loss's token mode whatever the policy's mode (ppo_actor.py
+#                training_step); verl: agg_loss with loss_agg_mode (workers/utils/losses.py
+#                ppo_loss), which compute_policy_loss_gspo / _sapo replace by
+#                seq-mean-token-mean for the policy term only; TRL: the KL inside the per-token
+#                loss (grpo_trainer.py _compute_loss)
 POLICY_PRESETS = {
     "verl": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0,
                  ratio_log_clamp=20.0, gspo_form="verl", cispo_form="verl", kl_kind="k3",
                  kl_input_clamp=20.0, kl_output_clamp="auto", seq_count="nonempty"),
     "openrlhf": dict(loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=None,
                      ratio_log_clamp=20.0, gspo_form="trl", kl_kind="k1", kl_input_clamp=None,
-                     kl_output_clamp=10.0, seq_count="nonempty"),
+                     kl_output_clamp=10.0, seq_count="nonempty", aux_agg="token-mean"),
     "trl": dict(loss_type="dapo", eps_low=0.2, eps_high=0.2, dual_clip=None,
                 ratio_log_clamp=None, gspo_form="trl", cispo_form="trl", kl_kind="k3",
                 kl_input_clamp=None, kl_output_clamp=None),
@@ -544,10 +584,14 @@ POLICY_PRESETS = {
 def policy_preset(trainer: str, **overrides) -> dict:
     """policy_loss keyword arguments with ``trainer``'s semantics ("verl", "openrlhf", "trl";
     see POLICY_PRESETS), updated by ``overrides``: ``policy_loss(..., **policy_preset("trl",
-    loss_type="grpo"))``."""
+    loss_type="grpo"))``. For "verl", ``agg`` is verl's loss_agg_mode: with gspo and sapo it
+    aggregates only the KL and entropy terms (``aux_agg``; default token-mean), the policy
+    term being seq-mean-token-mean as in verl."""
     if trainer not in POLICY_PRESETS:
         raise ValueError(f"trainer must be one of {tuple(POLICY_PRESETS)}, got {trainer!r}")
     preset = {**POLICY_PRESETS[trainer], **overrides}
     if trainer == "verl" and preset["loss_type"] == "gspo" and "dual_clip" not in overrides:
         preset["dual_clip"] = None  # verl's dual clip is the vanilla loss's only
+    if trainer == "verl" and preset["loss_type"] in FORCED_AGG and "aux_agg" not in overrides:
+        preset["aux_agg"] = preset.pop("agg", None) or "token-mean"
     return preset

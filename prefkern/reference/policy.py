@@ -44,15 +44,30 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
                     eps_high=None, dual_clip=None, delta=None, ratio_log_clamp=20.0,
                     gspo_form="verl", cispo_form="verl", tau_pos=1.0, tau_neg=1.05, agg=None,
                     normalizer=None, loss_scale_factor=None, is_weights=None,
-                    ref_logprobs=None, kl_coef=0.0, kl_kind="k3", kl_input_clamp=20.0,
+                    aux_agg=None, aux_normalizer=None, ref_logprobs=None, kl_coef=0.0,
+                    kl_kind="k3", kl_input_clamp=20.0,
                     kl_output_clamp="auto", kl_ratio_weighted=False, entropy=None,
                     entropy_coef=0.0, token_mask=None,
                     clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0, kl_cov_ratio=2e-4,
                     ppo_kl_coef=1.0, generator=None, seq_count="all"):
     """-> the loss of :func:`prefkern.losses.policy_loss` (metrics not included). Clip-Cov's
     random subset is specified as: keys = torch.rand(mask.shape, generator=generator), the
-    candidates with the largest keys."""
+    candidates with the largest keys. The KL and entropy terms are aggregated with ``aux_agg``
+    (None: ``agg``) over ``aux_normalizer`` (None: ``normalizer`` if the modes agree, else the
+    local count)."""
     kind, agg = _defaults(loss_type, agg)
+    aux = agg if aux_agg is None else aux_agg
+    aux_norm = aux_normalizer if aux_normalizer is not None or aux != agg else normalizer
+
+    def aux_terms(loss, kl):
+        if kl is not None:
+            loss = loss + kl_coef * agg_loss_ref(kl, mask, aux, aux_norm, loss_scale_factor,
+                                                 seq_count)
+        if entropy is not None and entropy_coef != 0.0:
+            loss = loss - entropy_coef * agg_loss_ref(entropy.double(), mask, aux, aux_norm,
+                                                      loss_scale_factor, seq_count)
+        return loss
+
     eps_high = eps_low if eps_high is None else eps_high
     logp, old = logprobs.double(), old_logprobs.double().detach()
     adv = advantages.double()
@@ -73,15 +88,11 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
             w = w.unsqueeze(-1).expand_as(logp) if w.dim() == 1 else w
             losses = losses * torch.exp((torch.log(w + 1e-10) * m).sum(-1) / n)
         loss = losses.mean() if normalizer is None else losses.sum() / normalizer
+        kl = None
         if ref_logprobs is not None and kl_coef != 0.0:
             kl = kl_estimate_ref(logprobs.double(), ref_logprobs.double(), kl_kind,
                                  input_clamp=kl_input_clamp, output_clamp=kl_output_clamp)
-            loss = loss + kl_coef * agg_loss_ref(kl, mask, agg, normalizer, loss_scale_factor,
-                                                 seq_count)
-        if entropy is not None and entropy_coef != 0.0:
-            loss = loss - entropy_coef * agg_loss_ref(entropy.double(), mask, agg, normalizer,
-                                                      loss_scale_factor, seq_count)
-        return loss
+        return aux_terms(loss, kl)
     if kind == "gspo":
         seq = (neg_kl * m).sum(-1) / m.sum(-1).clamp(min=1)
         if gspo_form == "verl":
@@ -137,18 +148,15 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo"
     if is_weights is not None:
         w = is_weights.double().detach()
         losses = losses * (w.unsqueeze(-1) if w.dim() == 1 else w)
+    kl = None
     if ref_logprobs is not None and kl_coef != 0.0:
         kl = kl_estimate_ref(logprobs.double(), ref_logprobs.double(), kl_kind,
                              input_clamp=kl_input_clamp, output_clamp=kl_output_clamp)
         if kl_ratio_weighted:  # TRL's use_bias_correction_kl: per_token_kl * coef_1, the
             # (B, 1) sequence ratio at importance_sampling_level="sequence"
             kl = kl * torch.exp(log_ratio if kind == "gspo" and gspo_form == "trl" else neg_kl)
-        losses = losses + kl_coef * kl
-    loss = agg_loss_ref(losses, mask, agg, normalizer, loss_scale_factor, seq_count)
-    if entropy is not None and entropy_coef != 0.0:
-        loss = loss - entropy_coef * agg_loss_ref(entropy.double(), mask, agg, normalizer,
-                                                  loss_scale_factor, seq_count)
-    return loss
+    return aux_terms(agg_loss_ref(losses, mask, agg, normalizer, loss_scale_factor, seq_count),
+                     kl)
 
 
 def value_loss_ref(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
