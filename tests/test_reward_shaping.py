@@ -63,6 +63,46 @@ def test_kl_rewards_by_hand():
     torch.testing.assert_close(out, torch.tensor([[-0.05, 0.1, 3.0, 0.0]]))
 
 
+def _openrlhf_compute_reward(r, kl_coef, logp, ref_logp, action_mask, estimator):
+    """OpenRLHF 3c3be62 openrlhf/models/utils.py compute_approx_kl + compute_reward, from
+    their formulas: every estimator clamped to +-10, the score on the last response token.
+    (OpenRLHF leaves -kl_coef * kl outside the mask; its GAE masks it, prefkern zeros it.)"""
+    log_ratio = logp.float() - ref_logp.float()
+    if estimator == "k2":
+        log_ratio = log_ratio**2 / 2.0
+    elif estimator == "k3":
+        log_ratio = (-log_ratio).exp() - 1 + log_ratio
+    kl = log_ratio.clamp(min=-10, max=10)
+    eos = action_mask.size(1) - 1 - action_mask.long().fliplr().argmax(dim=1, keepdim=True)
+    last = torch.zeros_like(kl).scatter_(1, eos, r.unsqueeze(1).to(kl.dtype))
+    return (last - kl_coef * kl) * action_mask
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_rewards_are_openrlhfs(estimator):
+    """With OpenRLHF's estimator and its +-10 clamp, on log-ratios up to ~+-14 (where the clamp
+    and k3's exponent matter)."""
+    gen = torch.Generator().manual_seed(2)
+    logp = -torch.rand(4, 9, generator=gen) * 3
+    ref_logp = logp + 6.0 * torch.randn(4, 9, generator=gen)
+    ref_logp[1, 3], ref_logp[2, 5] = logp[1, 3] + 14.0, logp[2, 5] - 13.0
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[0, 6:] = False
+    mask[3, :2] = False
+    scores = torch.randn(4, generator=gen)
+    got = kl_penalized_rewards(scores, logp, ref_logp, mask, kl_coef=0.05, kl_kind=estimator,
+                               kl_output_clamp=10.0)
+    want = _openrlhf_compute_reward(scores, 0.05, logp, ref_logp, mask.float(), estimator)
+    torch.testing.assert_close(got, want)
+    ref = kl_penalized_rewards_ref(scores, logp, ref_logp, mask, kl_coef=0.05,
+                                   kl_kind=estimator, kl_output_clamp=10.0)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    if estimator != "k2":
+        plain = kl_penalized_rewards(scores, logp, ref_logp, mask, kl_coef=0.05,
+                                     kl_kind=estimator)
+        assert not torch.allclose(plain, want)  # the clamp matters on these inputs
+
+
 def test_kl_rewards_validation():
     logp = torch.randn(2, 4)
     with pytest.raises(ValueError, match="ref_logprobs shape"):

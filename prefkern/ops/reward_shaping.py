@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from prefkern import _checks
+from prefkern.ops.kl_estimate import kl_estimate
 from prefkern.ops.whiten import masked_moments
 
 
@@ -30,10 +31,17 @@ def _last_valid_index(valid: torch.Tensor, cu_seqlens: torch.Tensor | None) -> t
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
                          ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
                          kl_coef: float, cu_seqlens: torch.Tensor | None = None,
-                         score_clip: tuple[float, float] | None = None) -> torch.Tensor:
+                         score_clip: tuple[float, float] | None = None, kl_kind: str = "k1",
+                         kl_input_clamp: float | None = None,
+                         kl_output_clamp: float | None = None) -> torch.Tensor:
     """Token rewards with the KL penalty in the reward (PPO-RLHF):
 
-        r_t = -kl_coef * (logp_t - ref_logp_t) * m_t  [+ scores_i at sequence i's last valid token]
+        r_t = -kl_coef * kl_t * m_t  [+ scores_i at sequence i's last valid token]
+
+    with ``kl_t = kl_estimate(logp_t, ref_logp_t, kl_kind, input_clamp=kl_input_clamp,
+    output_clamp=kl_output_clamp)`` (default k1 = logp - ref, unclamped: verl's
+    apply_kl_penalty with kl_penalty="kl"; OpenRLHF's compute_approx_kl clamps every estimator
+    to +-10: ``kl_output_clamp=10.0``).
 
     Outcome ``scores`` (B,) go on the last valid token (OpenRLHF's ``compute_reward``),
     clamped to ``score_clip`` when given; token-level ``scores`` shaped like ``logprobs`` are
@@ -74,7 +82,8 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
     dtype = torch.float64 if torch.float64 in (logprobs.dtype, ref_logprobs.dtype,
                                                scores.dtype) else torch.float32
     valid = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask != 0
-    kl = logprobs.to(dtype) - ref_logprobs.to(dtype)
+    kl = kl_estimate(logprobs.to(dtype), ref_logprobs.to(dtype), kl_kind,
+                     input_clamp=kl_input_clamp, output_clamp=kl_output_clamp)
     rewards = torch.where(valid, -kl_coef * kl, 0.0)
     if token_level:
         return rewards + scores.to(dtype)

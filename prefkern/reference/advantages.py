@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from prefkern.reference.kl import kl_estimate_ref
+
 WHITEN_EPS = 1e-8  # verl's masked_whiten: (x - mean) * rsqrt(var + 1e-8)
 
 
@@ -244,21 +246,24 @@ def group_advantages_ref(scores: torch.Tensor, group_ids: torch.Tensor | None = 
 def kl_penalized_rewards_ref(scores: torch.Tensor, logprobs: torch.Tensor,
                              ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
                              kl_coef: float, cu_seqlens: torch.Tensor | None = None,
-                             score_clip: tuple[float, float] | None = None) -> torch.Tensor:
-    """KL-in-reward: ``r_t = -kl_coef * (logp_t - ref_t) * m_t``, plus the outcome score
+                             score_clip: tuple[float, float] | None = None, kl_kind="k1",
+                             kl_input_clamp=None, kl_output_clamp=None) -> torch.Tensor:
+    """KL-in-reward: ``r_t = -kl_coef * kl_t * m_t`` (``kl_t = kl_estimate_ref(logp_t, ref_t,
+    kl_kind, ...)``, k1 = logp - ref by default), plus the outcome score
     ``scores[i]`` (clamped to ``score_clip``) on the last valid token of sequence i; a
     sequence with no valid token drops its score (OpenRLHF would put it on the last column).
     Token-level ``scores`` (shaped like ``logprobs``) are added as they are (verl's
     token_level_scores - beta * kl). float64, one loop per sequence."""
-    lp, ref = _floats(logprobs), _floats(ref_logprobs)
-    m = [True] * len(lp) if mask is None else [x != 0 for x in _floats(mask)]
-    out = [-kl_coef * (a - b) if mi else 0.0 for a, b, mi in zip(lp, ref, m, strict=True)]
+    kl = _floats(kl_estimate_ref(logprobs.double(), ref_logprobs.double(), kl_kind,
+                                 input_clamp=kl_input_clamp, output_clamp=kl_output_clamp))
+    m = [True] * len(kl) if mask is None else [x != 0 for x in _floats(mask)]
+    out = [-kl_coef * k if mi else 0.0 for k, mi in zip(kl, m, strict=True)]
     sc = _floats(scores)
     if scores.shape == logprobs.shape:
         out = [o + s for o, s in zip(out, sc, strict=True)]
     else:
         seq_len = None if cu_seqlens is not None else logprobs.shape[-1]
-        for i, (start, stop) in enumerate(_spans(len(lp), seq_len, cu_seqlens)):
+        for i, (start, stop) in enumerate(_spans(len(kl), seq_len, cu_seqlens)):
             valid = [t for t in range(start, stop) if m[t]]
             if valid:
                 s = sc[i] if score_clip is None else min(max(sc[i], score_clip[0]), score_clip[1])
