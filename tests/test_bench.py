@@ -278,16 +278,16 @@ def test_gate_catches_a_gradient_off_by_one_percent():
     assert float(checks["logprobs"]) <= 1 < float(checks["dlogits"])
 
 
-def _linear(dtype, n=32, h=64, v=1000):
-    hidden, weight, targets = peaked_problem(n, h, v, dtype, ignore_frac=0.1)
+def _linear(dtype, n=32, h=64, v=1000, seed=0):
+    hidden, weight, targets = peaked_problem(n, h, v, dtype, ignore_frac=0.1, seed=seed)
     gen = torch.Generator().manual_seed(1)
     return hidden, weight, targets, torch.randn(n, generator=gen), torch.randn(n, generator=gen)
 
 
-def _linear_rows(dtype, extra: dict, mode="fwd+bwd", with_entropy=False) -> dict:
+def _linear_rows(dtype, extra: dict, mode="fwd+bwd", with_entropy=False, seed=0) -> dict:
     """The suite's providers (prefkern_torch, torch_eager, torch's linear_cross_entropy) plus
     ``extra`` ({name: (hid, wt, targets, g_logp, g_ent) -> step}) on one linear problem."""
-    hidden, weight, targets, g_logp, g_ent = _linear(dtype)
+    hidden, weight, targets, g_logp, g_ent = _linear(dtype, seed=seed)
     grad = mode != "fwd"
     hid, wt = hidden.detach().requires_grad_(grad), weight.detach().requires_grad_(grad)
     g_e = g_ent if with_entropy else None
@@ -354,10 +354,59 @@ def test_real_linear_providers_pass_and_a_scaled_gradient_fails(with_entropy):
     assert "dhidden=missing dweight=missing" in rows["no_backward"]["check"]
 
 
+@pytest.mark.parametrize("seed", [0, 4, 7])
+def test_linear_gate_is_independent_of_the_seed(seed):
+    """The inputs come from their own generator (targets drawn from the model's softmax
+    included), and the bf16 base is the contract's (d-logits rounded once where they feed the
+    GEMMs; the spec's fp32 d-logits made input seed 4 fail a correct dhidden at 1.14x the
+    bound): a correct bf16 provider passes at any seed, and a gradient 2% off still fails (1%
+    is 1-3 bf16 steps: caught at 8 of 10 input seeds)."""
+    torch.manual_seed(seed)
+    assert torch.equal(peaked_problem(16, 8, 300, ignore_frac=0.2)[2],
+                       peaked_problem(16, 8, 300, ignore_frac=0.2)[2])
+
+    def scaled(hid, wt, targets, g_logp, g_ent):
+        steps, _ = providers(hid, wt, targets, "fwd+bwd", False)
+        return as_step("scaled", steps["prefkern_torch"], "fwd+bwd", g_logp * 1.02, None)
+
+    rows = _linear_rows(torch.bfloat16, {"grad_x1.02": scaled}, seed=seed)
+    assert rows["prefkern_torch"]["status"] == "ok", rows["prefkern_torch"]
+    assert rows["grad_x1.02"]["status"] == "MISMATCH", rows["grad_x1.02"]
+
+
+def test_gae_gate_catches_wrong_advantages():
+    """GAE rows are held to the rule against the loop in fp64 (fp32 base, T terms per output):
+    a wrong lambda or gamma, a dropped truncation bootstrap and bf16-rounded outputs fail."""
+    from prefkern.bench.reference_check import WholeReference
+    from prefkern.bench.suites.gae import make_inputs
+    from prefkern.reference.advantages import gae_loop_over_time
+
+    rewards, values, mask, truncated = make_inputs(16, 256, CPU)
+    inputs = (rewards, values, mask)
+    kw = dict(gamma=1.0, lam=0.95, truncated=truncated, lam_critic=1.0)
+
+    def ours(**change):
+        return lambda: prefkern.gae(*inputs, **{**kw, **change}, backend="torch")
+
+    providers_ = {"loop": lambda: gae_loop_over_time(*inputs, **kw), "prefkern_torch": ours(),
+                  "lam_0.94": ours(lam=0.94), "gamma_0.999": ours(gamma=0.999),
+                  "no_truncation": ours(truncated=None),
+                  "bf16_outputs": lambda: tuple(x.bfloat16().float() for x in ours()())}
+    reference = WholeReference(gae_loop_over_time, inputs, kw, ("advantages", "returns"), 256)
+    problem = Problem("16x256", "egae", "fp32",
+                      [Case(name, fn, 1.0, "GB/s") for name, fn in providers_.items()], "loop",
+                      reference=reference)
+    rows = {r["provider"]: r for r in run_problem("gae", problem, CPU, quick=True)}
+    assert _status(rows) == {"loop": "ok", "prefkern_torch": "ok", "lam_0.94": "MISMATCH",
+                             "gamma_0.999": "MISMATCH", "no_truncation": "MISMATCH",
+                             "bf16_outputs": "MISMATCH"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_reference_is_the_rule_on_whole_tensors(dtype):
     """Row chunks (and recomputing instead of caching) give the same errors and bounds as the
-    rule applied to whole tensors: ref = spec on fp64 inputs, base = spec on the inputs."""
+    rule applied to whole tensors: ref = spec on fp64 inputs, base = spec on the inputs (with
+    the contract's rounding of the d-logits for bf16)."""
     hidden, weight, targets, g_logp, g_ent = _linear(dtype, n=37)
     hid, wt = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
     out = prefkern.linear_logprobs(hid, wt, targets, return_entropy=True, backend="torch")
@@ -366,7 +415,9 @@ def test_chunked_reference_is_the_rule_on_whole_tensors(dtype):
 
     def whole(dt):
         h, w = (t.detach().to(dt).requires_grad_() for t in (hidden, weight))
-        o = linear_logprobs_ref(h, w, targets, return_entropy=True)
+        half = dt not in (torch.float32, torch.float64)
+        o = linear_logprobs_ref(h, w, targets, return_entropy=True,
+                                dlogits_dtype=dt if half else None)
         ((o.logprobs * g_logp.to(o.logprobs.dtype)).sum()
          + (o.entropy * g_ent.to(o.entropy.dtype)).sum()).backward()
         return (o.logprobs, o.entropy, h.grad, w.grad)

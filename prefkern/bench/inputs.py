@@ -32,7 +32,10 @@ def peaked_problem(n: int, h: int, v: int, dtype=torch.bfloat16, device="cpu", s
     step = max(1, (1 << 26) // v)  # sample from softmax in row chunks: never (n, v) at once
     for r0 in range(0, n, step):
         probs = torch.softmax(hidden[r0:r0 + step] @ weight.T, dim=-1)
-        targets[r0:r0 + step] = torch.multinomial(probs, 1).squeeze(1)
+        # drawn on the CPU from the seeded generator: the same targets on any device and
+        # whatever the global RNG state
+        draw = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1)
+        targets[r0:r0 + step] = draw.to(device)
     n_ignored = round(ignore_frac * n)
     if n_ignored:
         targets[torch.randperm(n, generator=gen)[:n_ignored].to(device)] = IGNORE_INDEX

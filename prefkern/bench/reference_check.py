@@ -5,7 +5,8 @@ For one problem (one input, one mode):
     ref  = the spec (prefkern.reference) on the inputs upcast to fp64
     base = the spec on the inputs in their own dtype (fp32 math, gradients rounded to the
            input dtype): what a practitioner writes and, for linear_logprobs, prefkern's
-           contract (logits accumulated in fp32, never rounded to bf16)
+           contract (logits accumulated in fp32, never rounded to bf16; the d-logits rounded
+           to the input dtype once where they feed the dh/dW GEMMs)
 
 and a provider's output ``out`` passes when prefkern.testing's rule holds over all elements:
 
@@ -262,6 +263,38 @@ class ChunkedReference:
         return results
 
 
+class WholeReference:
+    """The rule on each output of a problem small enough to hold whole (GAE's (B, T)): ref =
+    ``spec`` on fp64 copies of the floating inputs, base = ``spec`` on the inputs as given
+    (fp32 math), ``reduction`` terms summed into each output element."""
+
+    def __init__(self, spec: Callable, args: tuple, kwargs: dict, output_names: tuple,
+                 reduction: int):
+        def fp64(x):
+            return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        self.ref = tuple(spec(*map(fp64, args), **{k: fp64(v) for k, v in kwargs.items()}))
+        self.base = tuple(spec(*args, **kwargs))
+        self.names, self.reduction = tuple(output_names), reduction
+
+    def release(self) -> None:
+        """Nothing to drop: the results are the size of the outputs."""
+
+    def check(self, outputs: tuple, grads: tuple = ()) -> list[TensorCheck]:
+        results = []
+        for i, (name, ref, base) in enumerate(zip(self.names, self.ref, self.base,
+                                                  strict=True)):
+            out = outputs[i] if i < len(outputs) else None
+            ref_max = ref.abs().max().item() if ref.numel() else 0.0
+            if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+                why = "missing" if not isinstance(out, torch.Tensor) else "shape"
+                results.append(TensorCheck(name, math.inf, 0.0, 0.0, ref_max, why))
+                continue
+            err, bound, base_err = rule_error(out, ref, base, self.reduction)
+            results.append(TensorCheck(name, err, bound, base_err, ref_max))
+        return results
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -291,9 +324,14 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     """Gate for linear_logprobs on hidden (N, H) and weight (V, H): log-probs (and entropy),
     and dhidden, dweight when ``upstream`` is given."""
 
+    half = None if hidden.dtype in (torch.float32, torch.float64) else hidden.dtype
+
     def spec(hidden, weight, targets):
+        # the base (fp32 leaves of half inputs) rounds the d-logits as the contract does
+        rounding = half if hidden.dtype == torch.float32 else None
         out = linear_logprobs_ref(hidden, weight, targets, temperature=temperature,
-                                  ignore_index=ignore_index, return_entropy=with_entropy)
+                                  ignore_index=ignore_index, return_entropy=with_entropy,
+                                  dlogits_dtype=rounding)
         return (out.logprobs, out.entropy) if with_entropy else (out,)
 
     names = ("logprobs", "entropy") if with_entropy else ("logprobs",)

@@ -19,11 +19,28 @@ def _per_row_temperature(temperature, z: torch.Tensor):
     return temperature
 
 
-def linear_logits(hidden, weight, bias=None):
+class _RoundGradient(torch.autograd.Function):
+    """Identity forward; the backward rounds the incoming gradient to ``dtype`` (and back)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
+def linear_logits(hidden, weight, bias=None, dlogits_dtype=None):
     """``hidden @ weight.T + bias`` accumulated in the compute dtype (fp32, fp64 for fp64),
-    never rounded to the input dtype."""
+    never rounded to the input dtype. ``dlogits_dtype``: the gradient reaching the product is
+    rounded to it (the numerics contract's one rounding of the d-logits fed to the dh/dW GEMMs;
+    the bias gradient sums them unrounded)."""
     cdt = compute_dtype(hidden.dtype)
     z = hidden.to(cdt) @ weight.to(cdt).T
+    if dlogits_dtype is not None:
+        z = _RoundGradient.apply(z, dlogits_dtype)
     return z if bias is None else z + bias.to(cdt)
 
 
@@ -105,13 +122,16 @@ def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-
 
 def linear_logprobs_ref(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
                         softcap=None, logit_scale=None, return_entropy=False, return_lse=False,
-                        return_stats=False):
+                        return_stats=False, dlogits_dtype=None):
     """``logits = hidden.float() @ weight.float().T + bias.float()``: accumulated in fp32 (fp64
     for fp64 inputs) and never rounded to the input dtype (prefkern's numerics contract; an
     eager bf16 LM head would round them), then ``z = softcap * tanh(logit_scale * logits /
     softcap) / T`` and the per-token outputs of :func:`logprobs_from_logits_ref`, plus
-    ``lse = z.logsumexp(-1)``. Gradients flow back to the inputs in their dtype."""
-    z = head_logits(linear_logits(hidden, weight, bias), temperature, logit_scale, softcap)
+    ``lse = z.logsumexp(-1)``. Gradients flow back to the inputs in their dtype;
+    ``dlogits_dtype`` rounds the d-logits as :func:`linear_logits` says (with fp32 inputs
+    upcast from half ones: the contract's gradients, the comparison rule's base)."""
+    z = head_logits(linear_logits(hidden, weight, bias, dlogits_dtype), temperature,
+                    logit_scale, softcap)
     logp, entropy, lse = _per_token(z, targets, ignore_index)
     if return_stats:
         return HeadOutput(logp, entropy if return_entropy else None, lse if return_lse else None,

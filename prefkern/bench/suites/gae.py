@@ -4,7 +4,8 @@ one step per token, masked positions carry the next value and advantage through)
 without its final whitening and vectorized over the rows as there
 (prefkern.reference.advantages.gae_loop_over_time); against prefkern's backends and a device
 copy moving the same bytes (read rewards, values, mask; write advantages and returns in fp32):
-throughput / copy throughput is the fraction of achievable bandwidth."""
+throughput / copy throughput is the fraction of achievable bandwidth. The gate: the comparison
+rule against the loop on fp64 inputs, the fp32 loop as the base (reference_check.WholeReference)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 import prefkern
 from prefkern.bench.core import Case, Problem, Suite
+from prefkern.bench.reference_check import WholeReference
 from prefkern.bench.suites import register
 from prefkern.reference.advantages import gae_loop_over_time
 
@@ -61,7 +63,11 @@ def problems(device: torch.device, shapes: str):
                 dst = torch.empty_like(src)
                 cases.append(Case("copy_floor", lambda src=src, dst=dst: (dst.copy_(src), None)[1],
                                   moved, "GB/s"))
-            yield Problem(f"B={n_rows} T={seq_len}", mode, "fp32", cases, "loop_as_verl_1dda039")
+            # the rule against the loop in fp64: each advantage sums up to T discounted terms
+            reference = WholeReference(gae_loop_over_time, inputs, kw,
+                                       ("advantages", "returns"), seq_len)
+            yield Problem(f"B={n_rows} T={seq_len}", mode, "fp32", cases, "loop_as_verl_1dda039",
+                          reference=reference)
 
 
 register(Suite("gae", problems, "GAE / EGAE advantages vs the Python loop over time"))
