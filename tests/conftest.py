@@ -21,4 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    """Every test starts from torch.manual_seed($PREFKERN_TEST_SEED, default 0): another seed
+    re-runs the suite on other random inputs (a check that passes at one draw only is tuned to
+    it, and would fail on another CPU's rounding too)."""
+    torch.manual_seed(int(os.environ.get("PREFKERN_TEST_SEED", "0")))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import make_targets
-from compare import assert_rule, leaf
+from compare import assert_equal_to_rounding, assert_rule, leaf, noisiest
 
 import prefkern
 from prefkern.reference import linear_logprobs_ref
@@ -64,7 +64,20 @@ def check_case(backend, mode, n, h, v, dtype, *, device="cpu", kind="normal", ig
         *leaves(), targets, g, **kw)
     ref = _run(linear_logprobs_ref, *leaves(torch.float64), targets,
                [None if x is None else x.double() for x in g], **kw)
-    base = _run(linear_logprobs_ref, *leaves(), targets, g, **kw)
+    # the spec in the given order of H and others: each rounds the logits differently, by
+    # ~1e-4 where |z| ~ 5000 (kind "extreme"), and a correct kernel is one more order
+    bases = [_run(linear_logprobs_ref, *leaves(), targets, g, **kw)]
+    gen = torch.Generator().manual_seed(0)
+    orders = 7 if kind in ("extreme", "negative") else 1
+    for perm in [torch.arange(h - 1, -1, -1)] + [torch.randperm(h, generator=gen)
+                                                 for _ in range(orders - 1)]:
+        hp, wp, bp = (None if t is None else leaf(t[..., perm] if t.dim() == 2 else t)
+                      for t in (hidden, weight, bias))
+        run = _run(linear_logprobs_ref, hp, wp, bp, targets, g, **kw)
+        back = torch.argsort(perm)
+        bases.append((*run[:3], *(None if x is None else x[..., back] for x in run[3:5]),
+                      run[5]))
+    base = [noisiest(r, *cands) for r, *cands in zip(ref, *bases, strict=True)]
     for name, o, r, b in zip(NAMES, ours, ref, base, strict=True):
         if r is None:
             assert o is None, name
@@ -405,9 +418,10 @@ def test_all_paths_compute_the_same_function():
 @pytest.mark.parametrize("backend,mode", VARIANTS, ids=IDS)
 @pytest.mark.parametrize("k", [None, 3])
 def test_skipping_ignored_rows_changes_nothing(backend, mode, k):
-    """Gathering the valid rows gives the results of computing every row, bit for bit, for the
-    outputs and every gradient (torch and fast mode). min_memory adapts its vocab and token
-    splits to the row count, so its sums run in another order: equal to rounding."""
+    """Gathering the valid rows gives the results of computing every row, for the outputs and
+    every gradient: to one step of the dtype (the BLAS may sum another row count in another
+    order; torch and fast mode). min_memory adapts its vocab and token splits to the row
+    count, so its sums run in another order: equal to rounding."""
     hidden, weight, bias = make_problem(40, 32, 300, torch.bfloat16, with_bias=True)
     targets = make_targets((40,) if k is None else (40, k), 300, 0.5)
     temperature = row_temperatures(40)
@@ -425,7 +439,7 @@ def test_skipping_ignored_rows_changes_nothing(backend, mode, k):
             tol = 1e-5 if a.dtype == torch.float32 else 2**-7
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
         else:
-            assert torch.equal(a, b), name
+            assert_equal_to_rounding(a, b, name)
 
 
 def test_skipping_is_the_cpu_default_and_never_traced(monkeypatch):
@@ -433,7 +447,7 @@ def test_skipping_is_the_cpu_default_and_never_traced(monkeypatch):
 
     assert module._skips(None, torch.device("cpu"))
     assert not module._skips(None, torch.device("cuda"))
-    assert module._skips(True, torch.device("cuda")) or not torch.cuda.is_available()
+    assert module._skips(True, torch.device("cuda"))  # asked for, outside graph capture
     assert not module._skips(False, torch.device("cpu"))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not module._skips(True, torch.device("cpu"))
