@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from prefkern.dispatch import interpreting
 from prefkern.testing import assert_rule, rule_bound, rule_error  # noqa: F401
 
 
@@ -36,3 +37,13 @@ def assert_equal_to_rounding(a: torch.Tensor, b: torch.Tensor, what: str = "outp
     slack = 1e-6 * b64.abs().max().item() if b.numel() else 0.0
     excess = ((a64 - b64).abs() - step - slack).max().item() if a.numel() else 0.0
     assert excess <= 0, f"{what}: differs by more than one step ({excess:.3e} beyond)"
+
+
+def platform_round(x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """fp32 ``x`` rounded to ``dtype`` the way the backend's platform rounds. Triton's CPU
+    interpreter converts fp32 -> bf16 by truncation (round toward zero, even with
+    fp_downcast_rounding="rtne"), so under TRITON_INTERPRET the base of a bf16 value a Triton
+    kernel rounded is truncated too; everywhere else it is round-to-nearest."""
+    if dtype == torch.bfloat16 and backend == "triton" and interpreting():
+        return (x.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    return x.to(dtype)

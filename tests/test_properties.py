@@ -31,13 +31,12 @@ import os
 import pytest
 import torch
 from cases import make_logits, make_targets
-from compare import assert_rule, leaf
+from compare import assert_rule, leaf, platform_round
 from divergence_checks import check_linear, check_logits
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import prefkern
-from prefkern.dispatch import interpreting
 from prefkern.outputs import LogprobsEntropy
 from prefkern.reference import (
     gae_ref,
@@ -90,16 +89,6 @@ def resolve_temperature(temperature, lead):
 def out_dtype(dtype: torch.dtype) -> torch.dtype:
     """Outputs of every op: fp32, fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def platform_round(x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """fp32 ``x`` rounded to ``dtype`` the way the backend's platform rounds. Triton's CPU
-    interpreter converts fp32 -> bf16 by truncation (round toward zero, even with
-    fp_downcast_rounding="rtne"), so under TRITON_INTERPRET the base of a bf16 value a Triton
-    kernel rounded is truncated too; everywhere else it is round-to-nearest."""
-    if dtype == torch.bfloat16 and backend == "triton" and interpreting():
-        return (x.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
-    return x.to(dtype)
 
 
 # ------------------------------------------------------------------- logprobs_from_logits
