@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compare import assert_rule, leaf
+from compare import assert_rule, leaf, noisiest, platform_round
 
 import prefkern
 from prefkern.losses import aggregate, policy_loss, value_loss
@@ -256,7 +256,10 @@ def test_fused_equals_two_pass(backend, loss_type, kw, dtype):
         kw["ref_logprobs"] = old - 0.1
     temperature = torch.rand(4, 16) + 0.5
     runs, metrics = [], []
-    for fn, dt in (("fused", None), ("spec", torch.float64), ("spec", None)):
+    # the last run: the contract's gradients on bf16 inputs (fp32 leaves, d-logits rounded
+    # once as the platform rounds: the Triton interpreter truncates)
+    contract = [("contract", torch.float32)] if dtype == torch.bfloat16 else []
+    for fn, dt in [("fused", None), ("spec", torch.float64), ("spec", None)] + contract:
         hh, ww = leaf(hidden, dt), leaf(weight, dt)
         if fn == "fused":
             loss, m = prefkern.losses.linear_policy_loss(
@@ -264,13 +267,17 @@ def test_fused_equals_two_pass(backend, loss_type, kw, dtype):
                 softcap=8.0, backend=backend, **kw)
             metrics.append(m)
         else:
+            rounding = (lambda g: platform_round(g, dtype, backend).float()) \
+                if fn == "contract" else None
             out = linear_logprobs_ref(hh, ww, targets, temperature=temperature, softcap=8.0,
-                                      return_entropy=True)
+                                      return_entropy=True, dlogits_dtype=rounding)
             loss = policy_loss_ref(out.logprobs, old, adv, targets != -100,
                                    loss_type=loss_type, entropy=out.entropy, **kw)
         loss.backward()
         runs.append((loss, hh.grad, ww.grad))
-    for name, o, r, b in zip(("loss", "dhidden", "dweight"), *runs, strict=True):
+    bases = [noisiest(r, *cands) for r, *cands in zip(runs[1], *runs[2:], strict=True)]
+    for name, o, r, b in zip(("loss", "dhidden", "dweight"), runs[0], runs[1], bases,
+                             strict=True):
         assert_rule(o, r, b, name, reduction=100 * 64)
     assert "approx_kl" in metrics[0] and "entropy" in metrics[0]
 

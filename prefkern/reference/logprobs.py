@@ -20,23 +20,26 @@ def _per_row_temperature(temperature, z: torch.Tensor):
 
 
 class _RoundGradient(torch.autograd.Function):
-    """Identity forward; the backward rounds the incoming gradient to ``dtype`` (and back)."""
+    """Identity forward; the backward rounds the incoming gradient to ``rounding`` (a dtype,
+    round to nearest, and back) or by ``rounding(grad)`` (a function: another platform's
+    rounding)."""
 
     @staticmethod
-    def forward(ctx, x, dtype):
-        ctx.dtype = dtype
+    def forward(ctx, x, rounding):
+        ctx.rounding = rounding
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.to(ctx.dtype).to(grad.dtype), None
+        r = ctx.rounding
+        return (grad.to(r) if isinstance(r, torch.dtype) else r(grad)).to(grad.dtype), None
 
 
 def linear_logits(hidden, weight, bias=None, dlogits_dtype=None):
     """``hidden @ weight.T + bias`` accumulated in the compute dtype (fp32, fp64 for fp64),
     never rounded to the input dtype. ``dlogits_dtype``: the gradient reaching the product is
     rounded to it (the numerics contract's one rounding of the d-logits fed to the dh/dW GEMMs;
-    the bias gradient sums them unrounded)."""
+    the bias gradient sums them unrounded), or by it when it is a function."""
     cdt = compute_dtype(hidden.dtype)
     z = hidden.to(cdt) @ weight.to(cdt).T
     if dlogits_dtype is not None:
