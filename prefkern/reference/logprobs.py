@@ -37,14 +37,13 @@ class _RoundGradient(torch.autograd.Function):
 
 def linear_logits(hidden, weight, bias=None, dlogits_dtype=None):
     """``hidden @ weight.T + bias`` accumulated in the compute dtype (fp32, fp64 for fp64),
-    never rounded to the input dtype. ``dlogits_dtype``: the gradient reaching the product is
-    rounded to it (the numerics contract's one rounding of the d-logits fed to the dh/dW GEMMs;
-    the bias gradient sums them unrounded), or by it when it is a function."""
+    never rounded to the input dtype. ``dlogits_dtype``: the gradient reaching the logits is
+    rounded to it (the numerics contract's one rounding of the d-logits fed to the dh/dW GEMMs,
+    and here to the bias gradient's sum too), or by it when it is a function."""
     cdt = compute_dtype(hidden.dtype)
     z = hidden.to(cdt) @ weight.to(cdt).T
-    if dlogits_dtype is not None:
-        z = _RoundGradient.apply(z, dlogits_dtype)
-    return z if bias is None else z + bias.to(cdt)
+    z = z if bias is None else z + bias.to(cdt)
+    return z if dlogits_dtype is None else _RoundGradient.apply(z, dlogits_dtype)
 
 
 def _softcap(z, cap):
