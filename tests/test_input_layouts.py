@@ -203,3 +203,13 @@ def test_scalar_options_get_named_errors(kwargs, error, match):
     _, hidden, weight = _problem()
     with pytest.raises(error, match=match):
         prefkern.linear_logprobs(hidden, weight, torch.zeros(6, dtype=torch.long), **kwargs)
+
+
+def test_an_empty_vocab_shard_is_named():
+    """A rank whose vocab shard has no row (V < world size) must say why: it raises before any
+    collective while the other ranks wait in one."""
+    hidden = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="pad the vocabulary to a multiple of the world size"):
+        prefkern.linear_logprobs(hidden, torch.randn(0, 8), torch.zeros(4, dtype=torch.long),
+                                 process_group=object(), vocab_start=2, vocab_size=2,
+                                 backend="torch")

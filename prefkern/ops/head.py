@@ -99,7 +99,9 @@ def check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     check_not_released(weight, w_name)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or 0 in weight.shape:
         raise ValueError(f"{w_name} must be (V, H) with H = {h_name}.shape[-1] = "
-                         f"{hidden.shape[-1]}, V > 0 and H > 0, got {tuple(weight.shape)}")
+                         f"{hidden.shape[-1]}, V > 0 and H > 0, got {tuple(weight.shape)}"
+                         " (a vocab-parallel shard needs at least one row on every rank: pad "
+                         "the vocabulary to a multiple of the world size)")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{w_name} dtype {weight.dtype} must match {h_name} dtype {hidden.dtype}")
     if bias is not None:
