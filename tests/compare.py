@@ -14,9 +14,9 @@ def leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def noisiest(ref, *candidates):
-    """Of several bases (the spec computed in different summation orders), the one farthest
-    from ``ref`` (max abs error): one order can be luckily exact where large logits make fp32
-    rounding noise, and the rule's base stands for the noise any correct order may show."""
+    """Of several bases (the spec computed in different orders or forms), the one farthest
+    from ``ref`` (max abs error): one form can be luckily exact where another, as correct,
+    rounds (large logits), and the rule's base stands for the noise any correct form may show."""
     def err(x):
         return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
 
@@ -47,3 +47,28 @@ def platform_round(x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.T
     if dtype == torch.bfloat16 and backend == "triton" and interpreting():
         return (x.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
     return x.to(dtype)
+
+
+def contract_dlogits(z, targets, g_logp=None, g_ent=None, g_lse=None, ignore_index=-100):
+    """The d-logits of fp32 logits ``z`` as the numerics contract computes them: from the fp32
+    lse and entropy the forward stores (here the exact ones, rounded once), dz = sum_k g_k
+    onehot(y_k) - p (sum_k g_k + g_ent (log p + H) - g_lse) with log p = z - lse. Where |z| is
+    large, lse's rounding (up to half a step of |z|) shifts every log p: autograd through the
+    spec cancels that shift against its entropy's, a kernel that stores lse and H cannot. Rows
+    whose targets are all ignored get 0; g_logp: shaped like ``targets``."""
+    z64 = z.detach().double()
+    lse64 = z64.logsumexp(-1, keepdim=True)
+    ent = -(z64 - lse64).exp().mul(z64 - lse64).sum(-1, keepdim=True).float()
+    log_p = z.detach() - lse64.float()
+    lead = (*z.shape[:-1], 1)
+    if targets is None:
+        y, valid = torch.zeros(lead, dtype=torch.long), torch.zeros(lead, dtype=torch.bool)
+    else:
+        y = targets if targets.dim() == z.dim() else targets.unsqueeze(-1)
+        valid = y != ignore_index
+    g = torch.zeros(y.shape) if g_logp is None else torch.where(valid, g_logp.view(y.shape), 0)
+    g_h = 0.0 if g_ent is None else g_ent.view(lead)
+    g_l = 0.0 if g_lse is None else g_lse.view(lead)
+    dz = -log_p.exp() * (g.sum(-1, keepdim=True) + g_h * (log_p + ent) - g_l)
+    dz = dz.scatter_add(-1, torch.where(valid, y, 0), g)
+    return dz if targets is None else torch.where(valid.any(-1, keepdim=True), dz, 0.0)

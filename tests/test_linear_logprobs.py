@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import make_targets
-from compare import assert_equal_to_rounding, assert_rule, leaf, noisiest
+from compare import assert_equal_to_rounding, assert_rule, contract_dlogits, leaf, noisiest
 
 import prefkern
 from prefkern.reference import linear_logprobs_ref
+from prefkern.reference.logprobs import head_logits, linear_logits
 
 # (backend, mode); Triton runs in the interpreter on CPU
 VARIANTS = [("torch", "auto"), ("triton", "fast"), ("triton", "min_memory")]
@@ -77,6 +78,11 @@ def check_case(backend, mode, n, h, v, dtype, *, device="cpu", kind="normal", ig
         back = torch.argsort(perm)
         bases.append((*run[:3], *(None if x is None else x[..., back] for x in run[3:5]),
                       run[5]))
+    if dtype == torch.float32:  # and the contract's gradients, from its stored lse and entropy
+        hp, wp, bp = leaves()
+        z = head_logits(linear_logits(hp, wp, bp), temperature, logit_scale, softcap)
+        z.backward(contract_dlogits(z, targets, *g))
+        bases.append((None, None, None, hp.grad, wp.grad, None if bp is None else bp.grad))
     base = [noisiest(r, *cands) for r, *cands in zip(ref, *bases, strict=True)]
     for name, o, r, b in zip(NAMES, ours, ref, base, strict=True):
         if r is None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import make_logits, make_targets
-from compare import assert_rule, leaf, noisiest, platform_round
+from compare import assert_rule, contract_dlogits, leaf, noisiest, platform_round
 
 import prefkern
 from prefkern.reference import logprobs_from_logits_ref
+from prefkern.reference.logprobs import head_logits
 
 CPU_BACKENDS = ["torch", "triton"]
 
@@ -45,6 +46,11 @@ def check_case(backend, lead, vocab, dtype, *, device="cpu", kind="normal", igno
                       g_ent, **kw)
         base = (*base[:2], noisiest(ref[2], base[2],
                                     platform_round(spec32[2], dtype, backend)))
+    if dtype == torch.float32:  # or the contract's, from its stored fp32 lse and entropy
+        x = leaf(logits)
+        z = head_logits(x, temperature, logit_scale)
+        z.backward(contract_dlogits(z, targets, g_logp, g_ent if return_entropy else None))
+        base = (*base[:2], noisiest(ref[2], base[2], x.grad))
 
     assert ours[2].dtype == dtype
     if not no_targets:
