@@ -49,13 +49,15 @@ def platform_round(x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.T
     return x.to(dtype)
 
 
-def contract_dlogits(z, targets, g_logp=None, g_ent=None, g_lse=None, ignore_index=-100):
+def contract_dlogits(z, targets, g_logp=None, g_ent=None, g_lse=None, g_stats=None,
+                     ignore_index=-100):
     """The d-logits of fp32 logits ``z`` as the numerics contract computes them: from the fp32
     lse and entropy the forward stores (here the exact ones, rounded once), dz = sum_k g_k
     onehot(y_k) - p (sum_k g_k + g_ent (log p + H) - g_lse) with log p = z - lse. Where |z| is
     large, lse's rounding (up to half a step of |z|) shifts every log p: autograd through the
     spec cancels that shift against its entropy's, a kernel that stores lse and H cannot. Rows
-    whose targets are all ignored get 0; g_logp: shaped like ``targets``."""
+    whose targets are all ignored get 0; g_logp: shaped like ``targets``; g_stats: those of
+    sum_p2 and mean_logit (+ g_sq 2 p (p - sum_p2) + g_mean / V)."""
     z64 = z.detach().double()
     lse64 = z64.logsumexp(-1, keepdim=True)
     ent = -(z64 - lse64).exp().mul(z64 - lse64).sum(-1, keepdim=True).float()
@@ -71,4 +73,8 @@ def contract_dlogits(z, targets, g_logp=None, g_ent=None, g_lse=None, ignore_ind
     g_l = 0.0 if g_lse is None else g_lse.view(lead)
     dz = -log_p.exp() * (g.sum(-1, keepdim=True) + g_h * (log_p + ent) - g_l)
     dz = dz.scatter_add(-1, torch.where(valid, y, 0), g)
+    if g_stats is not None:
+        p = log_p.exp()
+        sum_p2 = (z64 - lse64).exp().square().sum(-1, keepdim=True).float()
+        dz = dz + g_stats[0].view(lead) * 2 * p * (p - sum_p2) + g_stats[1].view(lead) / z.shape[-1]
     return dz if targets is None else torch.where(valid.any(-1, keepdim=True), dz, 0.0)
