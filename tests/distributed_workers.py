@@ -604,3 +604,72 @@ def budget_path_case(rank: int, world: int, store_path: str, case: dict) -> None
         dist.destroy_process_group()
         raise
     _finish()
+
+
+def fsdp2_causal_lm_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """causal_lm_logprobs (and a model patched by apply_prefkern) on a transformers model
+    wrapped the way FSDP2 trainers wrap it (fully_shard on every decoder layer, then on the
+    root, whose own shards hold the embeddings, final norm and head), from the very first call
+    (no forward before it): values equal the plain model's, and each parameter's reduce-
+    scattered gradient is the mean of the ranks' plain ones (none left unreduced)."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from prefkern.integrations.transformers import apply_prefkern, causal_lm_logprobs
+
+    _init(rank, world, store_path)
+    try:
+        torch.manual_seed(0)
+        config = transformers.Qwen2Config(
+            vocab_size=67, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+            tie_word_embeddings=case.get("tied", False))
+        model = transformers.Qwen2ForCausalLM(config).eval()
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.5)
+        plain = transformers.Qwen2ForCausalLM(config).eval()
+        plain.load_state_dict(model.state_dict())
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+        def batch(r):
+            gen = torch.Generator().manual_seed(20 + r)
+            ids = torch.randint(0, 67, (2, 7), generator=gen)
+            mask = torch.ones_like(ids)
+            mask[1, -2:] = 0
+            return ids, mask, torch.randn(2, 6, generator=gen)
+
+        def loss_of(m, r, patched):
+            ids, mask, g = batch(r)
+            if patched:
+                labels = torch.where(mask.bool(), ids, -100)
+                return m(input_ids=ids, attention_mask=mask, labels=labels).loss
+            return (causal_lm_logprobs(m, ids, mask, backend="torch") * g).sum()
+
+        patched = case.get("patched", False)
+        if patched:
+            apply_prefkern(model)
+            apply_prefkern(plain)
+        for step in range(2):  # the first call, then one after a reshard
+            got = loss_of(model, rank, patched)
+            got.backward()
+            plain.zero_grad()
+            for r in range(world):
+                want = loss_of(plain, r, patched)
+                if r == rank:
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                want.backward()
+            for name, p in model.named_parameters():
+                assert p.grad is not None, f"step {step}: {name} got no gradient"
+                torch.testing.assert_close(
+                    p.grad.full_tensor(), plain.get_parameter(name).grad / world, rtol=1e-5,
+                    atol=1e-6, msg=lambda m, name=name: f"step {step}: {name}: {m}")
+            model.zero_grad()
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()

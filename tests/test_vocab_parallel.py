@@ -107,6 +107,13 @@ def test_fsdp2_wrapped_model(what, tmp_path):
     _spawn(workers.fsdp2_model_case, 2, {"what": what}, tmp_path)
 
 
+@pytest.mark.parametrize("case", [{}, {"tied": True}, {"patched": True}],
+                         ids=["causal_lm_logprobs", "tied-head", "apply_prefkern"])
+def test_fsdp2_wrapped_causal_lm(case, tmp_path):
+    pytest.importorskip("transformers")
+    _spawn(workers.fsdp2_causal_lm_case, 2, case, tmp_path)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank (>= 2)")
 @pytest.mark.parametrize("backend,mode", [("triton", "fast"), ("triton", "min_memory"),

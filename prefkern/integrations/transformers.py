@@ -92,26 +92,34 @@ def head_call(head: torch.nn.Module, fn, *tensors: Tensor, fp32: bool = False):
     tensors, weight and bias are cast to fp32 first (gradients flow back through the casts).
     E.g. ``head_call(model.lm_head, lambda w, b, h: linear_policy_loss(h, w, ..., bias=b),
     hidden)``."""
-    def forward(self, *args):
-        weight = _full(self.weight)
+    def with_weights(*args):
+        weight = _full(head.weight)
         _check_not_empty(weight)
-        bias = _full(getattr(self, "bias", None))
+        bias = _full(getattr(head, "bias", None))
         if fp32:
             args = tuple(a.float() for a in args)
             weight = weight.float()
             bias = None if bias is None else bias.float()
         return fn(weight, bias, *args)
 
-    had_own = "forward" in vars(head)
-    previous = vars(head).get("forward")
-    head.forward = types.MethodType(forward, head)
+    return inside_call(head, with_weights, *tensors)
+
+
+def inside_call(module: torch.nn.Module, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run as ``module(*args, **kwargs)``'s forward (swapped in on the
+    instance for the call's duration), so the module's hooks run around it: FSDP2's lazy init,
+    unshard, and the pre-backward hooks that reduce-scatter its parameters' gradients;
+    DeepSpeed ZeRO-3's gather."""
+    had_own = "forward" in vars(module)
+    previous = vars(module).get("forward")
+    module.forward = types.MethodType(lambda self, *a, **k: fn(*a, **k), module)
     try:
-        return head(*tensors)
+        return module(*args, **kwargs)
     finally:
         if had_own:
-            head.forward = previous
+            module.forward = previous
         else:
-            del head.forward
+            del module.forward
 
 
 def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor | None, *,
@@ -193,9 +201,14 @@ def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None =
     (:func:`hf_head_config`). ``model_kwargs`` go to the backbone (position_ids, ...;
     ``use_cache`` defaults to False). Returns the log-probs, or ``LogprobsEntropy(logprobs,
     entropy)`` with ``return_entropy``; gradients flow to the backbone and the head."""
-    return _causal_lm_logprobs(model, input_ids, attention_mask, labels, temperature,
-                               return_entropy, logits_to_keep, ignore_index, shift_labels,
-                               mode, backend, model_kwargs)[0]
+    def body(ids):
+        return _causal_lm_logprobs(model, ids, attention_mask, labels, temperature,
+                                   return_entropy, logits_to_keep, ignore_index, shift_labels,
+                                   mode, backend, model_kwargs)[0]
+
+    # Inside the model's own call: a root FSDP2 module (whose shards hold the embeddings, norm
+    # and head) unshards them and reduce-scatters their gradients only around its forward.
+    return inside_call(model, body, input_ids)
 
 
 def _causal_lm_logprobs(model, input_ids, attention_mask, labels, temperature, return_entropy,
