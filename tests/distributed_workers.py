@@ -666,7 +666,7 @@ def fsdp2_causal_lm_case(rank: int, world: int, store_path: str, case: dict) -> 
                 assert p.grad is not None, f"step {step}: {name} got no gradient"
                 torch.testing.assert_close(
                     p.grad.full_tensor(), plain.get_parameter(name).grad / world, rtol=1e-5,
-                    atol=1e-6, msg=lambda m, name=name: f"step {step}: {name}: {m}")
+                    atol=1e-6, msg=lambda m, name=name, step=step: f"step {step}: {name}: {m}")
             model.zero_grad()
         dist.barrier()
     except BaseException:

@@ -12,6 +12,13 @@ from prefkern.reference.advantages import (
     normalize_rewards_ref,
 )
 from prefkern.reference.divergence import linear_divergence_ref, logits_divergence_ref
+from prefkern.reference.group_losses import (
+    astar_po_loss_ref,
+    astar_values_ref,
+    disco_loss_ref,
+    dro_loss_ref,
+    gvpo_loss_ref,
+)
 from prefkern.reference.kl import kl_estimate_ref
 from prefkern.reference.logprobs import linear_logprobs_ref, logprobs_from_logits_ref
 from prefkern.reference.losses import distill_loss_ref, topk_forward_kl_ref
@@ -29,7 +36,8 @@ from prefkern.reference.preference import (
     unpaired_loss_ref,
 )
 
-__all__ = ["agg_loss_ref", "cpo_loss_ref", "distill_loss_ref", "gae_ref",
+__all__ = ["agg_loss_ref", "astar_po_loss_ref", "astar_values_ref", "cpo_loss_ref",
+           "disco_loss_ref", "distill_loss_ref", "dro_loss_ref", "gae_ref", "gvpo_loss_ref",
            "group_advantages_ref", "irepo_loss_ref", "kl_estimate_ref",
            "kl_penalized_rewards_ref", "linear_divergence_ref", "linear_logprobs_ref",
            "lipo_lambda_loss_ref", "logits_divergence_ref", "logprobs_from_logits_ref",

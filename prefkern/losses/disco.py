@@ -1,0 +1,101 @@
+"""DisCO (Li et al. 2025, "DisCO: Reinforcing Large Reasoning Models with Discriminative
+Constrained Optimization", arXiv:2505.12366), the loss zoo's ``pg.disco``: a discriminative
+objective over each prompt's correct (positive) and incorrect (negative) responses, with a
+trust region on KL(pi_old || pi) as a squared-hinge penalty, as the authors' code computes it
+(Optimization-AI/DisCO bd2b078, verl/verl/trainer/ppo/core_algos.py,
+``compute_policy_loss_disco{,b}_{logL,Lratio}``). Its loop transcription:
+:func:`prefkern.reference.disco_loss_ref`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prefkern import _checks
+from prefkern.losses.group_regression import group_mean
+from prefkern.ops.group_advantages import dense_group_index
+
+SCORES = ("log_l", "l_ratio")
+KL_KINDS = ("k1", "k3")
+
+
+def _check(logprobs, old_logprobs, mask, rewards, group_ids, score, kl_kind, tau) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"kl_kind must be one of {KL_KINDS}, got {kl_kind!r}")
+    if tau is not None:
+        _checks.check_positive("tau", tau)
+    _checks.check_float("logprobs", logprobs)
+    _checks.check_float("old_logprobs", old_logprobs)
+    _checks.check_float("rewards", rewards)
+    _checks.check_index("group_ids", group_ids)
+    if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape \
+            or mask.shape != logprobs.shape:
+        raise ValueError(f"logprobs, old_logprobs and mask must be one (B, T) shape, got "
+                         f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, "
+                         f"{tuple(mask.shape)}")
+    b = logprobs.shape[0]
+    if rewards.shape != (b,) or group_ids.shape != (b,):
+        raise ValueError(f"rewards and group_ids must be ({b},), got {tuple(rewards.shape)} "
+                         f"and {tuple(group_ids.shape)}")
+    _checks.check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask,
+                              rewards=rewards, group_ids=group_ids)
+
+
+def disco_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, rewards: Tensor,
+               group_ids: Tensor, *, score: str = "log_l", tau: float | None = 10.0,
+               beta: float = 1e3, delta: float = 1e-4, kl_kind: str = "k1"
+               ) -> tuple[Tensor, dict]:
+    """DisCO's loss on (B, T) per-token log-probs of B responses (response tokens where
+    ``mask``), their outcome ``rewards`` (B,) (1: correct, 0: incorrect, anything else: neither)
+    and prompt ``group_ids`` (B,).
+
+    Score of a response: ``log_l`` its mean token log-prob, ``l_ratio`` its mean token ratio
+    ``exp(logp - old_logp)``. For each prompt with at least one positive and one negative
+    response: ``J_q = mean_pos s - tau * log(mean_neg exp(s / tau))`` (DisCO), or with
+    ``tau=None`` ``mean_pos s - mean_neg s`` (DisCO-b); prompts without both contribute 0.
+    ``loss = -sum_q J_q / Q + beta / 2 * relu(kl - delta) ** 2`` with Q every prompt in the
+    batch (as the authors' code divides) and ``kl`` the masked token mean of KL(pi_old || pi)'s
+    estimate on old samples: k1 ``old_logp - logp`` or k3 ``ratio - 1 - (logp - old_logp)``.
+
+    Gradients are the authors' code's; its printed value differs: it writes the log-mean-exp
+    as ``sum / sum.detach()`` and the penalty as ``relu(beta (kl - delta)).detach() * kl``, so
+    the same gradients with another value. Defaults are its scripts' (tau 10 for log_l, 1 for
+    l_ratio; beta 1e3; delta 1e-4; kl k1). Returns (loss fp32, {"kl", "constraint_active",
+    "valid_groups"}): the KL estimate, whether it exceeds delta, the prompts that count."""
+    _check(logprobs, old_logprobs, mask, rewards, group_ids, score, kl_kind, tau)
+    logp, old = logprobs.to(torch.float64), old_logprobs.to(torch.float64)
+    m = mask.to(torch.float64)
+    log_ratio = logp - old
+    ratio = log_ratio.exp()
+    per_token_kl = -log_ratio if kl_kind == "k1" else ratio - 1 - log_ratio
+    kl = (per_token_kl * m).sum() / m.sum().clamp(min=1)
+
+    per_token = logp if score == "log_l" else ratio
+    s = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
+    index = dense_group_index(group_ids)
+    r = rewards.to(torch.float64)
+    pos, neg = (r == 1).to(torch.float64), (r == 0).to(torch.float64)
+    pos_mean, _ = group_mean(pos, index)  # fraction of positives in the sample's group
+    neg_mean, sizes = group_mean(neg, index)
+    n_pos, n_neg = pos_mean * sizes, neg_mean * sizes
+    valid = (n_pos > 0) & (n_neg > 0)
+    pos_term = pos * s / n_pos.clamp(min=1)  # summed over a group: mean over its positives
+    if tau is None:
+        neg_term = neg * s / n_neg.clamp(min=1)
+    else:  # tau * log mean_neg exp(s / tau), placed on the group's first negative only
+        z = torch.where(neg > 0, s / tau, -torch.inf)
+        top = torch.full_like(z, -torch.inf).index_reduce_(0, index, z, "amax")[index]
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        exp_mean, _ = group_mean(torch.where(neg > 0, (z - top).exp(), 0.0), index)
+        lme = tau * ((exp_mean / neg_mean.clamp(min=1e-300)).clamp(min=1e-300).log() + top)
+        neg_term = neg * lme / n_neg.clamp(min=1)  # the group's n_neg copies sum to one lme
+    groups = index.max() + 1 if index.numel() else torch.ones((), dtype=torch.int64,
+                                                                device=index.device)
+    objective = torch.where(valid, pos_term - neg_term, 0.0).sum() / groups
+    penalty = 0.5 * beta * torch.relu(kl - delta).square()
+    loss = -objective + penalty
+    metrics = {"kl": kl.detach().float(), "constraint_active": (kl > delta).float().detach(),
+               "valid_groups": (torch.where(valid, 1.0 / sizes, 0.0).sum()).detach().float()}
+    return loss.float(), metrics
