@@ -88,7 +88,29 @@ def _group(device="cpu"):
     return step
 
 
+def _group_losses(device="cpu"):
+    from prefkern.losses import astar_po_loss, astar_values, disco_loss, dro_loss, gvpo_loss
+
+    logps = torch.randn(8, device=device, requires_grad=True)
+    token_logps = torch.randn(8, 5, device=device, requires_grad=True)
+    old, rewards = torch.randn(8, device=device), torch.randint(0, 2, (8,), device=device)
+    mask = torch.ones(8, 5, device=device, dtype=torch.bool)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2], device=device)
+
+    def step():
+        values = astar_values(rewards.float(), groups)
+        loss = gvpo_loss(logps, old, rewards.float(), groups)[0] + astar_po_loss(
+            logps, old, rewards.float(), values)[0] + dro_loss(
+            logps, old, rewards.float(), values, tau=0.1)[0]
+        for tau in (None, 10.0):
+            loss = loss + disco_loss(token_logps, token_logps.detach() - 0.01, mask,
+                                     rewards.float(), groups, tau=tau, delta=0.0)[0]
+        loss.backward()
+    return step
+
+
 STEPS = {
+    "group_losses": _group_losses,
     "linear_logprobs[torch]": lambda: _linear("torch", "auto"),
     "linear_logprobs[triton-fast]": lambda: _linear("triton", "fast"),
     "linear_logprobs[triton-min_memory]": lambda: _linear("triton", "min_memory"),
@@ -217,6 +239,7 @@ GPU_STEPS = {
     "gae[cuda]": lambda: _gae("cuda", "cuda"),
     "gae[torch]": lambda: _gae("torch", "cuda"),
     "group_advantages": lambda: _group("cuda"),
+    "group_losses": lambda: _group_losses("cuda"),
 }
 
 
