@@ -673,3 +673,53 @@ def fsdp2_causal_lm_case(rank: int, world: int, store_path: str, case: dict) -> 
         dist.destroy_process_group()
         raise
     _finish()
+
+
+def group_losses_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """GVPO and DisCO on each rank's slice of a batch whose prompts span the ranks: the shares
+    sum over the ranks to the whole batch's loss, and each rank's gradient is the whole loss's
+    gradient on its rows (float64); the metrics are the whole batch's."""
+    from prefkern.losses import disco_loss, gvpo_loss
+
+    _init(rank, world, store_path)
+    try:
+        gen = torch.Generator().manual_seed(8)
+        b, t = 5 * world, 6
+        mine = slice(rank * 5, rank * 5 + 5)
+        ids = torch.arange(b) % 3 * 10 - 4  # 3 prompts, each on every rank
+        rewards = torch.randint(0, 2, (b,), generator=gen).double()
+        rewards[ids == 6] = 1.0  # one prompt with positives only
+        logp = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 2
+        old = logp + 0.05 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+        mask = torch.rand(b, t, generator=gen) < 0.8
+        mask[:, 0] = True
+
+        def check(name, fn, *, reduced=True):
+            x = logp.clone().requires_grad_(True)
+            whole, whole_metrics = fn(x, slice(None), None)
+            whole.backward()
+            y = logp[mine].clone().requires_grad_(True)
+            part, metrics = fn(y, mine, dist.group.WORLD)
+            part.backward()
+            total = part.detach().clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, whole.detach(), msg=name)  # fp32 outputs
+            torch.testing.assert_close(y.grad, x.grad[mine], rtol=1e-6, atol=1e-9, msg=name)
+            for key in metrics if reduced else ():
+                torch.testing.assert_close(metrics[key], whole_metrics[key], msg=f"{name} {key}")
+
+        for reduction in ("sum", "mean"):
+            check(f"gvpo {reduction}", lambda x, rows, group, reduction=reduction: gvpo_loss(
+                (x * mask[rows]).sum(-1), (old[rows] * mask[rows]).sum(-1), rewards[rows],
+                ids[rows], beta=0.2, reduction=reduction, process_group=group), reduced=False)
+        for score in ("log_l", "l_ratio"):
+            for tau in (None, 0.5):
+                check(f"disco {score} {tau}",
+                      lambda x, rows, group, score=score, tau=tau: disco_loss(
+                          x, old[rows], mask[rows], rewards[rows], ids[rows], score=score,
+                          tau=tau, beta=100.0, delta=1e-6, kl_kind="k3", process_group=group))
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from prefkern import _checks
 from prefkern.losses.group_regression import group_mean
-from prefkern.ops.group_advantages import dense_group_index
+from prefkern.ops.group_advantages import dense_group_index, gather_rows
 
 SCORES = ("log_l", "l_ratio")
 KL_KINDS = ("k1", "k3")
@@ -45,8 +45,8 @@ def _check(logprobs, old_logprobs, mask, rewards, group_ids, score, kl_kind, tau
 
 def disco_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, rewards: Tensor,
                group_ids: Tensor, *, score: str = "log_l", tau: float | None = 10.0,
-               beta: float = 1e3, delta: float = 1e-4, kl_kind: str = "k1"
-               ) -> tuple[Tensor, dict]:
+               beta: float = 1e3, delta: float = 1e-4, kl_kind: str = "k1",
+               process_group=None) -> tuple[Tensor, dict]:
     """DisCO's loss on (B, T) per-token log-probs of B responses (response tokens where
     ``mask``), their outcome ``rewards`` (B,) (1: correct, 0: incorrect, anything else: neither)
     and prompt ``group_ids`` (B,).
@@ -62,40 +62,72 @@ def disco_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, rewards: Te
     Gradients are the authors' code's; its printed value differs: it writes the log-mean-exp
     as ``sum / sum.detach()`` and the penalty as ``relu(beta (kl - delta)).detach() * kl``, so
     the same gradients with another value. Defaults are its scripts' (tau 10 for log_l, 1 for
-    l_ratio; beta 1e3; delta 1e-4; kl k1). Returns (loss fp32, {"kl", "constraint_active",
-    "valid_groups"}): the KL estimate, whether it exceeds delta, the prompts that count."""
+    l_ratio; beta 1e3; delta 1e-4; kl k1).
+
+    ``process_group`` (data parallel, every rank the same B, ranks in batch order): prompts,
+    Q and the KL are the whole batch's, as the authors' code all-gathers them (one all-gather
+    of the scores, rewards, ids and token counts); each rank gets its rows' share, the shares
+    summing to the whole batch's loss in value and gradient (the authors' code has every rank
+    compute the whole loss through a differentiable all-gather, whose backward sums the ranks'
+    identical gradients: world size times this share's; a data-parallel average of either
+    leaves the same ratio). No host sync. Returns (loss fp32, {"kl", "constraint_active",
+    "valid_groups"}): the whole batch's KL estimate, whether it exceeds delta, the prompts
+    that count."""
     _check(logprobs, old_logprobs, mask, rewards, group_ids, score, kl_kind, tau)
     logp, old = logprobs.to(torch.float64), old_logprobs.to(torch.float64)
     m = mask.to(torch.float64)
     log_ratio = logp - old
     ratio = log_ratio.exp()
     per_token_kl = -log_ratio if kl_kind == "k1" else ratio - 1 - log_ratio
-    kl = (per_token_kl * m).sum() / m.sum().clamp(min=1)
-
-    per_token = logp if score == "log_l" else ratio
-    s = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
-    index = dense_group_index(group_ids)
+    kl_sum, tokens = (per_token_kl * m).sum(-1), m.sum(-1)
+    s = ((logp if score == "log_l" else ratio) * m).sum(-1) / tokens.clamp(min=1)
     r = rewards.to(torch.float64)
-    pos, neg = (r == 1).to(torch.float64), (r == 0).to(torch.float64)
-    pos_mean, _ = group_mean(pos, index)  # fraction of positives in the sample's group
-    neg_mean, sizes = group_mean(neg, index)
-    n_pos, n_neg = pos_mean * sizes, neg_mean * sizes
+
+    all_s, all_r, all_ids, all_kl, all_tokens, rows = \
+        s.detach(), r, group_ids, kl_sum.detach(), tokens, slice(None)
+    if process_group is not None:
+        all_s, all_r, all_ids, all_kl, all_tokens, rows = gather_rows(
+            process_group, s, r, group_ids, kl_sum, tokens)
+    index = dense_group_index(all_ids)
+    pos, neg = (all_r == 1).to(torch.float64), (all_r == 0).to(torch.float64)
+    pos_frac, sizes = group_mean(pos, index)
+    neg_frac, _ = group_mean(neg, index)
+    n_pos, n_neg = pos_frac * sizes, neg_frac * sizes
     valid = (n_pos > 0) & (n_neg > 0)
-    pos_term = pos * s / n_pos.clamp(min=1)  # summed over a group: mean over its positives
     if tau is None:
-        neg_term = neg * s / n_neg.clamp(min=1)
-    else:  # tau * log mean_neg exp(s / tau), placed on the group's first negative only
-        z = torch.where(neg > 0, s / tau, -torch.inf)
+        weight, neg_value = 1 / n_neg.clamp(min=1), 0.0
+    else:  # tau log mean_neg exp(s / tau): its value split over the negatives, its gradient
+        z = torch.where(neg > 0, all_s / tau, -torch.inf)  # softmax(s / tau) over them
         top = torch.full_like(z, -torch.inf).index_reduce_(0, index, z, "amax")[index]
         top = torch.where(torch.isfinite(top), top, 0.0)
         exp_mean, _ = group_mean(torch.where(neg > 0, (z - top).exp(), 0.0), index)
-        lme = tau * ((exp_mean / neg_mean.clamp(min=1e-300)).clamp(min=1e-300).log() + top)
-        neg_term = neg * lme / n_neg.clamp(min=1)  # the group's n_neg copies sum to one lme
+        log_mean = (exp_mean / neg_frac.clamp(min=1e-300)).clamp(min=1e-300).log() + top
+        weight = torch.where(neg > 0, (z - top).exp() / (exp_mean * sizes).clamp(min=1e-300),
+                             0.0)
+        neg_value = tau * log_mean / n_neg.clamp(min=1)
+    pos, neg, valid, weight = pos[rows], neg[rows], valid[rows], \
+        (weight[rows] if torch.is_tensor(weight) else weight)
+    neg_value = neg_value[rows] if torch.is_tensor(neg_value) else neg_value
+    pos_term = pos * s / n_pos[rows].clamp(min=1)  # over a group: the mean over its positives
+    if tau is None:
+        neg_term = neg * s * weight
+    else:
+        neg_term = neg * (neg_value + weight * (s - s.detach()))
     groups = index.max() + 1 if index.numel() else torch.ones((), dtype=torch.int64,
                                                                 device=index.device)
     objective = torch.where(valid, pos_term - neg_term, 0.0).sum() / groups
-    penalty = 0.5 * beta * torch.relu(kl - delta).square()
+
+    total_tokens = all_tokens.sum().clamp(min=1)
+    kl = all_kl.sum() / total_tokens  # detached: the whole batch's estimate
+    excess = torch.relu(kl - delta)
+    share = kl_sum.sum() / total_tokens  # this rank's part of kl, with its gradient
+    penalty = 0.5 * beta * excess.square() * (tokens.sum() / total_tokens) \
+        + beta * excess * (share - share.detach())
     loss = -objective + penalty
-    metrics = {"kl": kl.detach().float(), "constraint_active": (kl > delta).float().detach(),
-               "valid_groups": (torch.where(valid, 1.0 / sizes, 0.0).sum()).detach().float()}
+    metrics = {"kl": kl.float(), "constraint_active": (kl > delta).float(),
+               "valid_groups": torch.where(valid, 1.0 / sizes[rows], 0.0).sum().float()}
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(metrics["valid_groups"], group=process_group)
     return loss.float(), metrics

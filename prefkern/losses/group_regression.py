@@ -16,7 +16,7 @@ from torch import Tensor
 
 from prefkern import _checks
 from prefkern.losses.preference import REDUCTIONS, _f64, _reduce
-from prefkern.ops.group_advantages import dense_group_index
+from prefkern.ops.group_advantages import dense_group_index, gather_rows
 
 
 def _check_sequences(reduction: str, **tensors: Tensor | None) -> int:
@@ -46,7 +46,8 @@ def group_mean(x: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gvpo_loss(logps: Tensor, old_logps: Tensor, rewards: Tensor, group_ids: Tensor, *,
-              beta: float = 0.1, reduction: str = "sum") -> tuple[Tensor, dict]:
+              beta: float = 0.1, reduction: str = "sum", process_group=None
+              ) -> tuple[Tensor, dict]:
     """GVPO (Zhang et al. 2025, "GVPO: Group Variance Policy Optimization for Large Language
     Model Post-Training", arXiv:2504.19599), as its authors' verl recipe computes it
     (zichongli5/verl 9cbfa72 recipe/gvpo/gvpo_core_algos.py, ``compute_policy_loss_gvpo``).
@@ -58,18 +59,29 @@ def gvpo_loss(logps: Tensor, old_logps: Tensor, rewards: Tensor, group_ids: Tens
     of r; with centred rewards the gradient is the same as through the mean (sum_i e_i = 0).
     ``rewards`` may be raw or already centred (verl's grpo estimator without std: centring is
     idempotent). reduction "sum" as the recipe (a sum over its micro-batch), "mean", "none".
-    Returns (loss fp32, {"implicit_reward_mean", "residual_rms"})."""
+
+    ``process_group`` (data parallel, every rank the same B, ranks in batch order): group
+    statistics over the whole batch, a prompt's samples on any ranks (one all-gather of r,
+    rewards and ids, as the recipe's); each rank gets its rows' share, the shares summing to
+    the whole batch's loss ("mean" divides by the whole batch's B). No host sync.
+    Returns (loss fp32, {"implicit_reward_mean", "residual_rms"}), metrics of the shard."""
     _check_sequences(reduction, logps=logps, old_logps=old_logps, rewards=rewards,
                      group_ids=group_ids)
-    index = dense_group_index(group_ids)
     r = beta * (_f64(logps) - _f64(old_logps))
-    r_mean, sizes = group_mean(r.detach(), index)
     rewards64 = _f64(rewards)
-    reward_centred = rewards64 - group_mean(rewards64, index)[0]
-    e = (r - r_mean) - reward_centred
+    all_r, all_rewards, all_ids, rows = r.detach(), rewards64, group_ids, slice(None)
+    if process_group is not None:
+        all_r, all_rewards, all_ids, rows = gather_rows(process_group, r, rewards64, group_ids)
+    index = dense_group_index(all_ids)
+    r_mean, sizes = group_mean(all_r, index)
+    reward_centred = all_rewards - group_mean(all_rewards, index)[0]
+    e = (r - r_mean[rows]) - reward_centred[rows]
+    sizes = sizes[rows]
     losses = torch.where(sizes > 1, 0.5 * e.square() / (sizes - 1).clamp(min=1), 0.0)
     metrics = {"implicit_reward_mean": r.detach().mean().float(),
                "residual_rms": e.detach().square().mean().sqrt().float()}
+    if reduction == "mean":
+        return (losses.sum() / all_r.shape[0]).float(), metrics
     return _reduce(losses, reduction).float(), metrics
 
 

@@ -69,21 +69,23 @@ def _check(scores, group_ids, method, mask, baseline) -> None:
     _checks.check_same_device(scores=scores, group_ids=group_ids, mask=mask, baseline=baseline)
 
 
-def _gather_batch(s, group_ids, lengths, group):
-    """All-gather (scores, ids, lengths) of equal-sized per-rank batches -> the whole batch's
-    and this rank's row slice of it."""
+def gather_rows(group, *tensors: torch.Tensor | None):
+    """All-gather each tensor's rows over ``group`` (data parallel: every rank the same number
+    of rows, ranks in batch order; None stays None) -> (the gathered tensors..., this rank's
+    row slice of them). No autograd: the gathered copies are detached."""
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 
     def gather(t):
+        if t is None:
+            return None
         out = t.new_empty((world * t.shape[0], *t.shape[1:]))
-        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+        dist.all_gather_into_tensor(out, t.detach().contiguous(), group=group)
         return out
 
-    b = s.shape[0]
-    return (gather(s), gather(group_ids), None if lengths is None else gather(lengths),
-            slice(rank * b, (rank + 1) * b))
+    b = tensors[0].shape[0]
+    return (*(gather(t) for t in tensors), slice(rank * b, (rank + 1) * b))
 
 
 @torch.no_grad()
@@ -143,7 +145,7 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor | None = None
     lengths = None if mask_f is None else mask_f.sum(-1)
     rows = None
     if process_group is not None:  # the whole batch's groups, then this rank's rows
-        s, group_ids, lengths, rows = _gather_batch(s, group_ids, lengths, process_group)
+        s, group_ids, lengths, rows = gather_rows(process_group, s, group_ids, lengths)
     group = dense_group_index(group_ids)
     n = _group_sum(torch.ones_like(s), group)
     s64 = s.to(torch.float64)
