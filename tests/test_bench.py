@@ -569,3 +569,16 @@ def test_table_without_tabulate_still_prints_every_row(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tabulate)
     text = table(rows)
     assert "tabulate not installed" in text and "\tp\t" in text
+
+
+@pytest.mark.parametrize("suite", ["policy", "preference"])
+def test_the_first_gpu_shape_of_each_loss_suite_is_checked_against_fp64(suite):
+    """The GPU shapes must not fall back to comparing providers with eager: the smaller default
+    shape of each loss suite is within the fp64 gate's limit (the largest, where eager cannot
+    run, is the one left unchecked)."""
+    import importlib
+
+    module = importlib.import_module(f"prefkern.bench.suites.{suite}")
+    sides = 2 if suite == "preference" else 1  # chosen and rejected rows
+    sizes = [sides * b * t * v for b, t, _, v in module.SHAPES["default"]]
+    assert min(sizes) <= module.CHECK_LIMIT < max(sizes)

@@ -8,11 +8,11 @@ Providers:
   liger_fused_linear_dpo  Liger-Kernel's LigerFusedLinearDPOLoss (reference inside)
   prefkern                prefkern.losses.linear_preference_loss (Triton on a GPU)
   floor_4gemm             cuBLAS: reference forward, policy forward, dh, dW
-FLOPs counted: 8NHV (N = 2 B T tokens). Check (shapes up to N*V = 8192 * 128256: the fp64
-reference costs one fp64 pass over the logits): dhidden and dweight of every provider
-against the fp64 spec, with the per-token upstream gradient dL/dlogp_t that the fp64 sequence
-loss gives each token (reference_check.linear_logprobs_reference); the scalar losses
-themselves are not compared.
+FLOPs counted: 8NHV (N = 2 B T tokens). Check (shapes up to N*V = 32768 * 152064, the first
+GPU shape: the fp64 reference costs one fp64 pass over the logits per provider): dhidden and
+dweight of every provider against the fp64 spec, with the per-token upstream gradient
+dL/dlogp_t that the fp64 sequence loss gives each token
+(reference_check.linear_logprobs_reference); the scalar losses themselves are not compared.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SHAPES = {  # (pairs, tokens per sequence, H, V)
     "tiny": [(2, 32, 64, 1000)],
 }
 BETA = 0.1
-CHECK_LIMIT = 8192 * 128256  # tokens x vocab up to which the fp64 check runs
+CHECK_LIMIT = 32768 * 152064  # tokens x vocab up to which the fp64 check runs
 
 
 def _batch(pairs, t, h, v, dtype, device):
