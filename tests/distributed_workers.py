@@ -723,3 +723,43 @@ def group_losses_case(rank: int, world: int, store_path: str, case: dict) -> Non
         dist.destroy_process_group()
         raise
     _finish()
+
+
+def tensor_parallel_head_case(rank: int, world: int, store_path: str, case: dict) -> None:
+    """A head parallelized with torch's ColwiseParallel: through the module's call (head_call /
+    head_logprobs) a clear error, since TP's output hook would re-shard the per-token results;
+    the direct call with the TP group equals the plain head, values and gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from prefkern import linear_logprobs
+    from prefkern.integrations.transformers import head_logprobs
+
+    _init(rank, world, store_path)
+    try:
+        torch.manual_seed(0)
+        head = torch.nn.Linear(8, 11, bias=False)
+        plain = torch.nn.Linear(8, 11, bias=False)
+        plain.load_state_dict(head.state_dict())
+        mesh = init_device_mesh("cpu", (world,))
+        parallelize_module(head, mesh, ColwiseParallel())
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(5, 8, generator=gen), torch.randint(0, 11, (5,), generator=gen)
+        try:
+            head_logprobs(head, x, y, backend="torch")
+        except ValueError as err:
+            assert "tensor parallel" in str(err) and "process_group" in str(err), err
+        else:
+            raise AssertionError("a tensor-parallel head ran through its module's call")
+        got = linear_logprobs(x, head.weight, y, process_group=mesh.get_group(),
+                              backend="torch")
+        want = linear_logprobs(x, plain.weight, y, backend="torch")
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(head.weight.grad.full_tensor(), plain.weight.grad)
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()

@@ -107,6 +107,10 @@ def test_fsdp2_wrapped_model(what, tmp_path):
     _spawn(workers.fsdp2_model_case, 2, {"what": what}, tmp_path)
 
 
+def test_tensor_parallel_head(tmp_path):
+    _spawn(workers.tensor_parallel_head_case, 2, {}, tmp_path)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_group_losses_over_data_parallel_ranks(world, tmp_path):
     _spawn(workers.group_losses_case, world, {}, tmp_path)

@@ -93,6 +93,13 @@ def head_call(head: torch.nn.Module, fn, *tensors: Tensor, fp32: bool = False):
     E.g. ``head_call(model.lm_head, lambda w, b, h: linear_policy_loss(h, w, ..., bias=b),
     hidden)``."""
     def with_weights(*args):
+        if any(hasattr(a, "to_local") for a in args):
+            raise ValueError(
+                "the head's inputs arrive as DTensors: it is tensor parallel (e.g. "
+                "ColwiseParallel), whose output hook would re-shard the per-token results; "
+                "call prefkern.linear_logprobs(hidden, head.weight, targets, process_group="
+                "<the tensor-parallel group>) directly (a Shard(0) weight runs vocab-parallel "
+                "on its rows, no gather)")
         weight = _full(head.weight)
         _check_not_empty(weight)
         bias = _full(getattr(head, "bias", None))
