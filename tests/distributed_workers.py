@@ -751,6 +751,13 @@ def tensor_parallel_head_case(rank: int, world: int, store_path: str, case: dict
             assert "tensor parallel" in str(err) and "process_group" in str(err), err
         else:
             raise AssertionError("a tensor-parallel head ran through its module's call")
+        singletons = [dist.new_group([r]) for r in range(world)]
+        try:  # a group other than the weight's mesh: the shards are not its vocabulary split
+            linear_logprobs(x, head.weight, y, process_group=singletons[rank], backend="torch")
+        except ValueError as err:
+            assert "mesh group" in str(err), err
+        else:
+            raise AssertionError("a DTensor head ran vocab-parallel on another group")
         got = linear_logprobs(x, head.weight, y, process_group=mesh.get_group(),
                               backend="torch")
         want = linear_logprobs(x, plain.weight, y, backend="torch")

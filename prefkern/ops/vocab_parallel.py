@@ -213,8 +213,8 @@ def unwrap_dtensor_head(weight, bias, group, vocab_start, vocab_size) -> HeadSha
     data-parallel ranks whose tokens differ, so a row-sharded DTensor alone does not mean vocab
     parallelism. With a ``process_group`` given (the caller's statement that the hidden
     states are the same on every rank), a weight sharded by rows (Shard(0)) on a 1-d mesh is
-    used as vocab-parallel shards over the mesh's group, without a gather. A DTensor bias
-    follows the weight."""
+    used as vocab-parallel shards over the mesh's group, without a gather; a process group
+    over other ranks than the mesh's is an error. A DTensor bias follows the weight."""
     if not _is_dtensor(weight):
         if _is_dtensor(bias):
             bias = bias.full_tensor()
@@ -227,6 +227,14 @@ def unwrap_dtensor_head(weight, bias, group, vocab_start, vocab_size) -> HeadSha
     if not by_rows or group is None:
         full_bias = bias.full_tensor() if _is_dtensor(bias) else bias
         return HeadShards(weight.full_tensor(), full_bias, group, vocab_start, vocab_size)
+    import torch.distributed as dist
+
+    if dist.get_process_group_ranks(group) != dist.get_process_group_ranks(mesh.get_group()):
+        raise ValueError(
+            f"the weight is a DTensor sharded over ranks "
+            f"{dist.get_process_group_ranks(mesh.get_group())}, process_group holds ranks "
+            f"{dist.get_process_group_ranks(group)}: pass the weight's own mesh group (its "
+            "rows are the vocabulary shards), or its local shard with vocab_start/vocab_size")
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
     local_bias = bias
     if _is_dtensor(bias) and bias.placements == placements:
