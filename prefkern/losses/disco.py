@@ -94,25 +94,23 @@ def disco_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, rewards: Te
     neg_frac, _ = group_mean(neg, index)
     n_pos, n_neg = pos_frac * sizes, neg_frac * sizes
     valid = (n_pos > 0) & (n_neg > 0)
+    # each negative's share of the group's negative term: value, and weight on its score's
+    # gradient (1 / n_neg for DisCO-b's mean; softmax(s / tau) over the negatives for DisCO's
+    # tau log mean exp(s / tau), whose value is split evenly over them)
     if tau is None:
-        weight, neg_value = 1 / n_neg.clamp(min=1), 0.0
-    else:  # tau log mean_neg exp(s / tau): its value split over the negatives, its gradient
-        z = torch.where(neg > 0, all_s / tau, -torch.inf)  # softmax(s / tau) over them
+        weight, neg_value = 1 / n_neg.clamp(min=1), torch.zeros_like(all_s)
+    else:
+        z = torch.where(neg > 0, all_s / tau, -torch.inf)
         top = torch.full_like(z, -torch.inf).index_reduce_(0, index, z, "amax")[index]
         top = torch.where(torch.isfinite(top), top, 0.0)
         exp_mean, _ = group_mean(torch.where(neg > 0, (z - top).exp(), 0.0), index)
         log_mean = (exp_mean / neg_frac.clamp(min=1e-300)).clamp(min=1e-300).log() + top
         weight = torch.where(neg > 0, (z - top).exp() / (exp_mean * sizes).clamp(min=1e-300),
                              0.0)
-        neg_value = tau * log_mean / n_neg.clamp(min=1)
-    pos, neg, valid, weight = pos[rows], neg[rows], valid[rows], \
-        (weight[rows] if torch.is_tensor(weight) else weight)
-    neg_value = neg_value[rows] if torch.is_tensor(neg_value) else neg_value
+        neg_value = tau * log_mean / n_neg.clamp(min=1) - weight * all_s
+    pos, neg, valid = pos[rows], neg[rows], valid[rows]
     pos_term = pos * s / n_pos[rows].clamp(min=1)  # over a group: the mean over its positives
-    if tau is None:
-        neg_term = neg * s * weight
-    else:
-        neg_term = neg * (neg_value + weight * (s - s.detach()))
+    neg_term = neg * (neg_value[rows] + weight[rows] * s)
     groups = index.max() + 1 if index.numel() else torch.ones((), dtype=torch.int64,
                                                                 device=index.device)
     objective = torch.where(valid, pos_term - neg_term, 0.0).sum() / groups
