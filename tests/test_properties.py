@@ -670,6 +670,82 @@ def test_group_advantages(p):
     check_group_advantages(p)
 
 
+# --------------------------------------------------- group regression losses and DisCO
+@st.composite
+def group_loss_problems(draw):
+    b = draw(st.integers(0, 12))
+    pool = draw(st.sampled_from(sorted(ID_POOLS)))
+    return dict(
+        loss=draw(st.sampled_from(["gvpo", "astar_values", "astar_po", "dro", "disco"])),
+        b=b, t=draw(st.integers(1, 6)),
+        ids=draw(st.lists(st.sampled_from(ID_POOLS[pool]), min_size=b, max_size=b)),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        beta=draw(st.sampled_from([0.0, 0.05, 0.5, 3.0])), tau=draw(st.sampled_from(
+            [None, 0.1, 10.0])), score=draw(st.sampled_from(["log_l", "l_ratio"])),
+        kl_kind=draw(st.sampled_from(["k1", "k3"])), scale=draw(st.sampled_from([1.0, 50.0])),
+        seed=draw(seeds))
+
+
+def check_group_losses(p):
+    from prefkern.losses import astar_po_loss, astar_values, disco_loss, dro_loss, gvpo_loss
+    from prefkern.reference import (
+        astar_po_loss_ref,
+        astar_values_ref,
+        disco_loss_ref,
+        dro_loss_ref,
+        gvpo_loss_ref,
+    )
+
+    gen = torch.Generator().manual_seed(p["seed"] % 2**31)
+    b, t, dtype, name = p["b"], p["t"], p["dtype"], p["loss"]
+    ids = torch.tensor(p["ids"], dtype=torch.int64)
+    rewards = torch.randint(0, 3, (b,), generator=gen).to(dtype)  # 2: neither for DisCO
+    if name == "disco":
+        logp = -torch.rand(b, t, generator=gen) * p["scale"] / 10
+        tensors = [logp, logp + 0.05 * torch.randn(b, t, generator=gen)]
+        mask = torch.rand(b, t, generator=gen) < 0.8
+        fns = (disco_loss, disco_loss_ref)
+        args = lambda xs: (*xs, mask, rewards, ids)  # noqa: E731
+        kw = dict(score=p["score"], tau=p["tau"], beta=100.0, delta=1e-4, kl_kind=p["kl_kind"])
+    elif name == "astar_values":
+        tensors, fns = [rewards * p["scale"]], (astar_values, astar_values_ref)
+        args = lambda xs: (xs[0], ids)  # noqa: E731
+        kw = dict(beta=p["beta"])
+    else:
+        logps = -torch.rand(b, generator=gen) * p["scale"]
+        tensors = [logps, logps + torch.randn(b, generator=gen), torch.randn(b, generator=gen)]
+        kw = dict(reduction=p["reduction"])
+        if name == "gvpo":
+            fns = (gvpo_loss, gvpo_loss_ref)
+            args = lambda xs: (xs[0], xs[1], rewards, ids)  # noqa: E731
+            kw["beta"] = p["beta"]
+        else:
+            fns = {"astar_po": (astar_po_loss, astar_po_loss_ref),
+                   "dro": (dro_loss, dro_loss_ref)}[name]
+            args = lambda xs: (xs[0], xs[1], rewards, xs[2])  # noqa: E731
+            kw["beta" if name == "astar_po" else "tau"] = p["beta"] or 0.01
+    runs = []
+    for fn, cast in ((fns[0], dtype), (fns[1], torch.float64), (fns[1], dtype)):
+        xs = [leaf(x.to(dtype), cast if cast != dtype else None) for x in tensors]
+        out = fn(*args(xs), **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        grads = [torch.zeros_like(x) for x in xs]
+        if out.requires_grad:
+            g = torch.linspace(0.5, 1.5, out.numel()).view(out.shape).to(out.dtype)
+            grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(
+                xs, torch.autograd.grad((out * g).sum(), xs, allow_unused=True), strict=True)]
+        runs.append([out, *grads])
+    for i, (o, r, base) in enumerate(zip(*runs, strict=True)):
+        assert_rule(o, r, base, f"{name} output {i}", reduction=max(b * t, 1))
+
+
+@budget(60)
+@given(p=group_loss_problems())
+def test_group_losses(p):
+    check_group_losses(p)
+
+
 # ------------------------------------------------------------------- kl_penalized_rewards
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -900,7 +976,9 @@ def test_every_public_op_has_a_property():
             "policy_loss_ref", "value_loss_ref", "logprobs_from_logits_ref",
             "linear_logprobs_ref", "gae_ref", "group_advantages_ref",
             "kl_estimate_ref", "linear_divergence_ref", "logits_divergence_ref",
-            "kl_penalized_rewards_ref", "normalize_rewards_ref", "masked_whiten_ref"}
+            "kl_penalized_rewards_ref", "normalize_rewards_ref", "masked_whiten_ref",
+            "gvpo_loss_ref", "astar_values_ref", "astar_po_loss_ref", "dro_loss_ref",
+            "disco_loss_ref"}
     assert set(prefkern.reference.__all__) == refs
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from prefkern import _checks
-from prefkern.losses.preference import REDUCTIONS, _f64, _reduce
+from prefkern.losses.preference import REDUCTIONS, _f64
 from prefkern.ops.group_advantages import dense_group_index, gather_rows
 
 
@@ -38,6 +38,14 @@ def _check_sequences(reduction: str, **tensors: Tensor | None) -> int:
     return n
 
 
+def _reduce(losses: Tensor, reduction: str, count: int | None = None) -> Tensor:
+    """none / sum / mean over ``count`` rows (default: these), an empty batch's mean 0."""
+    if reduction == "none":
+        return losses
+    count = losses.shape[0] if count is None else count
+    return losses.sum() if reduction == "sum" else losses.sum() / max(count, 1)
+
+
 def group_mean(x: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
     """(each sample's group mean of x, its group size), x float64 (B,), index dense (B,)."""
     sums = torch.zeros_like(x).index_add(0, index, x)
@@ -58,7 +66,8 @@ def gvpo_loss(logps: Tensor, old_logps: Tensor, rewards: Tensor, group_ids: Tens
     ``0.5 * e_i ** 2 / (n_g - 1)`` (0 for a group of one). The recipe detaches the group mean
     of r; with centred rewards the gradient is the same as through the mean (sum_i e_i = 0).
     ``rewards`` may be raw or already centred (verl's grpo estimator without std: centring is
-    idempotent). reduction "sum" as the recipe (a sum over its micro-batch), "mean", "none".
+    idempotent). reduction "sum" as the recipe (a sum over its micro-batch), "mean" (0 for an
+    empty batch), "none".
 
     ``process_group`` (data parallel, every rank the same B, ranks in batch order): group
     statistics over the whole batch, a prompt's samples on any ranks (one all-gather of r,
@@ -80,9 +89,7 @@ def gvpo_loss(logps: Tensor, old_logps: Tensor, rewards: Tensor, group_ids: Tens
     losses = torch.where(sizes > 1, 0.5 * e.square() / (sizes - 1).clamp(min=1), 0.0)
     metrics = {"implicit_reward_mean": r.detach().mean().float(),
                "residual_rms": e.detach().square().mean().sqrt().float()}
-    if reduction == "mean":
-        return (losses.sum() / all_r.shape[0]).float(), metrics
-    return _reduce(losses, reduction).float(), metrics
+    return _reduce(losses, reduction, all_r.shape[0]).float(), metrics
 
 
 def astar_values(rewards: Tensor, group_ids: Tensor | None = None, *,

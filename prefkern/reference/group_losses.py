@@ -23,7 +23,7 @@ def _groups(group_ids):
 def _reduce(losses, reduction):
     if reduction == "none":
         return losses
-    return losses.sum() if reduction == "sum" else losses.mean()
+    return losses.sum() if reduction == "sum" else losses.sum() / max(losses.shape[0], 1)
 
 
 def gvpo_loss_ref(logps, old_logps, rewards, group_ids, *, beta=0.1, reduction="sum"):
@@ -49,12 +49,14 @@ def astar_values_ref(rewards, group_ids=None, *, beta=0.5):
     def value(samples):
         if beta == 0:
             return sum(samples) / len(samples)
-        return beta * torch.log(sum(torch.exp(v / beta) for v in samples) / len(samples))
+        return beta * (torch.logsumexp(torch.stack(samples) / beta, 0) - math.log(len(samples)))
 
     if group_ids is None:
         return torch.stack([value(list(row)) for row in x]).float()
     groups = _groups(group_ids)
     ids = group_ids.tolist()
+    if not ids:
+        return x[:0].float()
     return torch.stack([value([x[j] for j in groups[ids[i]]]) for i in range(len(ids))]).float()
 
 
