@@ -14,6 +14,7 @@ from torch import Tensor
 from prefkern import _checks
 from prefkern.losses.group_regression import group_mean
 from prefkern.ops.group_advantages import dense_group_index, gather_rows
+from prefkern.ops.kl_estimate import kl_estimate
 
 SCORES = ("log_l", "l_ratio")
 KL_KINDS = ("k1", "k3")
@@ -78,7 +79,8 @@ def disco_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, rewards: Te
     m = mask.to(torch.float64)
     log_ratio = logp - old
     ratio = log_ratio.exp()
-    per_token_kl = -log_ratio if kl_kind == "k1" else ratio - 1 - log_ratio
+    # KL(pi_old || pi) estimated on pi_old's samples: the estimator of old against the policy
+    per_token_kl = kl_estimate(old, logp, kl_kind, input_clamp=None, output_clamp=None)
     kl_sum, tokens = (per_token_kl * m).sum(-1), m.sum(-1)
     s = ((logp if score == "log_l" else ratio) * m).sum(-1) / tokens.clamp(min=1)
     r = rewards.to(torch.float64)
