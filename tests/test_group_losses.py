@@ -257,6 +257,24 @@ def test_disco_properties():
     torch.testing.assert_close(none_valid, 0.5 * 1e3 * torch.relu(metrics["kl"] - 1e-4) ** 2)
 
 
+def test_disco_ignores_non_finite_padding():
+    logp, old, mask, rewards, ids = _rollouts(seed=7)
+    mask[2, 3:] = False
+    runs = []
+    for fill_logp, fill_old in ((-1.0, -2.0), (-torch.inf, torch.nan)):
+        x = torch.where(mask, logp, fill_logp).requires_grad_(True)
+        for tau in (None, 1.0):
+            for score in ("log_l", "l_ratio"):
+                loss, _ = disco_loss(x, torch.where(mask, old, fill_old), mask, rewards, ids,
+                                     tau=tau, score=score, delta=0.0)
+                (grad,) = torch.autograd.grad(loss, x)
+                assert (grad[~mask] == 0).all()
+                runs.append((loss, grad))
+    for (loss, grad), (loss2, grad2) in zip(runs[:4], runs[4:], strict=True):
+        assert torch.isfinite(loss2) and torch.isfinite(grad2).all()
+        torch.testing.assert_close((loss2, grad2), (loss, grad), rtol=0, atol=0)
+
+
 def test_errors():
     (logps, old, rewards, values), ids = _sequences()
     with pytest.raises(ValueError, match="reduction"):

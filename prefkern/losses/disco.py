@@ -75,8 +75,10 @@ def disco_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, rewards: Te
     "valid_groups"}): the whole batch's KL estimate, whether it exceeds delta, the prompts
     that count."""
     _check(logprobs, old_logprobs, mask, rewards, group_ids, score, kl_kind, tau)
-    logp, old = logprobs.to(torch.float64), old_logprobs.to(torch.float64)
-    m = mask.to(torch.float64)
+    keep = mask.bool()  # padding may hold -inf or NaN log-probs: never let them in
+    logp = torch.where(keep, logprobs.to(torch.float64), 0.0)
+    old = torch.where(keep, old_logprobs.to(torch.float64), 0.0)
+    m = keep.to(torch.float64)
     log_ratio = logp - old
     ratio = log_ratio.exp()
     # KL(pi_old || pi) estimated on pi_old's samples: the estimator of old against the policy
